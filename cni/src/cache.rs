@@ -1,0 +1,172 @@
+//! The result cache, in libcni's layout: `<dir>/results/<network>-<container>-<ifname>`.
+//!
+//! DEL reads it to learn what ADD made, so entries are written atomically
+//! (temp file, then rename) and an unreadable one is treated as absent.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{code, Error};
+
+/// One cached attachment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// Always `cniCacheV1`.
+    pub kind: String,
+    #[serde(rename = "containerId")]
+    pub container_id: String,
+    /// The config that was used, base64 as libcni writes it.
+    #[serde(default)]
+    pub config: String,
+    #[serde(rename = "ifName")]
+    pub ifname: String,
+    #[serde(rename = "networkName")]
+    pub network_name: String,
+    #[serde(rename = "netns", default, skip_serializing_if = "String::is_empty")]
+    pub netns: String,
+    #[serde(rename = "cniArgs", default, skip_serializing_if = "Vec::is_empty")]
+    pub cni_args: Vec<[String; 2]>,
+    #[serde(
+        rename = "capabilityArgs",
+        default,
+        skip_serializing_if = "Map::is_empty"
+    )]
+    pub capability_args: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Anything a caller wants to keep beside the result.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl CacheEntry {
+    /// A new entry for one attachment, with the config bytes it was made from.
+    pub fn new(network: &str, container_id: &str, ifname: &str, config: &[u8]) -> Self {
+        CacheEntry {
+            kind: "cniCacheV1".into(),
+            container_id: container_id.into(),
+            config: base64::engine::general_purpose::STANDARD.encode(config),
+            ifname: ifname.into(),
+            network_name: network.into(),
+            netns: String::new(),
+            cni_args: Vec::new(),
+            capability_args: Map::new(),
+            result: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// The config bytes, decoded.
+    pub fn config_bytes(&self) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.config)
+            .unwrap_or_default()
+    }
+}
+
+/// A cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+fn io_err(what: String, e: std::io::Error) -> Error {
+    Error::new(code::IO_FAILURE, what).with_details(e.to_string())
+}
+
+impl Cache {
+    /// A cache rooted at `dir` (libcni's default is `/var/lib/cni`).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Cache { dir: dir.into() }
+    }
+
+    fn results(&self) -> PathBuf {
+        self.dir.join("results")
+    }
+
+    /// The file of one attachment.
+    pub fn path(&self, network: &str, container_id: &str, ifname: &str) -> PathBuf {
+        self.results()
+            .join(format!("{network}-{container_id}-{ifname}"))
+    }
+
+    /// Writes an entry, replacing any previous one atomically.
+    pub fn put(&self, entry: &CacheEntry) -> Result<(), Error> {
+        let dir = self.results();
+        fs::create_dir_all(&dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
+        let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let bytes = serde_json::to_vec(entry).unwrap_or_default();
+        fs::write(&tmp, bytes).map_err(|e| io_err(format!("write {}", tmp.display()), e))?;
+        fs::rename(&tmp, &path).map_err(|e| io_err(format!("rename to {}", path.display()), e))
+    }
+
+    /// Reads an entry; missing or unreadable is `None`.
+    pub fn get(&self, network: &str, container_id: &str, ifname: &str) -> Option<CacheEntry> {
+        read(&self.path(network, container_id, ifname))
+    }
+
+    /// Removes an entry; a missing one is fine.
+    pub fn remove(&self, network: &str, container_id: &str, ifname: &str) -> Result<(), Error> {
+        let path = self.path(network, container_id, ifname);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err(format!("remove {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every readable entry of one network.
+    pub fn list(&self, network: &str) -> Vec<CacheEntry> {
+        let Ok(dir) = fs::read_dir(self.results()) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<CacheEntry> = dir
+            .filter_map(|d| d.ok())
+            .filter_map(|d| read(&d.path()))
+            .filter(|e| e.network_name == network)
+            .collect();
+        entries.sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
+        entries
+    }
+}
+
+fn read(path: &Path) -> Option<CacheEntry> {
+    let bytes = fs::read(path).ok()?;
+    let entry: CacheEntry = serde_json::from_slice(&bytes).ok()?;
+    (entry.kind == "cniCacheV1").then_some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_remove() {
+        let dir = std::env::temp_dir().join(format!("cni-cache-test-{}", std::process::id()));
+        let cache = Cache::new(&dir);
+        let mut e = CacheEntry::new("net", "c1", "eth0", b"{\"a\":1}");
+        e.result = Some(serde_json::json!({"cniVersion": "1.0.0"}));
+        e.extra.insert("plexus".into(), serde_json::json!({"k": 2}));
+        cache.put(&e).unwrap();
+        cache
+            .put(&CacheEntry::new("other", "c1", "eth0", b""))
+            .unwrap();
+        let back = cache.get("net", "c1", "eth0").unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.config_bytes(), b"{\"a\":1}");
+        assert!(cache
+            .path("net", "c1", "eth0")
+            .ends_with("results/net-c1-eth0"));
+        assert_eq!(cache.list("net").len(), 1);
+        cache.remove("net", "c1", "eth0").unwrap();
+        cache.remove("net", "c1", "eth0").unwrap();
+        assert!(cache.get("net", "c1", "eth0").is_none());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,276 @@
+//! Running other plugins: find by type in `CNI_PATH`, exec with the `CNI_*`
+//! environment and a config on stdin, read back a result or an error. The list
+//! operations follow libcni (injection, `prevResult` chaining, DEL in reverse).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Attachment, NetConfList};
+use crate::error::{self, code, Error};
+use crate::plugin::Command;
+use crate::version::Version;
+
+/// The per-attachment part of a plugin's environment.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub container_id: String,
+    /// Netns path; may be empty (DEL after the sandbox is gone).
+    pub netns: String,
+    pub ifname: String,
+    /// `CNI_ARGS`, passed as given.
+    pub args: String,
+}
+
+/// Adjusts each plugin process before it starts (e.g. enter a netns).
+pub type Hook = Arc<dyn Fn(&mut Process) + Send + Sync>;
+
+/// Runs plugins found in a `CNI_PATH`.
+#[derive(Clone)]
+pub struct Executor {
+    path: String,
+    hook: Option<Hook>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Executor {
+    /// An executor searching `path` (colon-separated directories).
+    pub fn new(path: impl Into<String>) -> Self {
+        Executor {
+            path: path.into(),
+            hook: None,
+        }
+    }
+
+    /// Runs `hook` on every plugin process before it is spawned.
+    pub fn with_hook(mut self, hook: Hook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The `CNI_PATH` this executor searches.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The first executable named `plugin_type` in `CNI_PATH`.
+    pub fn find(&self, plugin_type: &str) -> Result<PathBuf, Error> {
+        if plugin_type.is_empty() || plugin_type.contains('/') {
+            return Err(Error::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("invalid plugin type {plugin_type:?}"),
+            ));
+        }
+        self.path
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(plugin_type))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::new(
+                    code::INVALID_NETWORK_CONFIG,
+                    format!("failed to find plugin {plugin_type:?} in path"),
+                )
+                .with_details(format!("CNI_PATH={}", self.path))
+            })
+    }
+
+    /// Execs one plugin; returns its stdout on success, its error otherwise.
+    pub fn exec(
+        &self,
+        plugin_type: &str,
+        command: Command,
+        inv: &Invocation,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let program = self.find(plugin_type)?;
+        self.exec_program(&program, command, inv, stdin)
+    }
+
+    /// Execs the plugin binary at `program`.
+    pub fn exec_program(
+        &self,
+        program: &Path,
+        command: Command,
+        inv: &Invocation,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let mut p = Process::new(program);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CNI_") {
+                p.env_remove(k);
+            }
+        }
+        p.env("CNI_COMMAND", command.as_str())
+            .env("CNI_PATH", &self.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !matches!(command, Command::Version | Command::Gc | Command::Status) {
+            p.env("CNI_CONTAINERID", &inv.container_id)
+                .env("CNI_NETNS", &inv.netns)
+                .env("CNI_IFNAME", &inv.ifname)
+                .env("CNI_ARGS", &inv.args);
+        }
+        if let Some(hook) = &self.hook {
+            hook(&mut p);
+        }
+        let what = || format!("{} {}", program.display(), command.as_str());
+        let mut child = p.spawn().map_err(|e| {
+            Error::new(code::IO_FAILURE, format!("exec {}", what())).with_details(e.to_string())
+        })?;
+        if let Some(mut input) = child.stdin.take() {
+            // A plugin may exit without reading stdin; a broken pipe is not our failure.
+            let _ = input.write_all(stdin);
+        }
+        let out = child.wait_with_output().map_err(|e| {
+            Error::new(code::IO_FAILURE, format!("wait for {}", what())).with_details(e.to_string())
+        })?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        if let Ok(err) = serde_json::from_slice::<Error>(&out.stdout) {
+            return Err(err);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Err(
+            Error::new(code::INTERNAL, format!("{} failed: {}", what(), out.status))
+                .with_details(format!("{}{}", stdout.trim(), stderr.trim())),
+        )
+    }
+
+    /// ADD of every plugin in order, each seeing the previous one's result.
+    /// Returns the last result as the plugin wrote it.
+    pub fn add_list(
+        &self,
+        list: &NetConfList,
+        inv: &Invocation,
+        caps: &Map<String, Value>,
+    ) -> Result<Value, Error> {
+        let mut prev: Option<Value> = None;
+        for i in 0..list.plugins.len() {
+            let conf = list.plugin_config(i, caps, prev.as_ref());
+            let out = self.exec(list.plugin_type(i), Command::Add, inv, &to_bytes(&conf))?;
+            if out.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&out).map_err(|e| {
+                Error::new(
+                    code::DECODING_FAILURE,
+                    format!(
+                        "plugin {} returned a result that is not JSON",
+                        list.plugin_type(i)
+                    ),
+                )
+                .with_details(e.to_string())
+            })?;
+            prev = Some(v);
+        }
+        Ok(prev.unwrap_or_else(|| serde_json::json!({"cniVersion": list.cni_version})))
+    }
+
+    /// DEL of every plugin in reverse order; keeps going past failures and
+    /// reports them together.
+    pub fn del_list(
+        &self,
+        list: &NetConfList,
+        inv: &Invocation,
+        caps: &Map<String, Value>,
+        prev: Option<&Value>,
+    ) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        for i in (0..list.plugins.len()).rev() {
+            let conf = list.plugin_config(i, caps, prev);
+            if let Err(e) = self.exec(list.plugin_type(i), Command::Del, inv, &to_bytes(&conf)) {
+                errors.push(e.context(format!("DEL {}", list.plugin_type(i))));
+            }
+        }
+        error::combine(errors)
+    }
+
+    /// CHECK of every plugin with the list's cached result (from 0.4.0 on;
+    /// older lists and `disableCheck` pass).
+    pub fn check_list(
+        &self,
+        list: &NetConfList,
+        inv: &Invocation,
+        caps: &Map<String, Value>,
+        prev: &Value,
+    ) -> Result<(), Error> {
+        if !list.version().has_check() || list.disable_check {
+            return Ok(());
+        }
+        for i in 0..list.plugins.len() {
+            let conf = list.plugin_config(i, caps, Some(prev));
+            self.exec(list.plugin_type(i), Command::Check, inv, &to_bytes(&conf))
+                .map_err(|e| e.context(format!("CHECK {}", list.plugin_type(i))))?;
+        }
+        Ok(())
+    }
+
+    /// GC of every plugin (1.1.0 lists only), each told the valid attachments.
+    pub fn gc_list(&self, list: &NetConfList, valid: &[Attachment]) -> Result<(), Error> {
+        if !list.version().has_gc_and_status() || list.disable_gc {
+            return Ok(());
+        }
+        let valid = serde_json::to_value(valid).unwrap_or_default();
+        let mut errors = Vec::new();
+        for i in 0..list.plugins.len() {
+            let mut conf = list.plugin_config(i, &Map::new(), None);
+            conf.insert("cni.dev/valid-attachments".into(), valid.clone());
+            let inv = Invocation::default();
+            if let Err(e) = self.exec(list.plugin_type(i), Command::Gc, &inv, &to_bytes(&conf)) {
+                errors.push(e.context(format!("GC {}", list.plugin_type(i))));
+            }
+        }
+        error::combine(errors)
+    }
+
+    /// STATUS of every plugin (1.1.0 lists only).
+    pub fn status_list(&self, list: &NetConfList) -> Result<(), Error> {
+        if !list.version().has_gc_and_status() {
+            return Ok(());
+        }
+        for i in 0..list.plugins.len() {
+            let conf = list.plugin_config(i, &Map::new(), None);
+            let inv = Invocation::default();
+            self.exec(list.plugin_type(i), Command::Status, &inv, &to_bytes(&conf))
+                .map_err(|e| e.context(format!("STATUS {}", list.plugin_type(i))))?;
+        }
+        Ok(())
+    }
+
+    /// VERSION of a plugin: the versions it supports.
+    pub fn versions(&self, plugin_type: &str) -> Result<Vec<Version>, Error> {
+        let stdin = serde_json::json!({"cniVersion": Version::LATEST.as_str()});
+        let out = self.exec(
+            plugin_type,
+            Command::Version,
+            &Invocation::default(),
+            &to_bytes(&stdin),
+        )?;
+        let v: Value = serde_json::from_slice(&out).map_err(|e| {
+            Error::new(code::DECODING_FAILURE, "VERSION answer is not JSON")
+                .with_details(e.to_string())
+        })?;
+        Ok(v.get("supportedVersions")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|s| s.as_str()?.parse().ok()).collect())
+            .unwrap_or_default())
+    }
+}
+
+fn to_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}

@@ -1,0 +1,420 @@
+//! NetworkAttachmentDefinition-shaped network definitions from a directory.
+//!
+//! A definition without a namespace (or in one of the cluster namespaces) is a
+//! cluster network any pod may use; one with a namespace is a tenant network,
+//! usable only by pods of that namespace. A file that does not parse never
+//! stops pods that do not ask for what it defines; asking for it gives its error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cni::{code, NetConfList};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Who may use a network.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Any pod.
+    Cluster,
+    /// Only pods of this namespace.
+    Tenant(String),
+}
+
+/// One network, ready to hand to its delegates.
+#[derive(Debug, Clone)]
+pub struct Definition {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`, if any.
+    pub namespace: Option<String>,
+    pub scope: Scope,
+    /// `spec.config`, as a conflist (a single config is promoted).
+    pub list: NetConfList,
+    /// The file it came from.
+    pub source: PathBuf,
+}
+
+/// Why a definition cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("network {reference:?} not found for namespace {pod_namespace:?}")]
+    NotFound {
+        reference: String,
+        pod_namespace: String,
+        /// Files that did not parse, which may be what was meant.
+        broken: Vec<String>,
+    },
+    #[error("network {reference:?} belongs to namespace {owner:?}; pods of {pod_namespace:?} may not use it")]
+    Forbidden {
+        reference: String,
+        owner: String,
+        pod_namespace: String,
+    },
+    #[error("network definition in {source_file}: {reason}")]
+    Invalid { source_file: String, reason: String },
+    #[error("cannot read network definitions in {dir}: {reason}")]
+    Unreadable { dir: String, reason: String },
+}
+
+impl From<Error> for cni::Error {
+    fn from(e: Error) -> cni::Error {
+        let code = match &e {
+            Error::Unreadable { .. } => code::IO_FAILURE,
+            _ => code::INVALID_NETWORK_CONFIG,
+        };
+        let details = match &e {
+            Error::NotFound { broken, .. } if !broken.is_empty() => {
+                format!(
+                    "these definition files did not parse: {}",
+                    broken.join("; ")
+                )
+            }
+            _ => String::new(),
+        };
+        cni::Error::new(code, e.to_string()).with_details(details)
+    }
+}
+
+#[derive(Deserialize)]
+struct Object {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Spec,
+    #[serde(default)]
+    items: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Spec {
+    #[serde(default)]
+    config: String,
+}
+
+type Key = (Option<String>, String);
+
+/// Every definition found in a directory, and every one that failed.
+#[derive(Debug, Default)]
+pub struct Definitions {
+    ok: BTreeMap<Key, Definition>,
+    /// Named definitions that are present but unusable.
+    bad: BTreeMap<Key, Error>,
+    /// Files (or documents) that did not parse far enough to have a name.
+    unnamed: Vec<String>,
+}
+
+impl Definitions {
+    /// Loads `*.yaml`, `*.yml` and `*.json` from `dir` (a missing dir is empty).
+    /// Namespaces in `cluster_namespaces` hold cluster networks.
+    pub fn load_dir(dir: &Path, cluster_namespaces: &[String]) -> Result<Definitions, Error> {
+        let mut defs = Definitions::default();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(defs),
+            Err(e) => {
+                return Err(Error::Unreadable {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let hidden = p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                !hidden && matches!(ext, "yaml" | "yml" | "json")
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            defs.load_file(&file, cluster_namespaces);
+        }
+        Ok(defs)
+    }
+
+    fn load_file(&mut self, file: &Path, cluster_namespaces: &[String]) {
+        let where_ = file.display().to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => return self.unnamed.push(format!("{where_}: {e}")),
+        };
+        let docs: Result<Vec<Value>, String> = if where_.ends_with(".json") {
+            serde_json::from_str(&text)
+                .map(|v| vec![v])
+                .map_err(|e| e.to_string())
+        } else {
+            serde_yaml_ng::Deserializer::from_str(&text)
+                .map(|d| Value::deserialize(d).map_err(|e| e.to_string()))
+                .filter(|d| !matches!(d, Ok(Value::Null)))
+                .collect()
+        };
+        match docs {
+            Ok(docs) => {
+                for doc in docs {
+                    self.add_object(doc, file, cluster_namespaces);
+                }
+            }
+            Err(e) => self.unnamed.push(format!("{where_}: does not parse: {e}")),
+        }
+    }
+
+    fn add_object(&mut self, doc: Value, file: &Path, cluster_namespaces: &[String]) {
+        let where_ = file.display().to_string();
+        let obj: Object = match serde_json::from_value(doc) {
+            Ok(o) => o,
+            Err(e) => return self.unnamed.push(format!("{where_}: not an object: {e}")),
+        };
+        if obj.kind == "List" {
+            for item in obj.items {
+                self.add_object(item, file, cluster_namespaces);
+            }
+            return;
+        }
+        if !obj.kind.is_empty() && obj.kind != "NetworkAttachmentDefinition" {
+            return self.unnamed.push(format!(
+                "{where_}: kind {:?} is not NetworkAttachmentDefinition",
+                obj.kind
+            ));
+        }
+        if obj.metadata.name.is_empty() {
+            return self
+                .unnamed
+                .push(format!("{where_}: metadata.name is missing"));
+        }
+        let key = (obj.metadata.namespace.clone(), obj.metadata.name.clone());
+        let invalid = |reason: String| Error::Invalid {
+            source_file: where_.clone(),
+            reason: format!("{}: {reason}", display_key(&key)),
+        };
+        if let Some(prev) = self.ok.remove(&key) {
+            let reason = format!("defined twice, also in {}", prev.source.display());
+            self.bad.insert(key.clone(), invalid(reason));
+            return;
+        }
+        if self.bad.contains_key(&key) {
+            return;
+        }
+        match parse_config(&obj.spec.config, &obj.metadata.name) {
+            Ok(list) => {
+                let scope = match &obj.metadata.namespace {
+                    Some(ns) if !cluster_namespaces.contains(ns) => Scope::Tenant(ns.clone()),
+                    _ => Scope::Cluster,
+                };
+                let def = Definition {
+                    name: obj.metadata.name,
+                    namespace: obj.metadata.namespace,
+                    scope,
+                    list,
+                    source: file.to_path_buf(),
+                };
+                self.ok.insert(key, def);
+            }
+            Err(reason) => {
+                self.bad.insert(key.clone(), invalid(reason));
+            }
+        }
+    }
+
+    /// Finds the network a pod of `pod_namespace` asks for as `namespace/name`
+    /// or `name`: its own namespace's first, then cluster networks.
+    pub fn resolve(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        pod_namespace: &str,
+    ) -> Result<&Definition, Error> {
+        let reference = match namespace {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.to_string(),
+        };
+        let mut candidates: Vec<Key> = Vec::new();
+        match namespace {
+            Some(ns) => candidates.push((Some(ns.to_string()), name.to_string())),
+            None => {
+                candidates.push((Some(pod_namespace.to_string()), name.to_string()));
+                candidates.push((None, name.to_string()));
+            }
+        }
+        for key in &candidates {
+            if let Some(def) = self.ok.get(key) {
+                return match &def.scope {
+                    Scope::Tenant(owner) if owner != pod_namespace => Err(Error::Forbidden {
+                        reference,
+                        owner: owner.clone(),
+                        pod_namespace: pod_namespace.to_string(),
+                    }),
+                    _ => Ok(def),
+                };
+            }
+            if let Some(err) = self.bad.get(key) {
+                return Err(err.clone());
+            }
+        }
+        // A namespace-less reference may also name a network in a cluster namespace.
+        if namespace.is_none() {
+            let mut cluster = self
+                .ok
+                .values()
+                .filter(|d| d.name == name && d.scope == Scope::Cluster);
+            if let Some(def) = cluster.next() {
+                return Ok(def);
+            }
+        }
+        Err(Error::NotFound {
+            reference,
+            pod_namespace: pod_namespace.to_string(),
+            broken: self.unnamed.clone(),
+        })
+    }
+
+    /// Every usable definition.
+    pub fn iter(&self) -> impl Iterator<Item = &Definition> {
+        self.ok.values()
+    }
+
+    /// Every problem found while loading, for STATUS and logs.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.bad.values().map(|e| e.to_string()).collect();
+        p.extend(self.unnamed.iter().cloned());
+        p
+    }
+}
+
+fn display_key(key: &Key) -> String {
+    match &key.0 {
+        Some(ns) => format!("{ns}/{}", key.1),
+        None => key.1.clone(),
+    }
+}
+
+/// `spec.config` must be a CNI config or conflist; a missing `name` is the
+/// definition's name.
+fn parse_config(config: &str, name: &str) -> Result<NetConfList, String> {
+    if config.trim().is_empty() {
+        return Err("spec.config is empty".into());
+    }
+    let mut v: Value =
+        serde_json::from_str(config).map_err(|e| format!("spec.config is not JSON: {e}"))?;
+    if let Value::Object(m) = &mut v {
+        if !m
+            .get("name")
+            .is_some_and(|n| n.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            m.insert("name".into(), Value::String(name.to_string()));
+        }
+    }
+    NetConfList::parse_value(&v).map_err(|e| format!("spec.config: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "plexus-conf-test-{}-{}",
+            std::process::id(),
+            files.len() * 1000 + files.first().map_or(0, |f| f.1.len())
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    const MACVLAN: &str = r#"
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata:
+  name: mv
+spec:
+  config: '{"cniVersion":"0.3.1","type":"macvlan","master":"eth1","ipam":{"type":"host-local","subnet":"10.9.0.0/24"}}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata:
+  name: private
+  namespace: red
+spec:
+  config: '{"cniVersion":"1.0.0","name":"red-private","plugins":[{"type":"bridge"},{"type":"tuning"}]}'
+"#;
+
+    #[test]
+    fn loads_yaml_json_and_resolves_by_scope() {
+        let json = r#"{"kind":"List","items":[{"metadata":{"name":"blue-net","namespace":"blue"},
+            "spec":{"config":"{\"cniVersion\":\"0.4.0\",\"type\":\"ipvlan\"}"}}]}"#;
+        let dir = dir_with(&[
+            ("10-nets.yaml", MACVLAN),
+            ("20-blue.json", json),
+            ("README", "x"),
+        ]);
+        let defs = Definitions::load_dir(&dir, &[]).unwrap();
+        assert_eq!(defs.iter().count(), 3);
+        let mv = defs.resolve(None, "mv", "red").unwrap();
+        assert_eq!(mv.scope, Scope::Cluster);
+        assert_eq!(mv.list.name, "mv");
+        assert_eq!(mv.list.plugin_type(0), "macvlan");
+        let p = defs.resolve(None, "private", "red").unwrap();
+        assert_eq!(p.list.name, "red-private");
+        assert_eq!(p.list.plugins.len(), 2);
+        assert!(defs.resolve(Some("red"), "private", "red").is_ok());
+        assert!(matches!(
+            defs.resolve(Some("red"), "private", "blue"),
+            Err(Error::Forbidden { .. })
+        ));
+        assert!(matches!(
+            defs.resolve(None, "private", "blue"),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(defs.resolve(None, "blue-net", "blue").is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn broken_files_are_named_only_when_they_matter() {
+        let bad_config = "metadata: {name: bad}\nspec: {config: '{\"type\": '}\n";
+        let dir = dir_with(&[
+            ("a.yaml", MACVLAN),
+            ("b.yaml", bad_config),
+            ("c.yaml", ": : :\n\t-"),
+        ]);
+        let defs = Definitions::load_dir(&dir, &[]).unwrap();
+        assert!(defs.resolve(None, "mv", "default").is_ok());
+        let e = defs.resolve(None, "bad", "default").unwrap_err();
+        assert!(matches!(e, Error::Invalid { .. }), "{e}");
+        assert!(e.to_string().contains("b.yaml"));
+        let e: cni::Error = defs.resolve(None, "other", "default").unwrap_err().into();
+        assert_eq!(e.code, code::INVALID_NETWORK_CONFIG);
+        assert!(e.details.contains("c.yaml"), "{e}");
+        assert_eq!(defs.problems().len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn cluster_namespaces_and_duplicates() {
+        let dup =
+            "metadata: {name: mv}\nspec: {config: '{\"cniVersion\":\"1.0.0\",\"type\":\"x\"}'}\n";
+        let dir = dir_with(&[("a.yaml", MACVLAN), ("b.yaml", dup)]);
+        let defs = Definitions::load_dir(&dir, &["red".to_string()]).unwrap();
+        assert!(defs.resolve(None, "private", "blue").is_ok());
+        let e = defs.resolve(None, "mv", "x").unwrap_err();
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
