@@ -1,1 +1,14 @@
+//! The kubelet stand-in for tests and the demo: named network namespaces, a
+//! runtime that invokes plugins exactly as libcni does, kernel-state readers,
+//! connectivity probes and an etcd fixture.
 
+pub mod etcd;
+pub mod kernel;
+pub mod netns;
+pub mod probe;
+pub mod runtime;
+pub mod scratch;
+
+pub use netns::Netns;
+pub use runtime::{Pod, Runtime};
+pub use scratch::Scratch;

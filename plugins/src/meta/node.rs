@@ -1,0 +1,130 @@
+//! The node conf: what the `plexus` entry of `/etc/cni/net.d/*.conflist` holds.
+
+use std::path::PathBuf;
+
+use cni::{code, Error, NetConfList};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// Where the cluster network's definition comes from.
+#[derive(Debug, Clone)]
+pub enum ClusterNetwork {
+    /// Written inline: a plugin config or a conflist.
+    Inline(NetConfList),
+    /// The name of a cluster-scoped definition in `confDir`.
+    Named(String),
+}
+
+/// The validated node conf.
+#[derive(Debug, Clone)]
+pub struct NodeConf {
+    pub cluster: ClusterNetwork,
+    /// Network definitions (NetworkAttachmentDefinition files).
+    pub conf_dir: Option<PathBuf>,
+    /// Where attachments are recorded so DEL can undo them.
+    pub cache_dir: PathBuf,
+    /// Log file; without it only warnings go to stderr.
+    pub log_file: Option<PathBuf>,
+    /// `error`, `warn`, `info` (default) or `debug`.
+    pub log_level: String,
+    /// Namespaces whose definitions are cluster networks.
+    pub cluster_namespaces: Vec<String>,
+}
+
+/// Default place of the attachment records.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/plexus";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(rename = "clusterNetwork")]
+    cluster_network: Option<Value>,
+    #[serde(rename = "confDir")]
+    conf_dir: Option<PathBuf>,
+    #[serde(rename = "cacheDir")]
+    cache_dir: Option<PathBuf>,
+    #[serde(rename = "logFile")]
+    log_file: Option<PathBuf>,
+    #[serde(rename = "logLevel")]
+    log_level: Option<String>,
+    #[serde(rename = "clusterNamespaces", default)]
+    cluster_namespaces: Vec<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(code::INVALID_NETWORK_CONFIG, msg)
+}
+
+impl NodeConf {
+    /// Reads Plexus' own fields from the conf's extra fields; anything the
+    /// spec does not define and Plexus does not know is refused (code 2).
+    pub fn parse(extra: &Map<String, Value>) -> Result<NodeConf, Error> {
+        let raw: Raw = serde_json::from_value(Value::Object(extra.clone())).map_err(|e| {
+            let code = if e.to_string().contains("unknown field") {
+                code::UNSUPPORTED_FIELD
+            } else {
+                code::INVALID_NETWORK_CONFIG
+            };
+            Error::new(code, "invalid plexus configuration").with_details(e.to_string())
+        })?;
+        let cluster = match raw.cluster_network {
+            None => return Err(invalid("clusterNetwork is missing")),
+            Some(Value::String(name)) if !name.is_empty() => ClusterNetwork::Named(name),
+            Some(v @ Value::Object(_)) => ClusterNetwork::Inline(
+                NetConfList::parse_value(&v).map_err(|e| e.context("clusterNetwork"))?,
+            ),
+            Some(_) => {
+                return Err(invalid(
+                    "clusterNetwork must be a network name or a CNI config object",
+                ))
+            }
+        };
+        if matches!(cluster, ClusterNetwork::Named(_)) && raw.conf_dir.is_none() {
+            return Err(invalid("clusterNetwork names a definition but confDir is not set"));
+        }
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if !matches!(log_level.as_str(), "error" | "warn" | "info" | "debug") {
+            return Err(invalid(format!("logLevel {log_level:?} is not error, warn, info or debug")));
+        }
+        Ok(NodeConf {
+            cluster,
+            conf_dir: raw.conf_dir,
+            cache_dir: raw.cache_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
+            log_file: raw.log_file,
+            log_level,
+            cluster_namespaces: raw.cluster_namespaces,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<NodeConf, Error> {
+        NodeConf::parse(v.as_object().unwrap())
+    }
+
+    #[test]
+    fn inline_and_named() {
+        let c = parse(json!({"clusterNetwork": {"cniVersion":"1.0.0","name":"k8s","type":"ptp"},
+                             "cacheDir": "/tmp/x"}))
+        .unwrap();
+        assert!(matches!(c.cluster, ClusterNetwork::Inline(ref l) if l.name == "k8s"));
+        assert_eq!(c.cache_dir, PathBuf::from("/tmp/x"));
+        let c = parse(json!({"clusterNetwork": "k8s", "confDir": "/etc/plexus/net.d"})).unwrap();
+        assert!(matches!(c.cluster, ClusterNetwork::Named(ref n) if n == "k8s"));
+    }
+
+    #[test]
+    fn refuses_bad_confs() {
+        assert_eq!(parse(json!({})).unwrap_err().code, 7);
+        assert_eq!(parse(json!({"clusterNetwork": "k8s"})).unwrap_err().code, 7);
+        assert_eq!(parse(json!({"clusterNetwork": 3})).unwrap_err().code, 7);
+        let typo = json!({"clusterNetwork": "k", "confDir": "/x", "cachedir": "/y"});
+        assert_eq!(parse(typo).unwrap_err().code, 2);
+        let bad_inline = json!({"clusterNetwork": {"cniVersion":"1.0.0","name":"k"}});
+        assert_eq!(parse(bad_inline).unwrap_err().code, 7);
+    }
+}

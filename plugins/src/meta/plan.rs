@@ -1,0 +1,195 @@
+//! What one pod gets: the ordered delegates (cluster network first), built and
+//! checked before anything is touched, and recorded so DEL can undo them.
+
+use std::collections::BTreeSet;
+
+use cni::{code, Error, NetConfList, RuntimeConfig};
+use conf::Definitions;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::node::{ClusterNetwork, NodeConf};
+use super::selection::{self, Selection, NETWORKS_ANNOTATION};
+
+/// One network to attach: a conflist run on one interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delegate {
+    /// The network as the pod named it (`name` or `ns/name`), or the cluster list's name.
+    pub network: String,
+    /// Interface name in the pod.
+    pub ifname: String,
+    pub list: NetConfList,
+    /// Capability arguments offered to the list's plugins.
+    #[serde(default)]
+    pub caps: Map<String, Value>,
+    /// Result of ADD, once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+}
+
+/// What the cache keeps for one pod attachment, under the key `plexus`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    pub delegates: Vec<Delegate>,
+}
+
+/// The pod's namespace from `CNI_ARGS`, `default` when absent.
+pub fn pod_namespace(args: &cni::args::CniArgs) -> String {
+    args.get("K8S_POD_NAMESPACE")
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or("default")
+        .to_string()
+}
+
+/// The selections the pod's annotation asks for.
+pub fn selections(rt: Option<&RuntimeConfig>) -> Result<Vec<Selection>, Error> {
+    let annotation = rt
+        .and_then(|rt| rt.pod_annotations.as_ref())
+        .and_then(|a| a.get(NETWORKS_ANNOTATION));
+    match annotation {
+        Some(text) => selection::parse(text),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Loads the definitions when a conf dir is set.
+pub fn load_definitions(node: &NodeConf) -> Result<Definitions, Error> {
+    match &node.conf_dir {
+        Some(dir) => Ok(Definitions::load_dir(dir, &node.cluster_namespaces)?),
+        None => Ok(Definitions::default()),
+    }
+}
+
+/// The cluster network's conflist.
+pub fn cluster_list(node: &NodeConf, defs: &Definitions, pod_ns: &str) -> Result<NetConfList, Error> {
+    match &node.cluster {
+        ClusterNetwork::Inline(list) => Ok(list.clone()),
+        ClusterNetwork::Named(name) => {
+            let def = defs
+                .resolve(None, name, pod_ns)
+                .map_err(|e| cni::Error::from(e).context("clusterNetwork"))?;
+            Ok(def.list.clone())
+        }
+    }
+}
+
+/// Builds every delegate for one pod. `lenient` (DEL without a record) skips
+/// secondaries that no longer resolve instead of failing.
+pub fn build(
+    node: &NodeConf,
+    rt: Option<&RuntimeConfig>,
+    pod_ns: &str,
+    ifname: &str,
+    lenient: bool,
+) -> Result<Vec<Delegate>, Error> {
+    let wanted = match selections(rt) {
+        Ok(s) => s,
+        Err(_) if lenient => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let need_defs = !wanted.is_empty() || matches!(node.cluster, ClusterNetwork::Named(_));
+    let defs = if need_defs { load_definitions(node)? } else { Definitions::default() };
+    let cluster = cluster_list(node, &defs, pod_ns)?;
+    // The cluster network gets the runtime's capability args as they came.
+    let mut cluster_caps = match rt {
+        Some(rt) => match serde_json::to_value(rt) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        },
+        None => Map::new(),
+    };
+    cluster_caps.retain(|_, v| !v.is_null());
+    let mut delegates = vec![Delegate {
+        network: cluster.name.clone(),
+        ifname: ifname.to_string(),
+        list: cluster,
+        caps: cluster_caps,
+        result: None,
+    }];
+    let mut used: BTreeSet<String> = BTreeSet::from([ifname.to_string()]);
+    for (i, sel) in wanted.iter().enumerate() {
+        let reference = match &sel.namespace {
+            Some(ns) => format!("{ns}/{}", sel.name),
+            None => sel.name.clone(),
+        };
+        let def = match defs.resolve(sel.namespace.as_deref(), &sel.name, pod_ns) {
+            Ok(d) => d,
+            Err(_) if lenient => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let iface = sel.interface.clone().unwrap_or_else(|| format!("net{}", i + 1));
+        if !used.insert(iface.clone()) && !lenient {
+            return Err(Error::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("interface {iface:?} is asked for twice"),
+            )
+            .with_details(format!("network {reference:?} in {NETWORKS_ANNOTATION}")));
+        }
+        let delegate = secondary(sel, &reference, iface, def.list.clone());
+        match delegate {
+            Ok(d) => delegates.push(d),
+            Err(_) if lenient => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(delegates)
+}
+
+fn declares(list: &NetConfList, cap: &str) -> bool {
+    list.plugins.iter().any(|p| {
+        p.get("capabilities")
+            .and_then(|c| c.get(cap))
+            .and_then(Value::as_bool)
+            == Some(true)
+    })
+}
+
+/// A secondary network's delegate: capability args from the selection, which
+/// the network's plugins must declare, and `cni-args` as `args.cni`.
+fn secondary(
+    sel: &Selection,
+    reference: &str,
+    ifname: String,
+    mut list: NetConfList,
+) -> Result<Delegate, Error> {
+    if !sel.default_route.is_empty() {
+        return Err(Error::new(
+            code::UNSUPPORTED_FIELD,
+            format!("network {reference:?}: \"default-route\" is not supported yet"),
+        ));
+    }
+    let mut caps = Map::new();
+    let mut offer = |cap: &str, value: Option<Value>| -> Result<(), Error> {
+        let Some(value) = value else { return Ok(()) };
+        if !declares(&list, cap) {
+            return Err(Error::new(
+                code::UNSUPPORTED_FIELD,
+                format!("network {reference:?} does not declare the {cap:?} capability"),
+            )
+            .with_details(format!("the pod asks for {cap} {value} in {NETWORKS_ANNOTATION}")));
+        }
+        caps.insert(cap.to_string(), value);
+        Ok(())
+    };
+    offer("ips", (!sel.ips.is_empty()).then(|| serde_json::json!(sel.ips)))?;
+    offer("mac", sel.mac.clone().map(Value::String))?;
+    offer("portMappings", sel.port_mappings.as_ref().and_then(|p| serde_json::to_value(p).ok()))?;
+    offer("bandwidth", sel.bandwidth.as_ref().and_then(|b| serde_json::to_value(b).ok()))?;
+    if let Some(args) = &sel.cni_args {
+        for plugin in &mut list.plugins {
+            let entry = plugin
+                .entry("args")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(a) = entry {
+                a.insert("cni".into(), Value::Object(args.clone()));
+            }
+        }
+    }
+    Ok(Delegate {
+        network: reference.to_string(),
+        ifname,
+        list,
+        caps,
+        result: None,
+    })
+}
