@@ -310,7 +310,10 @@ fn parse_config(config: &str, name: &str) -> Result<NetConfList, String> {
     let mut v: Value =
         serde_json::from_str(config).map_err(|e| format!("spec.config is not JSON: {e}"))?;
     if let Value::Object(m) = &mut v {
-        let named = m.get("name").and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+        let named = m
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty());
         if !named {
             m.insert("name".into(), Value::String(name.to_string()));
         }

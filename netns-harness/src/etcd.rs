@@ -86,13 +86,26 @@ impl EtcdCluster {
         let m = &self.members[i];
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
         let child = Command::new(etcd_bin())
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", "new"])
@@ -176,7 +189,10 @@ impl EtcdCluster {
                 continue;
             };
             let leader = v.get("leader").and_then(Value::as_str).unwrap_or("");
-            let me = v.pointer("/header/member_id").and_then(Value::as_str).unwrap_or("");
+            let me = v
+                .pointer("/header/member_id")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if leader.is_empty() || leader == "0" {
                 continue;
             }
@@ -202,9 +218,17 @@ impl EtcdCluster {
         let b64 = |s: &str| B64.encode(s.as_bytes());
         let put = format!(r#"{{"key":"{}","value":"{}"}}"#, b64(key), b64(value));
         self.http(i, "POST", "/v3/kv/put", &put)?;
-        let body = self.http(i, "POST", "/v3/kv/range", &format!(r#"{{"key":"{}"}}"#, b64(key)))?;
+        let body = self.http(
+            i,
+            "POST",
+            "/v3/kv/range",
+            &format!(r#"{{"key":"{}"}}"#, b64(key)),
+        )?;
         let v: Value = serde_json::from_str(&body).map_err(io::Error::other)?;
-        let got = v.pointer("/kvs/0/value").and_then(Value::as_str).unwrap_or("");
+        let got = v
+            .pointer("/kvs/0/value")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let raw = B64.decode(got).map_err(io::Error::other)?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     }
@@ -225,7 +249,10 @@ impl EtcdCluster {
         s.read_to_string(&mut resp)?;
         let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
         if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            return Err(io::Error::other(format!("etcd {method} {path}: {}", head.lines().next().unwrap_or(""))));
+            return Err(io::Error::other(format!(
+                "etcd {method} {path}: {}",
+                head.lines().next().unwrap_or("")
+            )));
         }
         Ok(body.to_string())
     }

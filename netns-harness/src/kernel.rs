@@ -30,7 +30,10 @@ pub fn ip_json(ns: &str, args: &[&str]) -> io::Result<Vec<Value>> {
     match serde_json::from_str(&text) {
         Ok(Value::Array(items)) => Ok(items),
         Ok(_) => Ok(Vec::new()),
-        Err(e) => Err(io::Error::other(format!("ip {}: bad JSON: {e}", full.join(" ")))),
+        Err(e) => Err(io::Error::other(format!(
+            "ip {}: bad JSON: {e}",
+            full.join(" ")
+        ))),
     }
 }
 
@@ -74,7 +77,12 @@ pub fn link(ns: &str, name: &str) -> io::Result<Option<Link>> {
 pub fn addrs(ns: &str, dev: &str) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     for l in ip_json(ns, &["addr", "show", "dev", dev])? {
-        for a in l.get("addr_info").and_then(Value::as_array).into_iter().flatten() {
+        for a in l
+            .get("addr_info")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if a.get("scope").and_then(Value::as_str) == Some("link") {
                 continue;
             }
@@ -115,7 +123,9 @@ fn str_of(v: &Value, path: &[&str]) -> String {
 
 /// A veth pair `a`@`ns_a` — `b`@`ns_b`, both up.
 pub fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> io::Result<()> {
-    ip(&["-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b])?;
+    ip(&[
+        "-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
+    ])?;
     ip(&["-n", ns_a, "link", "set", a, "up"])?;
     ip(&["-n", ns_b, "link", "set", b, "up"])?;
     Ok(())

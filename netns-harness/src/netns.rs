@@ -120,7 +120,9 @@ impl Netns {
             let file = Arc::clone(&file);
             // SAFETY: setns is async-signal-safe; the closure allocates nothing.
             unsafe {
-                cmd.pre_exec(move || setns(&*file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
+                cmd.pre_exec(move || {
+                    setns(&*file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+                });
             }
         }))
     }

@@ -178,7 +178,10 @@ pub fn ping(ns: &Netns, target: IpAddr, timeout: Duration) -> io::Result<Duratio
                 Err(e) => return Err(e),
             };
             // SAFETY: recv_from initialised the first n bytes.
-            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let data: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
             let icmp = if target.is_ipv4() {
                 let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
                 data.get(ihl..).unwrap_or(&[])

@@ -121,8 +121,10 @@ impl Runtime {
     pub fn del(&self, list: &NetConfList, pod: &Pod) -> Result<(), Error> {
         let cached = self.cached(list, pod).and_then(|e| e.result);
         let prev = cached.filter(|_| list.version() >= Version::V0_4_0);
-        self.exec.del_list(list, &pod.invocation(), &pod.caps, prev.as_ref())?;
-        self.cache.remove(&list.name, &pod.container_id, &pod.ifname)
+        self.exec
+            .del_list(list, &pod.invocation(), &pod.caps, prev.as_ref())?;
+        self.cache
+            .remove(&list.name, &pod.container_id, &pod.ifname)
     }
 
     /// DEL as containerd sends it the second time: no netns, no `prevResult`.
@@ -131,16 +133,22 @@ impl Runtime {
             netns: String::new(),
             ..pod.clone()
         };
-        self.exec.del_list(list, &bare.invocation(), &bare.caps, None)?;
-        self.cache.remove(&list.name, &pod.container_id, &pod.ifname)
+        self.exec
+            .del_list(list, &bare.invocation(), &bare.caps, None)?;
+        self.cache
+            .remove(&list.name, &pod.container_id, &pod.ifname)
     }
 
     /// CHECK of a network list against the cached result.
     pub fn check(&self, list: &NetConfList, pod: &Pod) -> Result<(), Error> {
-        let cached = self.cached(list, pod).and_then(|e| e.result).ok_or_else(|| {
-            Error::new(cni::code::UNKNOWN_CONTAINER, "no cached result for CHECK")
-        })?;
-        self.exec.check_list(list, &pod.invocation(), &pod.caps, &cached)
+        let cached = self
+            .cached(list, pod)
+            .and_then(|e| e.result)
+            .ok_or_else(|| {
+                Error::new(cni::code::UNKNOWN_CONTAINER, "no cached result for CHECK")
+            })?;
+        self.exec
+            .check_list(list, &pod.invocation(), &pod.caps, &cached)
     }
 
     /// GC of a network list, keeping `valid`.

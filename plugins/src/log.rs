@@ -16,7 +16,9 @@ pub fn init(file: Option<&Path>, level: &str) {
         "debug" => LevelFilter::DEBUG,
         _ => LevelFilter::INFO,
     };
-    let builder = tracing_subscriber::fmt().with_ansi(false).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_target(false);
     let opened = file.and_then(|p| {
         if let Some(dir) = p.parent() {
             let _ = std::fs::create_dir_all(dir);

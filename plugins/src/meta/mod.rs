@@ -60,9 +60,11 @@ impl<'a> Call<'a> {
     }
 
     fn record(&self) -> Option<(CacheEntry, Record)> {
-        let entry = self
-            .cache
-            .get(&self.req.conf.name, &self.req.container_id, &self.req.ifname)?;
+        let entry = self.cache.get(
+            &self.req.conf.name,
+            &self.req.container_id,
+            &self.req.ifname,
+        )?;
         let record = serde_json::from_value(entry.extra.get(RECORD_KEY)?.clone()).ok()?;
         Some((entry, record))
     }
@@ -81,8 +83,58 @@ impl<'a> Call<'a> {
             &self.req.stdin,
         );
         entry.netns = self.req.netns.clone();
-        entry.cni_args = self.args.0.iter().map(|(k, v)| [k.clone(), v.clone()]).collect();
+        entry.cni_args = self
+            .args
+            .0
+            .iter()
+            .map(|(k, v)| [k.clone(), v.clone()])
+            .collect();
         entry
+    }
+
+    /// Undoes a failed ADD: the attached delegates strictly (those whose DEL
+    /// fails stay recorded for the runtime's DEL to retry), the failing one
+    /// best effort (it should have cleaned up after itself).
+    fn undo(
+        &self,
+        e: Error,
+        entry: &mut CacheEntry,
+        delegates: &[Delegate],
+        failed: usize,
+    ) -> Error {
+        for err in self.del_all(&delegates[failed..=failed]) {
+            warn!(error = %err, "cleanup of the failed delegate: ignored");
+        }
+        let mut left = Vec::new();
+        let mut undo_errors = Vec::new();
+        for d in delegates[..failed].iter().rev() {
+            if let Some(err) = self.del_all(std::slice::from_ref(d)).pop() {
+                undo_errors.push(err.to_string());
+                left.push(d.clone());
+            }
+        }
+        let kept = if left.is_empty() {
+            self.cache.remove(
+                &self.req.conf.name,
+                &self.req.container_id,
+                &self.req.ifname,
+            )
+        } else {
+            self.save(entry, &Record { delegates: left })
+        };
+        if let Err(err) = kept {
+            undo_errors.push(err.to_string());
+        }
+        if undo_errors.is_empty() {
+            return e;
+        }
+        let details = format!(
+            "{}; undo also failed: {}",
+            e.details,
+            undo_errors.join("; ")
+        );
+        let details = details.trim_start_matches("; ").to_string();
+        e.with_details(details)
     }
 
     /// DEL of delegates in reverse, continuing past failures.
@@ -90,7 +142,10 @@ impl<'a> Call<'a> {
         let mut errors = Vec::new();
         for d in delegates.iter().rev() {
             let inv = self.invocation(d);
-            match self.exec.del_list(&d.list, &inv, &d.caps, d.result.as_ref()) {
+            match self
+                .exec
+                .del_list(&d.list, &inv, &d.caps, d.result.as_ref())
+            {
                 Ok(()) => info!(network = %d.network, ifname = %d.ifname, "detached"),
                 Err(e) => {
                     let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
@@ -113,7 +168,9 @@ impl Plugin for Meta {
         }
         // Record the intent first: a crash half-way still leaves DEL a list.
         let mut entry = call.new_entry();
-        let mut record = Record { delegates: delegates.clone() };
+        let mut record = Record {
+            delegates: delegates.clone(),
+        };
         call.save(&mut entry, &record)?;
         let mut merged: Option<CniResult> = None;
         for i in 0..delegates.len() {
@@ -127,15 +184,7 @@ impl Plugin for Meta {
                 Err(e) => {
                     let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
                     warn!(error = %e, container = %req.container_id, "ADD failed, undoing");
-                    // The failing delegate may have taken an address before it failed.
-                    let undo = call.del_all(&delegates[..=i]);
-                    let _ = call.cache.remove(&req.conf.name, &req.container_id, &req.ifname);
-                    if undo.is_empty() {
-                        return Err(e);
-                    }
-                    let also: Vec<String> = undo.iter().map(|u| u.to_string()).collect();
-                    let details = format!("{}; undo also failed: {}", e.details, also.join("; "));
-                    return Err(e.with_details(details.trim_start_matches("; ")));
+                    return Err(call.undo(e, &mut entry, &delegates, i));
                 }
             };
             info!(network = %d.network, ifname = %d.ifname, container = %req.container_id, "attached");
@@ -155,23 +204,26 @@ impl Plugin for Meta {
 
     fn del(&self, req: &Request) -> Result<(), Error> {
         let call = Call::new(req)?;
-        let delegates = match call.record() {
-            Some((_, record)) => record.delegates,
-            None => {
-                // No record (a repeat DEL, or ADD never got far): rebuild from
-                // the config, skipping what no longer resolves.
-                let rt = req.conf.runtime_config.as_ref();
-                match plan::build(&call.node, rt, &call.pod_ns, &req.ifname, true) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(error = %e, container = %req.container_id, "DEL without record: nothing to undo");
-                        return Ok(());
-                    }
+        if let Some((_, record)) = call.record() {
+            cni::error::combine(call.del_all(&record.delegates))?;
+            return call
+                .cache
+                .remove(&req.conf.name, &req.container_id, &req.ifname);
+        }
+        // No record: DEL already ran, or the cache was lost. Rebuild the list
+        // from the config and release what may be left, but never fail on it.
+        let rt = req.conf.runtime_config.as_ref();
+        match plan::build(&call.node, rt, &call.pod_ns, &req.ifname, true) {
+            Ok(delegates) => {
+                for e in call.del_all(&delegates) {
+                    warn!(error = %e, container = %req.container_id, "DEL without record: ignored");
                 }
             }
-        };
-        cni::error::combine(call.del_all(&delegates))?;
-        call.cache.remove(&req.conf.name, &req.container_id, &req.ifname)
+            Err(e) => {
+                warn!(error = %e, container = %req.container_id, "DEL without record: nothing to undo")
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
@@ -179,7 +231,10 @@ impl Plugin for Meta {
         let Some((_, record)) = call.record() else {
             return Err(Error::new(
                 code::UNKNOWN_CONTAINER,
-                format!("no attachment of {} ({}) is recorded", req.container_id, req.ifname),
+                format!(
+                    "no attachment of {} ({}) is recorded",
+                    req.container_id, req.ifname
+                ),
             )
             .with_details(format!("cache dir {}", call.node.cache_dir.display())));
         };
@@ -199,8 +254,13 @@ impl Plugin for Meta {
 
     fn gc(&self, req: &Request) -> Result<(), Error> {
         let call = Call::new(req)?;
-        let valid: BTreeSet<Attachment> =
-            req.conf.valid_attachments.iter().flatten().cloned().collect();
+        let valid: BTreeSet<Attachment> = req
+            .conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
         let mut errors = Vec::new();
         let mut still_valid: BTreeSet<Attachment> = BTreeSet::new();
         for entry in call.cache.list(&req.conf.name) {
@@ -221,16 +281,27 @@ impl Plugin for Meta {
                 continue;
             }
             info!(container = %att.container_id, ifname = %att.ifname, "GC: releasing stale attachment");
+            // The sandbox may still exist; then its interfaces go too.
+            let netns = if !entry.netns.is_empty() && std::path::Path::new(&entry.netns).exists() {
+                entry.netns.clone()
+            } else {
+                String::new()
+            };
             let del_req = Request {
                 container_id: att.container_id.clone(),
                 ifname: att.ifname.clone(),
-                netns: String::new(),
+                netns,
                 ..req.clone()
             };
-            let stale = Call { req: &del_req, ..Call::new(req)? };
+            let stale = Call {
+                req: &del_req,
+                ..Call::new(req)?
+            };
             let failed = stale.del_all(&record.delegates);
             if failed.is_empty() {
-                let _ = call.cache.remove(&req.conf.name, &att.container_id, &att.ifname);
+                let _ = call
+                    .cache
+                    .remove(&req.conf.name, &att.container_id, &att.ifname);
             }
             errors.extend(failed);
         }
@@ -253,7 +324,9 @@ impl Plugin for Meta {
         }
         let cluster = plan::cluster_list(&call.node, &defs, "default").map_err(unavailable)?;
         for i in 0..cluster.plugins.len() {
-            call.exec.find(cluster.plugin_type(i)).map_err(unavailable)?;
+            call.exec
+                .find(cluster.plugin_type(i))
+                .map_err(unavailable)?;
         }
         call.exec.status_list(&cluster)
     }

@@ -80,16 +80,22 @@ impl NodeConf {
             }
         };
         if matches!(cluster, ClusterNetwork::Named(_)) && raw.conf_dir.is_none() {
-            return Err(invalid("clusterNetwork names a definition but confDir is not set"));
+            return Err(invalid(
+                "clusterNetwork names a definition but confDir is not set",
+            ));
         }
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
         if !matches!(log_level.as_str(), "error" | "warn" | "info" | "debug") {
-            return Err(invalid(format!("logLevel {log_level:?} is not error, warn, info or debug")));
+            return Err(invalid(format!(
+                "logLevel {log_level:?} is not error, warn, info or debug"
+            )));
         }
         Ok(NodeConf {
             cluster,
             conf_dir: raw.conf_dir,
-            cache_dir: raw.cache_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
+            cache_dir: raw
+                .cache_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
             log_file: raw.log_file,
             log_level,
             cluster_namespaces: raw.cluster_namespaces,
@@ -108,8 +114,10 @@ mod tests {
 
     #[test]
     fn inline_and_named() {
-        let c = parse(json!({"clusterNetwork": {"cniVersion":"1.0.0","name":"k8s","type":"ptp"},
-                             "cacheDir": "/tmp/x"}))
+        let c = parse(
+            json!({"clusterNetwork": {"cniVersion":"1.0.0","name":"k8s","type":"ptp"},
+                             "cacheDir": "/tmp/x"}),
+        )
         .unwrap();
         assert!(matches!(c.cluster, ClusterNetwork::Inline(ref l) if l.name == "k8s"));
         assert_eq!(c.cache_dir, PathBuf::from("/tmp/x"));

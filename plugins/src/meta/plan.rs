@@ -61,7 +61,11 @@ pub fn load_definitions(node: &NodeConf) -> Result<Definitions, Error> {
 }
 
 /// The cluster network's conflist.
-pub fn cluster_list(node: &NodeConf, defs: &Definitions, pod_ns: &str) -> Result<NetConfList, Error> {
+pub fn cluster_list(
+    node: &NodeConf,
+    defs: &Definitions,
+    pod_ns: &str,
+) -> Result<NetConfList, Error> {
     match &node.cluster {
         ClusterNetwork::Inline(list) => Ok(list.clone()),
         ClusterNetwork::Named(name) => {
@@ -88,7 +92,11 @@ pub fn build(
         Err(e) => return Err(e),
     };
     let need_defs = !wanted.is_empty() || matches!(node.cluster, ClusterNetwork::Named(_));
-    let defs = if need_defs { load_definitions(node)? } else { Definitions::default() };
+    let defs = if need_defs {
+        load_definitions(node)?
+    } else {
+        Definitions::default()
+    };
     let cluster = cluster_list(node, &defs, pod_ns)?;
     // The cluster network gets the runtime's capability args as they came.
     let mut cluster_caps = match rt {
@@ -117,7 +125,10 @@ pub fn build(
             Err(_) if lenient => continue,
             Err(e) => return Err(e.into()),
         };
-        let iface = sel.interface.clone().unwrap_or_else(|| format!("net{}", i + 1));
+        let iface = sel
+            .interface
+            .clone()
+            .unwrap_or_else(|| format!("net{}", i + 1));
         if !used.insert(iface.clone()) && !lenient {
             return Err(Error::new(
                 code::INVALID_NETWORK_CONFIG,
@@ -166,15 +177,30 @@ fn secondary(
                 code::UNSUPPORTED_FIELD,
                 format!("network {reference:?} does not declare the {cap:?} capability"),
             )
-            .with_details(format!("the pod asks for {cap} {value} in {NETWORKS_ANNOTATION}")));
+            .with_details(format!(
+                "the pod asks for {cap} {value} in {NETWORKS_ANNOTATION}"
+            )));
         }
         caps.insert(cap.to_string(), value);
         Ok(())
     };
-    offer("ips", (!sel.ips.is_empty()).then(|| serde_json::json!(sel.ips)))?;
+    offer(
+        "ips",
+        (!sel.ips.is_empty()).then(|| serde_json::json!(sel.ips)),
+    )?;
     offer("mac", sel.mac.clone().map(Value::String))?;
-    offer("portMappings", sel.port_mappings.as_ref().and_then(|p| serde_json::to_value(p).ok()))?;
-    offer("bandwidth", sel.bandwidth.as_ref().and_then(|b| serde_json::to_value(b).ok()))?;
+    offer(
+        "portMappings",
+        sel.port_mappings
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok()),
+    )?;
+    offer(
+        "bandwidth",
+        sel.bandwidth
+            .as_ref()
+            .and_then(|b| serde_json::to_value(b).ok()),
+    )?;
     if let Some(args) = &sel.cni_args {
         for plugin in &mut list.plugins {
             let entry = plugin

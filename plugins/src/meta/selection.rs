@@ -48,7 +48,9 @@ pub fn parse(annotation: &str) -> Result<Vec<Selection>, Error> {
     let selections: Vec<Selection> = if text.starts_with('[') {
         serde_json::from_str(text).map_err(|e| malformed(format!("JSON form: {e}")))?
     } else if text.starts_with('{') {
-        return Err(malformed("the JSON form is a list of objects, not an object"));
+        return Err(malformed(
+            "the JSON form is a list of objects, not an object",
+        ));
     } else {
         text.split(',').map(parse_short).collect::<Result<_, _>>()?
     };
@@ -69,9 +71,13 @@ fn parse_short(item: &str) -> Result<Selection, Error> {
         Some((ns, n)) => (Some(ns.to_string()), n.to_string()),
         None => (None, rest.to_string()),
     };
-    if item.is_empty() || name.contains('/') || interface.as_deref().is_some_and(|i| i.contains('@'))
+    if item.is_empty()
+        || name.contains('/')
+        || interface.as_deref().is_some_and(|i| i.contains('@'))
     {
-        return Err(malformed(format!("element {item:?} is not [namespace/]name[@interface]")));
+        return Err(malformed(format!(
+            "element {item:?} is not [namespace/]name[@interface]"
+        )));
     }
     Ok(Selection {
         name,
@@ -84,18 +90,25 @@ fn parse_short(item: &str) -> Result<Selection, Error> {
 fn is_k8s_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 fn validate(s: &Selection) -> Result<(), Error> {
     if !is_k8s_name(&s.name) {
-        return Err(malformed(format!("network name {:?} is not a Kubernetes object name", s.name)));
+        return Err(malformed(format!(
+            "network name {:?} is not a Kubernetes object name",
+            s.name
+        )));
     }
     if let Some(ns) = &s.namespace {
         if !is_k8s_name(ns) {
-            return Err(malformed(format!("namespace {ns:?} of {:?} is not valid", s.name)));
+            return Err(malformed(format!(
+                "namespace {ns:?} of {:?} is not valid",
+                s.name
+            )));
         }
     }
     if let Some(i) = &s.interface {
@@ -103,15 +116,23 @@ fn validate(s: &Selection) -> Result<(), Error> {
     }
     for ip in &s.ips {
         if ip.parse::<IpNetwork>().is_err() {
-            return Err(malformed(format!("network {:?}: {ip:?} is not an IP address", s.name)));
+            return Err(malformed(format!(
+                "network {:?}: {ip:?} is not an IP address",
+                s.name
+            )));
         }
     }
     if let Some(mac) = &s.mac {
         let octets: Vec<&str> = mac.split(':').collect();
         let ok = octets.len() == 6
-            && octets.iter().all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok());
+            && octets
+                .iter()
+                .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok());
         if !ok {
-            return Err(malformed(format!("network {:?}: {mac:?} is not a MAC address", s.name)));
+            return Err(malformed(format!(
+                "network {:?}: {mac:?} is not a MAC address",
+                s.name
+            )));
         }
     }
     Ok(())
@@ -141,7 +162,10 @@ mod tests {
         .unwrap();
         assert_eq!(s[0].ips, vec!["10.1.1.5/24".to_string()]);
         assert_eq!(s[0].mac.as_deref(), Some("02:00:00:00:00:aa"));
-        assert_eq!(s[0].default_route, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            s[0].default_route,
+            vec!["10.1.1.1".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(s[1].interface, None);
     }
 
