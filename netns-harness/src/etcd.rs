@@ -215,14 +215,22 @@ impl EtcdCluster {
     /// `PUT` then `GET` of one key through the v3 JSON gateway of member `i`;
     /// returns the value read back.
     pub fn put_get(&self, i: usize, key: &str, value: &str) -> io::Result<String> {
-        let b64 = |s: &str| B64.encode(s.as_bytes());
-        let put = format!(r#"{{"key":"{}","value":"{}"}}"#, b64(key), b64(value));
+        let put = format!(
+            r#"{{"key":"{}","value":"{}"}}"#,
+            B64.encode(key),
+            B64.encode(value)
+        );
         self.http(i, "POST", "/v3/kv/put", &put)?;
+        self.get(i, key)
+    }
+
+    /// Linearizable `GET` of one key from member `i` (empty when absent).
+    pub fn get(&self, i: usize, key: &str) -> io::Result<String> {
         let body = self.http(
             i,
             "POST",
             "/v3/kv/range",
-            &format!(r#"{{"key":"{}"}}"#, b64(key)),
+            &format!(r#"{{"key":"{}"}}"#, B64.encode(key)),
         )?;
         let v: Value = serde_json::from_str(&body).map_err(io::Error::other)?;
         let got = v
