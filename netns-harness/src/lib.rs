@@ -2,9 +2,13 @@
 //! runtime that invokes plugins exactly as libcni does, kernel-state readers,
 //! connectivity probes and an etcd fixture.
 
+pub mod bench;
+pub mod demo;
 pub mod etcd;
+pub mod fixtures;
 pub mod kernel;
 pub mod netns;
+pub mod node;
 pub mod probe;
 pub mod runtime;
 pub mod scratch;

@@ -1,0 +1,49 @@
+# Plexus — `make demo` runs the main job, `make test` the tests. Both install
+# what they need from Debian first (`make deps`); run as root (netns, links).
+
+CARGO    ?= cargo
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS     := etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2
+DESTDIR  ?=
+BINDIR   ?= /opt/cni/bin
+
+.PHONY: all deps build build-release lint test demo bench install clean
+
+all: build
+
+# Install the Debian packages the build, the tests and the demo use.
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup)"; exit 1; }
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+build-release: deps
+	$(CARGO) build --release --workspace --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Unit tests, then end-to-end tests against real netns, real etcd and the
+# reference plugins. The binaries under test are the debug builds.
+test: build lint
+	PLEXUS_BIN=$(CURDIR)/target/debug/plexus $(CARGO) test --workspace
+
+demo: build
+	PLEXUS_BIN=$(CURDIR)/target/debug/plexus ./target/debug/netns-harness demo
+
+bench: build-release
+	PLEXUS_BIN=$(CURDIR)/target/release/plexus ./target/release/netns-harness bench $(CYCLES)
+
+install: build-release
+	install -D -m 0755 target/release/plexus $(DESTDIR)$(BINDIR)/plexus
+
+clean:
+	$(CARGO) clean

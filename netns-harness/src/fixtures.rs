@@ -1,0 +1,75 @@
+//! Configs that wire Debian's reference plugins in as delegates, and small
+//! readers for what they leave in a pod.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::kernel;
+use crate::node::UPLINK;
+
+/// `ptp` + `host-local` over the given subnets (the cluster network of most tests).
+pub fn ptp(name: &str, version: &str, subnets: &[&str], ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+    json!({
+        "cniVersion": version,
+        "name": name,
+        "type": "ptp",
+        "ipMasq": false,
+        "mtu": 1400,
+        "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam_dir, "routes": [{"dst": "0.0.0.0/0"}]}
+    })
+}
+
+/// A NetworkAttachmentDefinition in YAML.
+pub fn nad(name: &str, namespace: Option<&str>, config: &Value) -> String {
+    let ns = namespace
+        .map(|n| format!("  namespace: {n}\n"))
+        .unwrap_or_default();
+    let config = serde_json::to_string(config)
+        .unwrap_or_default()
+        .replace('\'', "''");
+    format!(
+        "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata:\n  name: {name}\n{ns}spec:\n  config: '{config}'\n"
+    )
+}
+
+/// `macvlan` (bridge mode) on the node uplink with `host-local`.
+pub fn macvlan(version: &str, subnets: &[&str], ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+    json!({
+        "cniVersion": version,
+        "type": "macvlan",
+        "master": UPLINK,
+        "mode": "bridge",
+        "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam_dir}
+    })
+}
+
+/// `bridge` with `host-local`.
+pub fn bridge(version: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> Value {
+    json!({
+        "cniVersion": version,
+        "type": "bridge",
+        "bridge": bridge,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": ipam_dir}
+    })
+}
+
+/// The address part of `a.b.c.d/nn`.
+pub fn addr_ip(cidr: &str) -> std::net::IpAddr {
+    cidr.split('/')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .expect("an IP address")
+}
+
+/// Global addresses of one family on `dev` inside `ns`.
+pub fn family_addrs(ns: &str, dev: &str, v6: bool) -> Vec<String> {
+    kernel::addrs(ns, dev)
+        .unwrap_or_else(|e| panic!("addresses of {dev} in {ns}: {e}"))
+        .into_iter()
+        .filter(|a| a.contains(':') == v6)
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! A test node: its own netns standing in for the host, with an uplink for
+//! macvlan, a runtime bin dir, and the dirs plugins keep state in, so tests and
+//! the demo run side by side without touching the real host.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::{kernel, scratch, Netns, Pod, Runtime, Scratch};
+use cni::NetConfList;
+use serde_json::{json, Value};
+
+/// One test node: a netns that plays the host, with plugins run inside it.
+pub struct Node {
+    pub scratch: Scratch,
+    pub netns: Netns,
+    pub runtime: Runtime,
+    pub bin: PathBuf,
+}
+
+/// The uplink every node has; macvlan networks use it as `master`.
+pub const UPLINK: &str = "uplink0";
+
+impl Node {
+    /// A fresh node with an uplink veth (both ends up); panics on failure (tests).
+    pub fn new(tag: &str) -> Node {
+        Node::try_new(tag).unwrap_or_else(|e| panic!("node {tag}: {e}"))
+    }
+
+    /// A fresh node with an uplink veth (both ends up).
+    pub fn try_new(tag: &str) -> io::Result<Node> {
+        let scratch = Scratch::new(tag)?;
+        let netns = Netns::create(&scratch::unique("pxn"))?;
+        kernel::veth(netns.name(), UPLINK, netns.name(), "uplink0p")?;
+        kernel::up(netns.name(), "lo")?;
+        let bin = scratch::bin_dir(&scratch)?;
+        let runtime = Runtime::new(&bin, &scratch.join("libcni"), &netns)?;
+        std::fs::create_dir_all(scratch.join("net.d"))?;
+        Ok(Node {
+            scratch,
+            netns,
+            runtime,
+            bin,
+        })
+    }
+
+    /// The node netns name.
+    pub fn ns(&self) -> &str {
+        self.netns.name()
+    }
+
+    /// A new pod netns (lo up, as the runtime's loopback plugin leaves it);
+    /// panics on failure (tests).
+    pub fn pod(&self, namespace: &str) -> (Netns, Pod) {
+        self.try_pod(namespace)
+            .unwrap_or_else(|e| panic!("pod netns: {e}"))
+    }
+
+    /// A new pod netns (lo up, as the runtime's loopback plugin leaves it).
+    pub fn try_pod(&self, namespace: &str) -> io::Result<(Netns, Pod)> {
+        let netns = Netns::create(&scratch::unique("pxp"))?;
+        kernel::up(netns.name(), "lo")?;
+        let id = scratch::unique("c").replace('-', "");
+        let pod = Pod::new(&id, &netns, namespace);
+        Ok((netns, pod))
+    }
+
+    /// host-local's data dir for this node.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.scratch.join("ipam")
+    }
+
+    /// Where network definitions go.
+    pub fn conf_dir(&self) -> PathBuf {
+        self.scratch.join("net.d")
+    }
+
+    /// Plexus' own cache dir.
+    pub fn plexus_cache(&self) -> PathBuf {
+        self.scratch.join("plexus")
+    }
+
+    /// Plexus' log file.
+    pub fn log_file(&self) -> PathBuf {
+        self.scratch.join("plexus.log")
+    }
+
+    /// The node conflist with `plexus` as its only plugin.
+    pub fn plexus_list(&self, version: &str, cluster: Value) -> NetConfList {
+        let v = json!({
+            "cniVersion": version,
+            "name": "plexus",
+            "plugins": [{
+                "type": "plexus",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                "clusterNetwork": cluster,
+                "confDir": self.conf_dir(),
+                "cacheDir": self.plexus_cache(),
+                "logFile": self.log_file(),
+            }]
+        });
+        NetConfList::parse_value(&v).expect("plexus conflist")
+    }
+
+    /// Writes a definition file into the conf dir.
+    pub fn define(&self, file: &str, text: &str) {
+        let path = self.conf_dir().join(file);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// The addresses host-local holds as leases (file names that are IPs).
+    pub fn leases(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        collect_leases(&self.ipam_dir(), &mut out);
+        out.sort();
+        out
+    }
+
+    /// Attachment records plexus holds.
+    pub fn records(&self) -> Vec<String> {
+        let dir = self.plexus_cache().join("results");
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// The node's links, addresses and routes.
+    pub fn snapshot(&self) -> Vec<String> {
+        kernel::snapshot(self.ns()).unwrap_or_else(|e| panic!("snapshot of {}: {e}", self.ns()))
+    }
+}
+
+fn collect_leases(dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let p = e.path();
+        if p.is_dir() {
+            collect_leases(&p, out);
+        } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+            if name.parse::<std::net::IpAddr>().is_ok() {
+                out.push(name.to_string());
+            }
+        }
+    }
+}
