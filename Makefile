@@ -6,6 +6,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
+TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: all deps build build-release lint test demo bench install clean
 
@@ -34,16 +35,16 @@ lint:
 # Unit tests, then end-to-end tests against real netns, real etcd and the
 # reference plugins. The binaries under test are the debug builds.
 test: build lint
-	PLEXUS_BIN=$(CURDIR)/target/debug/plexus $(CARGO) test --workspace
+	PLEXUS_BIN=$(TARGET)/debug/plexus $(CARGO) test --workspace
 
 demo: build
-	PLEXUS_BIN=$(CURDIR)/target/debug/plexus ./target/debug/netns-harness demo
+	PLEXUS_BIN=$(TARGET)/debug/plexus $(TARGET)/debug/netns-harness demo
 
 bench: build-release
-	PLEXUS_BIN=$(CURDIR)/target/release/plexus ./target/release/netns-harness bench $(CYCLES)
+	PLEXUS_BIN=$(TARGET)/release/plexus $(TARGET)/release/netns-harness bench $(CYCLES)
 
 install: build-release
-	install -D -m 0755 target/release/plexus $(DESTDIR)$(BINDIR)/plexus
+	install -D -m 0755 $(TARGET)/release/plexus $(DESTDIR)$(BINDIR)/plexus
 
 clean:
 	$(CARGO) clean
