@@ -2,6 +2,7 @@
 
 mod log;
 mod meta;
+mod netlink;
 
 use std::process::ExitCode;
 

@@ -389,3 +389,82 @@ fn named_cluster_network_and_tenant_isolation() {
     }
     assert_eq!(node.leases(), Vec::<String>::new());
 }
+
+#[test]
+fn default_route_moves_to_the_network_that_asks_for_it() {
+    let node = Node::new("defrt");
+    let ipam = node.ipam_dir();
+    let data = macvlan("1.0.0", &["192.168.65.0/24", "fd00:65::/64"], &ipam);
+    node.define("data.yaml", &nad("data", None, &data));
+    node.define(
+        "more.yaml",
+        &nad("more", None, &macvlan("1.0.0", &["192.168.66.0/24"], &ipam)),
+    );
+    let list = node.plexus_list(
+        "1.0.0",
+        ptp("k8s", "1.0.0", &["10.252.0.0/24", "fd00:252::/64"], &ipam),
+    );
+    let before = node.snapshot();
+
+    let (ns, pod) = node.pod("default");
+    let pod = pod.networks(r#"[{"name":"data","default-route":["192.168.65.1","fd00:65::1"]}]"#);
+    let res = node.runtime.add(&list, &pod).expect("ADD");
+    let v4 = kernel::routes(ns.name(), "-4").expect("routes");
+    let v6 = kernel::routes(ns.name(), "-6").expect("routes");
+    let defaults = |routes: &[String]| -> Vec<String> {
+        routes
+            .iter()
+            .filter(|r| r.starts_with("default"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        defaults(&v4),
+        vec!["default via 192.168.65.1 dev net1".to_string()],
+        "{v4:?}"
+    );
+    assert_eq!(
+        defaults(&v6),
+        vec!["default via fd00:65::1 dev net1".to_string()],
+        "{v6:?}"
+    );
+    let routes = res["routes"].as_array().expect("routes");
+    let default_gws: Vec<&str> = routes
+        .iter()
+        .filter(|r| r["dst"] == "0.0.0.0/0" || r["dst"] == "::/0")
+        .filter_map(|r| r["gw"].as_str())
+        .collect();
+    assert_eq!(default_gws, vec!["192.168.65.1", "fd00:65::1"], "{res}");
+    node.runtime.del(&list, &pod).expect("DEL");
+
+    // A gateway the interface cannot reach: ADD fails and takes everything back.
+    let (ns, pod) = node.pod("default");
+    let pod = pod.networks(r#"[{"name":"data","default-route":["10.99.99.1"]}]"#);
+    let err = node
+        .runtime
+        .add(&list, &pod)
+        .expect_err("unreachable gateway");
+    assert!(
+        err.msg.contains("10.99.99.1") && err.msg.contains("data"),
+        "{err}"
+    );
+    let names: Vec<String> = kernel::links(ns.name())
+        .expect("links")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(names, vec!["lo".to_string()]);
+    assert_eq!(node.leases(), Vec::<String>::new());
+    assert_eq!(node.records(), Vec::<String>::new());
+    node.runtime.del(&list, &pod).expect("DEL after failed ADD");
+
+    // Two networks cannot both be the IPv4 default.
+    let (ns, pod) = node.pod("default");
+    let pod = pod.networks(
+        r#"[{"name":"data","default-route":["192.168.65.1"]},{"name":"more","default-route":["192.168.66.1"]}]"#,
+    );
+    let err = node.runtime.add(&list, &pod).expect_err("two defaults");
+    assert_eq!(err.code, cni::code::INVALID_NETWORK_CONFIG, "{err}");
+    assert_eq!(kernel::links(ns.name()).expect("links").len(), 1);
+    assert_eq!(node.snapshot(), before);
+}

@@ -6,13 +6,17 @@ mod plan;
 mod selection;
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
 use cni::args::CniArgs;
 use cni::cache::{Cache, CacheEntry};
 use cni::config::Attachment;
 use cni::exec::{Executor, Invocation};
 use cni::plugin::{Plugin, Request};
+use cni::result::Route;
 use cni::{code, CniResult, Error, NetConfList};
+use ipnetwork::IpNetwork;
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -99,15 +103,17 @@ impl<'a> Call<'a> {
         &self,
         e: Error,
         entry: &mut CacheEntry,
-        delegates: &[Delegate],
-        failed: usize,
+        attached: &[Delegate],
+        failed: Option<&Delegate>,
     ) -> Error {
-        for err in self.del_all(&delegates[failed..=failed]) {
-            warn!(error = %err, "cleanup of the failed delegate: ignored");
+        if let Some(d) = failed {
+            for err in self.del_all(std::slice::from_ref(d)) {
+                warn!(error = %err, "cleanup of the failed delegate: ignored");
+            }
         }
         let mut left = Vec::new();
         let mut undo_errors = Vec::new();
-        for d in delegates[..failed].iter().rev() {
+        for d in attached.iter().rev() {
             if let Some(err) = self.del_all(std::slice::from_ref(d)).pop() {
                 undo_errors.push(err.to_string());
                 left.push(d.clone());
@@ -184,7 +190,7 @@ impl Plugin for Meta {
                 Err(e) => {
                     let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
                     warn!(error = %e, container = %req.container_id, "ADD failed, undoing");
-                    return Err(call.undo(e, &mut entry, &delegates, i));
+                    return Err(call.undo(e, &mut entry, &delegates[..i], Some(d)));
                 }
             };
             info!(network = %d.network, ifname = %d.ifname, container = %req.container_id, "attached");
@@ -196,7 +202,11 @@ impl Plugin for Meta {
             record.delegates[i].result = delegates[i].result.clone();
             call.save(&mut entry, &record)?;
         }
-        let merged = merged.unwrap_or_default();
+        let mut merged = merged.unwrap_or_default();
+        if let Err(e) = default_routes(req, &delegates, &mut merged) {
+            warn!(error = %e, container = %req.container_id, "default-route failed, undoing");
+            return Err(call.undo(e, &mut entry, &delegates, None));
+        }
         entry.result = Some(merged.to_json(req.version));
         call.save(&mut entry, &record)?;
         Ok(merged)
@@ -330,6 +340,46 @@ impl Plugin for Meta {
         }
         call.exec.status_list(&cluster)
     }
+}
+
+/// Moves the pod's default route onto the networks whose selection asks for
+/// it, in the kernel and in the result.
+fn default_routes(
+    req: &Request,
+    delegates: &[Delegate],
+    result: &mut CniResult,
+) -> Result<(), Error> {
+    let wanted: Vec<(&Delegate, IpAddr)> = delegates
+        .iter()
+        .flat_map(|d| d.default_route.iter().map(move |gw| (d, *gw)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let ns = crate::netlink::Netns::open(Path::new(&req.netns))?;
+    for (d, gw) in wanted {
+        ns.replace_default_route(&d.ifname, gw)
+            .map_err(|e| e.context(format!("network {:?} ({})", d.network, d.ifname)))?;
+        info!(network = %d.network, ifname = %d.ifname, %gw, "default route moved");
+        result
+            .routes
+            .retain(|r| !(r.dst.prefix() == 0 && r.dst.is_ipv4() == gw.is_ipv4()));
+        let any = match gw {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let dst = IpNetwork::new(any, 0).map_err(|e| Error::new(code::INTERNAL, e.to_string()))?;
+        result.routes.push(Route {
+            dst,
+            gw: Some(gw),
+            mtu: None,
+            advmss: None,
+            priority: None,
+            table: None,
+            scope: None,
+        });
+    }
+    Ok(())
 }
 
 /// The cluster network and every definition, each once.

@@ -2,6 +2,7 @@
 //! checked before anything is touched, and recorded so DEL can undo them.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use cni::{code, Error, NetConfList, RuntimeConfig};
 use conf::Definitions;
@@ -22,6 +23,9 @@ pub struct Delegate {
     /// Capability arguments offered to the list's plugins.
     #[serde(default)]
     pub caps: Map<String, Value>,
+    /// Gateways this network's interface becomes the default route through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_route: Vec<IpAddr>,
     /// Result of ADD, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
@@ -112,6 +116,7 @@ pub fn build(
         ifname: ifname.to_string(),
         list: cluster,
         caps: cluster_caps,
+        default_route: Vec::new(),
         result: None,
     }];
     let mut used: BTreeSet<String> = BTreeSet::from([ifname.to_string()]);
@@ -143,6 +148,26 @@ pub fn build(
             Err(e) => return Err(e),
         }
     }
+    if !lenient {
+        for v6 in [false, true] {
+            let asking: Vec<&str> = delegates
+                .iter()
+                .filter(|d| d.default_route.iter().filter(|g| g.is_ipv6() == v6).count() > 0)
+                .map(|d| d.network.as_str())
+                .collect();
+            let per_net = delegates
+                .iter()
+                .any(|d| d.default_route.iter().filter(|g| g.is_ipv6() == v6).count() > 1);
+            if asking.len() > 1 || per_net {
+                let family = if v6 { "IPv6" } else { "IPv4" };
+                return Err(Error::new(
+                    code::INVALID_NETWORK_CONFIG,
+                    format!("more than one {family} default-route is asked for"),
+                )
+                .with_details(format!("networks {asking:?} in {NETWORKS_ANNOTATION}")));
+            }
+        }
+    }
     Ok(delegates)
 }
 
@@ -163,12 +188,6 @@ fn secondary(
     ifname: String,
     mut list: NetConfList,
 ) -> Result<Delegate, Error> {
-    if !sel.default_route.is_empty() {
-        return Err(Error::new(
-            code::UNSUPPORTED_FIELD,
-            format!("network {reference:?}: \"default-route\" is not supported yet"),
-        ));
-    }
     let mut caps = Map::new();
     let mut offer = |cap: &str, value: Option<Value>| -> Result<(), Error> {
         let Some(value) = value else { return Ok(()) };
@@ -216,6 +235,7 @@ fn secondary(
         ifname,
         list,
         caps,
+        default_route: sel.default_route.clone(),
         result: None,
     })
 }
