@@ -284,8 +284,11 @@ impl NetConfList {
     }
 }
 
-fn is_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+/// `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`, the rule for network names and container ids.
+fn is_id(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Network names: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$` (code 7).
@@ -296,7 +299,7 @@ pub fn validate_network_name(name: &str) -> Result<(), Error> {
             "missing network name",
         ));
     }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) || !name.chars().all(is_name_char) {
+    if !is_id(name) {
         return Err(Error::new(
             code::INVALID_NETWORK_CONFIG,
             "invalid characters found in network name",
@@ -311,7 +314,7 @@ pub fn validate_container_id(id: &str) -> Result<(), Error> {
     if id.is_empty() {
         return Err(Error::new(code::UNKNOWN_CONTAINER, "missing containerID"));
     }
-    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) || !id.chars().all(is_name_char) {
+    if !is_id(id) {
         return Err(Error::new(
             code::INVALID_ENVIRONMENT,
             "invalid characters in containerID",

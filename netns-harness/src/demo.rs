@@ -84,9 +84,8 @@ pub fn run() -> Res<()> {
     let mut names = Vec::new();
     for (name, ns, pod) in pods {
         step(&format!("DEL {name}"), node.runtime.del(&list, &pod))?;
-        let left: Vec<String> = step("read links", kernel::links(ns.name()))?
+        let left: Vec<String> = step("read links", kernel::link_names(ns.name()))?
             .into_iter()
-            .map(|l| l.name)
             .filter(|n| n != "lo")
             .collect();
         if !left.is_empty() {

@@ -68,6 +68,11 @@ pub fn links(ns: &str) -> io::Result<Vec<Link>> {
         .collect())
 }
 
+/// The names of a namespace's links.
+pub fn link_names(ns: &str) -> io::Result<Vec<String>> {
+    Ok(links(ns)?.into_iter().map(|l| l.name).collect())
+}
+
 /// One link by name.
 pub fn link(ns: &str, name: &str) -> io::Result<Option<Link>> {
     Ok(links(ns)?.into_iter().find(|l| l.name == name))

@@ -129,6 +129,27 @@ impl Node {
         out
     }
 
+    /// Asserts that `pod` holds only `lo` and that no lease and no attachment
+    /// record is left on the node.
+    pub fn assert_released(&self, pod: &Netns, what: &str) {
+        let names = kernel::link_names(pod.name()).unwrap_or_else(|e| panic!("{what}: links: {e}"));
+        assert_eq!(
+            names,
+            vec!["lo".to_string()],
+            "{what}: the pod holds only lo"
+        );
+        assert_eq!(
+            self.leases(),
+            Vec::<String>::new(),
+            "{what}: no lease is left"
+        );
+        assert_eq!(
+            self.records(),
+            Vec::<String>::new(),
+            "{what}: no record is left"
+        );
+    }
+
     /// The node's links, addresses and routes.
     pub fn snapshot(&self) -> Vec<String> {
         kernel::snapshot(self.ns()).unwrap_or_else(|e| panic!("snapshot of {}: {e}", self.ns()))

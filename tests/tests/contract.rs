@@ -235,15 +235,8 @@ fn bad_input_gets_spec_errors_and_changes_nothing() {
             case.msg_has
         );
         assert!(out["cniVersion"].is_string(), "{what}: {out}");
-        let pod_links: Vec<String> = kernel::links(pod_ns.name())
-            .expect("links")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
-        assert_eq!(pod_links, vec!["lo".to_string()], "{what}: pod untouched");
+        node.assert_released(&pod_ns, what);
         assert_eq!(node.snapshot(), before, "{what}: node untouched");
-        assert_eq!(node.leases(), Vec::<String>::new(), "{what}: no leases");
-        assert_eq!(node.records(), Vec::<String>::new(), "{what}: no records");
     }
 }
 
@@ -268,11 +261,7 @@ fn bad_node_conf_is_refused() {
         let list = node.plexus_list("1.0.0", cluster);
         let err = node.runtime.add(&list, &pod).expect_err(what);
         assert_eq!(err.code, code, "{what}: {err}");
-        let names: Vec<String> = kernel::links(pod_ns.name())
-            .expect("links")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let names = kernel::link_names(pod_ns.name()).expect("links");
         assert_eq!(names, vec!["lo".to_string()], "{what}");
     }
     assert_eq!(node.records(), Vec::<String>::new());

@@ -136,11 +136,7 @@ fn cluster_network_and_two_secondaries_dual_stack() {
     node.runtime.del(&list, &pod_a).expect("DEL a");
     node.runtime.del(&list, &pod_b).expect("DEL b");
     for ns in [&ns_a, &ns_b] {
-        let names: Vec<String> = kernel::links(ns.name())
-            .expect("links")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let names = kernel::link_names(ns.name()).expect("links");
         assert_eq!(names, vec!["lo".to_string()]);
     }
     assert_eq!(node.leases(), Vec::<String>::new());
@@ -230,22 +226,8 @@ fn failing_second_delegate_undoes_the_first() {
     assert_eq!(err.code, own.code, "{err}");
     assert!(err.msg.contains(&own.msg), "{err} should carry {own}");
     assert!(err.msg.contains("broken"), "{err} should name the network");
-    let names: Vec<String> = kernel::links(ns.name())
-        .expect("links")
-        .into_iter()
-        .map(|l| l.name)
-        .collect();
-    assert_eq!(
-        names,
-        vec!["lo".to_string()],
-        "eth0 from the first delegate is gone"
-    );
-    assert_eq!(
-        node.leases(),
-        Vec::<String>::new(),
-        "the first delegate's lease is gone"
-    );
-    assert_eq!(node.records(), Vec::<String>::new());
+    // eth0 and the lease of the first delegate are gone.
+    node.assert_released(&ns, "failed ADD");
     assert_eq!(node.snapshot(), before);
     // The runtime follows a failed ADD with DEL; that succeeds too.
     node.runtime.del(&list, &pod).expect("DEL after failed ADD");
@@ -317,11 +299,7 @@ fn check_gc_and_status() {
     node.runtime.gc(&list, &valid).expect("GC");
     assert_eq!(node.leases().len(), 2, "only pod a's leases remain");
     assert_eq!(node.records().len(), 1);
-    let names: Vec<String> = kernel::links(ns_b.name())
-        .expect("links")
-        .into_iter()
-        .map(|l| l.name)
-        .collect();
+    let names = kernel::link_names(ns_b.name()).expect("links");
     assert_eq!(names, vec!["lo".to_string()], "pod b's interfaces are gone");
     node.runtime.check(&list, &pod_a).expect("CHECK a after GC");
     assert!(kernel::link(ns_a.name(), "net1").expect("links").is_some());
@@ -380,11 +358,7 @@ fn named_cluster_network_and_tenant_isolation() {
             .expect_err("green may not use blue's network");
         assert_eq!(err.code, cni::code::INVALID_NETWORK_CONFIG, "{err}");
         assert!(err.msg.contains("secret"), "{err}");
-        let names: Vec<String> = kernel::links(ns.name())
-            .expect("links")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let names = kernel::link_names(ns.name()).expect("links");
         assert_eq!(names, vec!["lo".to_string()]);
     }
     assert_eq!(node.leases(), Vec::<String>::new());
@@ -448,14 +422,7 @@ fn default_route_moves_to_the_network_that_asks_for_it() {
         err.msg.contains("10.99.99.1") && err.msg.contains("data"),
         "{err}"
     );
-    let names: Vec<String> = kernel::links(ns.name())
-        .expect("links")
-        .into_iter()
-        .map(|l| l.name)
-        .collect();
-    assert_eq!(names, vec!["lo".to_string()]);
-    assert_eq!(node.leases(), Vec::<String>::new());
-    assert_eq!(node.records(), Vec::<String>::new());
+    node.assert_released(&ns, "unreachable gateway");
     node.runtime.del(&list, &pod).expect("DEL after failed ADD");
 
     // Two networks cannot both be the IPv4 default.
