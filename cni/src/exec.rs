@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Attachment, NetConfList};
 use crate::error::{self, code, Error};
-use crate::plugin::Command;
+use crate::plugin::{Command, Plugin};
 use crate::version::Version;
 
 /// The per-attachment part of a plugin's environment.
@@ -28,11 +28,15 @@ pub struct Invocation {
 /// Adjusts each plugin process before it starts (e.g. enter a netns).
 pub type Hook = Arc<dyn Fn(&mut Process) + Send + Sync>;
 
-/// Runs plugins found in a `CNI_PATH`.
+/// A plugin compiled into the caller, run in-process instead of exec'd.
+pub type Builtin = Arc<dyn Plugin + Send + Sync>;
+
+/// Runs plugins found in a `CNI_PATH`, or built in.
 #[derive(Clone)]
 pub struct Executor {
     path: String,
     hook: Option<Hook>,
+    builtins: Vec<(String, Builtin)>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -49,7 +53,30 @@ impl Executor {
         Executor {
             path: path.into(),
             hook: None,
+            builtins: Vec::new(),
         }
+    }
+
+    /// Runs plugin type `name` in-process with `plugin`, through the same
+    /// entry (checks, errors, output) a plugin binary uses.
+    pub fn with_builtin(mut self, name: &str, plugin: Builtin) -> Self {
+        self.builtins.push((name.to_string(), plugin));
+        self
+    }
+
+    /// Whether `plugin_type` can be run: built in, or found in `CNI_PATH`.
+    pub fn available(&self, plugin_type: &str) -> Result<(), Error> {
+        if self.builtin(plugin_type).is_some() {
+            return Ok(());
+        }
+        self.find(plugin_type).map(|_| ())
+    }
+
+    fn builtin(&self, plugin_type: &str) -> Option<&Builtin> {
+        self.builtins
+            .iter()
+            .find(|(n, _)| n == plugin_type)
+            .map(|(_, p)| p)
     }
 
     /// Runs `hook` on every plugin process before it is spawned.
@@ -93,8 +120,41 @@ impl Executor {
         inv: &Invocation,
         stdin: &[u8],
     ) -> Result<Vec<u8>, Error> {
+        if let Some(plugin) = self.builtin(plugin_type) {
+            return self.run_builtin(plugin.as_ref(), command, inv, stdin);
+        }
         let program = self.find(plugin_type)?;
         self.exec_program(&program, command, inv, stdin)
+    }
+
+    fn run_builtin(
+        &self,
+        plugin: &(dyn Plugin + Send + Sync),
+        command: Command,
+        inv: &Invocation,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let per_attachment = !matches!(command, Command::Version | Command::Gc | Command::Status);
+        let env = |k: &str| -> Option<String> {
+            match k {
+                "CNI_COMMAND" => Some(command.as_str().to_string()),
+                "CNI_PATH" => Some(self.path.clone()),
+                "CNI_CONTAINERID" if per_attachment => Some(inv.container_id.clone()),
+                "CNI_NETNS" if per_attachment => Some(inv.netns.clone()),
+                "CNI_IFNAME" if per_attachment => Some(inv.ifname.clone()),
+                "CNI_ARGS" if per_attachment => Some(inv.args.clone()),
+                _ => None,
+            }
+        };
+        let out = crate::plugin::dispatch(plugin, env, stdin);
+        if out.exit_code == 0 {
+            return Ok(out.stdout);
+        }
+        Err(
+            serde_json::from_slice::<Error>(&out.stdout).unwrap_or_else(|e| {
+                Error::new(code::INTERNAL, "built-in plugin failed").with_details(e.to_string())
+            }),
+        )
     }
 
     /// Execs the plugin binary at `program`.

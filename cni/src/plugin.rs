@@ -113,7 +113,7 @@ fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
 
 /// Runs one invocation given its environment and stdin; pure apart from the
 /// plugin's own effects, so it can be tested without a process.
-pub fn dispatch<P: Plugin>(
+pub fn dispatch<P: Plugin + ?Sized>(
     plugin: &P,
     env: impl Fn(&str) -> Option<String>,
     stdin: &[u8],
@@ -135,7 +135,7 @@ pub fn dispatch<P: Plugin>(
     }
 }
 
-fn dispatch_inner<P: Plugin>(
+fn dispatch_inner<P: Plugin + ?Sized>(
     plugin: &P,
     env: &impl Fn(&str) -> Option<String>,
     stdin: &[u8],
@@ -221,7 +221,7 @@ fn dispatch_inner<P: Plugin>(
 /// The `main` of a plugin binary: reads the process environment and stdin,
 /// prints the outcome on stdout. Without `CNI_COMMAND`, `about` also goes to
 /// stderr for the human who ran it by hand.
-pub fn run<P: Plugin>(plugin: &P, about: &str) -> ExitCode {
+pub fn run<P: Plugin + ?Sized>(plugin: &P, about: &str) -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     if command.is_empty() {
         eprintln!(

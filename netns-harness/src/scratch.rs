@@ -46,6 +46,9 @@ impl Drop for Scratch {
 /// Debian's reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
+/// The names the multi-call `plexus` binary answers to.
+pub const PLEXUS_NAMES: [&str; 2] = ["plexus", "plexus-veth"];
+
 /// The `plexus` binary under test: `$PLEXUS_BIN`, else the workspace's debug build.
 pub fn plexus_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("PLEXUS_BIN") {
@@ -64,6 +67,8 @@ pub fn bin_dir(scratch: &Scratch) -> std::io::Result<PathBuf> {
         std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
     }
     let plexus = plexus_bin().canonicalize()?;
-    std::os::unix::fs::symlink(plexus, dir.join("plexus"))?;
+    for name in PLEXUS_NAMES {
+        std::os::unix::fs::symlink(&plexus, dir.join(name))?;
+    }
     Ok(dir)
 }

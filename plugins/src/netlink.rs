@@ -1,33 +1,78 @@
-//! Netlink inside a pod's network namespace. This is the one place that
-//! enters a namespace: a short-lived thread `setns`es into it and opens the
-//! netlink socket there, so the socket stays bound to the pod while every
-//! later request runs from the calling thread, which never leaves its netns.
+//! Netlink inside a network namespace. This is the one place that enters a
+//! namespace: a short-lived thread `setns`es into it and opens the netlink
+//! socket there, so the socket stays bound to that namespace while every later
+//! request runs from the calling thread, which never leaves its own.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use cni::{code, Error};
 use futures_util::TryStreamExt;
+use ipnetwork::IpNetwork;
 use nix::sched::{setns, CloneFlags};
-use rtnetlink::packet_route::route::{RouteHeader, RouteMessage, RouteType};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 
 /// A netlink handle bound to one network namespace.
 pub struct Netns {
     rt: Runtime,
     handle: Handle,
+    file: File,
     path: String,
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `veth`, `macvlan`, … (empty for plain devices).
+    pub kind: String,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+    pub up: bool,
+    pub alias: Option<String>,
+}
+
+/// A route of the main table, as far as Plexus looks at routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: IpNetwork,
+    pub gw: Option<IpAddr>,
+    pub oif: Option<u32>,
 }
 
 fn nl_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::new(code::INTERNAL, format!("{what}: {e}"))
 }
 
+/// Formats a MAC address as `aa:bb:…`.
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 impl Netns {
     /// Opens a netlink socket inside the namespace at `path`.
     pub fn open(path: &Path) -> Result<Netns, Error> {
+        Self::open_file(path, true)
+    }
+
+    /// The namespace this process runs in (the host's, for a plugin).
+    pub fn host() -> Result<Netns, Error> {
+        Self::open_file(Path::new("/proc/thread-self/ns/net"), false)
+    }
+
+    fn open_file(path: &Path, enter: bool) -> Result<Netns, Error> {
         let shown = path.display().to_string();
         let file = File::open(path).map_err(|e| {
             Error::new(code::IO_FAILURE, format!("open netns {shown}")).with_details(e.to_string())
@@ -36,29 +81,49 @@ impl Netns {
             .enable_io()
             .build()
             .map_err(|e| nl_err("start netlink runtime", e))?;
-        let rt_handle = rt.handle().clone();
-        let opened = std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
-                let _guard = rt_handle.enter();
-                rtnetlink::new_connection()
-                    .map_err(|e| nl_err(format!("netlink socket in {shown}"), e))
+        let opened = if enter {
+            let rt_handle = rt.handle().clone();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    setns(&file, CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
+                    let _guard = rt_handle.enter();
+                    rtnetlink::new_connection()
+                        .map_err(|e| nl_err(format!("netlink in {shown}"), e))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(nl_err("netns thread", "panicked")))
             })
-            .join()
-            .unwrap_or_else(|_| Err(nl_err("netns thread", "panicked")))
-        });
+        } else {
+            let _guard = rt.enter();
+            rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e))
+        };
         let (conn, handle, _) = opened?;
         rt.spawn(conn);
         Ok(Netns {
             rt,
             handle,
+            file,
             path: shown,
         })
     }
 
-    /// The index of link `name`.
-    pub fn link_index(&self, name: &str) -> Result<u32, Error> {
+    /// Writes `/proc/sys/<key>` as seen from inside this namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), Error> {
+        let file = format!("/proc/sys/{}", key.replace('.', "/"));
+        let what = || format!("sysctl {key}={value} in {}", self.path);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| nl_err(what(), e))?;
+                std::fs::write(&file, value).map_err(|e| nl_err(what(), e))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(nl_err(what(), "thread panicked")))
+        })
+    }
+
+    /// The link named `name`, if any.
+    pub fn link(&self, name: &str) -> Result<Option<Link>, Error> {
         self.rt.block_on(async {
             let mut links = self
                 .handle
@@ -67,59 +132,293 @@ impl Netns {
                 .match_name(name.to_string())
                 .execute();
             match links.try_next().await {
-                Ok(Some(link)) => Ok(link.header.index),
-                Ok(None) => Err(nl_err(format!("link {name} in {}", self.path), "not found")),
+                Ok(Some(msg)) => Ok(Some(link_of(&msg))),
+                Ok(None) => Ok(None),
+                // The kernel answers ENODEV for a name it does not know.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
                 Err(e) => Err(nl_err(format!("link {name} in {}", self.path), e)),
             }
         })
     }
 
-    /// Makes `gw` on `ifname` the only default route of its family in the
-    /// main table (the annotation's `default-route`).
-    pub fn replace_default_route(&self, ifname: &str, gw: IpAddr) -> Result<(), Error> {
-        let index = self.link_index(ifname)?;
-        let what = format!("default route via {gw} dev {ifname} in {}", self.path);
+    /// A link that must exist.
+    pub fn expect_link(&self, name: &str) -> Result<Link, Error> {
+        self.link(name)?
+            .ok_or_else(|| nl_err(format!("link {name} in {}", self.path), "not found"))
+    }
+
+    /// Creates a veth pair, both ends down; `mac` and `alias` go on `name`.
+    /// The kernel ignores an alias at creation, so it is set right after; if
+    /// that fails the pair is removed again, since it could not be told ours.
+    pub fn add_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        mtu: u32,
+        mac: &[u8],
+        alias: &str,
+    ) -> Result<(), Error> {
+        let msg = LinkVeth::new(name, peer)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .build();
         self.rt.block_on(async {
-            let dump = match gw {
-                IpAddr::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpAddr::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let routes: Vec<RouteMessage> = self
+            self.handle
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err(format!("create veth {name}/{peer} in {}", self.path), e))
+        })?;
+        let index = self.expect_link(name)?.index;
+        let marked = self.set(
+            LinkUnspec::new_with_index(index).alias(alias).build(),
+            format!("set alias of {name}"),
+        );
+        if marked.is_err() {
+            let _ = self.del_link(index);
+        }
+        marked
+    }
+
+    /// Moves a link into another namespace.
+    pub fn move_link(&self, index: u32, to: &Netns) -> Result<(), Error> {
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(to.file.as_raw_fd())
+            .build();
+        self.set(msg, format!("move link {index} to {}", to.path))
+    }
+
+    /// Renames a link, sets its MTU and brings it up.
+    pub fn rename_up(&self, index: u32, name: &str, mtu: u32) -> Result<(), Error> {
+        let msg = LinkUnspec::new_with_index(index)
+            .name(name)
+            .mtu(mtu)
+            .up()
+            .build();
+        self.set(msg, format!("set up {name}"))
+    }
+
+    /// Brings a link up.
+    pub fn up(&self, index: u32) -> Result<(), Error> {
+        self.set(
+            LinkUnspec::new_with_index(index).up().build(),
+            format!("set link {index} up"),
+        )
+    }
+
+    fn set(&self, msg: LinkMessage, what: String) -> Result<(), Error> {
+        self.rt.block_on(async {
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err(format!("{what} in {}", self.path), e))
+        })
+    }
+
+    /// Deletes a link.
+    pub fn del_link(&self, index: u32) -> Result<(), Error> {
+        self.rt.block_on(async {
+            self.handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|e| nl_err(format!("delete link {index} in {}", self.path), e))
+        })
+    }
+
+    /// Adds an address; `nodad` skips duplicate address detection (IPv6).
+    pub fn add_address(&self, index: u32, net: IpNetwork, nodad: bool) -> Result<(), Error> {
+        self.rt.block_on(async {
+            let mut req = self.handle.address().add(index, net.ip(), net.prefix());
+            if nodad {
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute()
+                .await
+                .map_err(|e| nl_err(format!("add address {net} in {}", self.path), e))
+        })
+    }
+
+    /// The addresses of a link, link-local ones left out.
+    pub fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, Error> {
+        self.rt.block_on(async {
+            let msgs: Vec<_> = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err(format!("addresses in {}", self.path), e))?;
+            Ok(msgs
+                .iter()
+                .filter_map(|m| {
+                    let ip = m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })?;
+                    let net = IpNetwork::new(ip, m.header.prefix_len).ok()?;
+                    let link_local =
+                        matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                    (!link_local).then_some(net)
+                })
+                .collect())
+        })
+    }
+
+    /// Adds a route of the main table; without a gateway it is a link-scope route.
+    pub fn add_route(&self, dst: IpNetwork, gw: Option<IpAddr>, index: u32) -> Result<(), Error> {
+        let what = format!("add route {dst} in {}", self.path);
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.ip(), dst.prefix())
+            .map_err(|e| nl_err(&what, e))?
+            .output_interface(index);
+        match gw {
+            Some(gw) => b = b.gateway(gw).map_err(|e| nl_err(&what, e))?,
+            None => b = b.scope(RouteScope::Link),
+        }
+        let msg = b.build();
+        self.rt.block_on(async {
+            self.handle
+                .route()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err(&what, e))
+        })
+    }
+
+    /// Unicast routes of the main table, one family.
+    pub fn routes(&self, v6: bool) -> Result<Vec<RouteEntry>, Error> {
+        Ok(self
+            .route_messages(v6)?
+            .iter()
+            .filter_map(|r| {
+                let dst_ip = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(d) => addr(d),
+                    _ => None,
+                });
+                let any = if v6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                };
+                let dst = IpNetwork::new(dst_ip.unwrap_or(any), r.header.destination_prefix_length)
+                    .ok()?;
+                let gw = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(g) => addr(g),
+                    _ => None,
+                });
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                Some(RouteEntry { dst, gw, oif })
+            })
+            .collect())
+    }
+
+    fn route_messages(&self, v6: bool) -> Result<Vec<RouteMessage>, Error> {
+        let dump = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        self.rt.block_on(async {
+            let all: Vec<RouteMessage> = self
                 .handle
                 .route()
                 .get(dump)
                 .execute()
                 .try_collect()
                 .await
-                .map_err(|e| nl_err(&what, e))?;
-            for r in routes.into_iter().filter(|r| {
-                r.header.destination_prefix_length == 0
-                    && r.header.table == RouteHeader::RT_TABLE_MAIN
-                    && r.header.kind == RouteType::Unicast
-            }) {
-                self.handle
-                    .route()
-                    .del(r)
-                    .execute()
-                    .await
-                    .map_err(|e| nl_err(&what, e))?;
-            }
-            let unspecified = match gw {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            };
-            let route = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(unspecified, 0)
-                .and_then(|b| b.gateway(gw))
-                .map_err(|e| nl_err(&what, e))?
-                .output_interface(index)
-                .build();
-            self.handle
-                .route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| nl_err(&what, e))
+                .map_err(|e| nl_err(format!("routes in {}", self.path), e))?;
+            Ok(all
+                .into_iter()
+                .filter(|r| {
+                    r.header.table == RouteHeader::RT_TABLE_MAIN
+                        && r.header.kind == RouteType::Unicast
+                })
+                .collect())
         })
     }
+
+    /// Adds a permanent neighbour entry.
+    pub fn add_neighbour(&self, index: u32, ip: IpAddr, mac: &[u8]) -> Result<(), Error> {
+        self.rt.block_on(async {
+            self.handle
+                .neighbours()
+                .add(index, ip)
+                .link_layer_address(mac)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| nl_err(format!("add neighbour {ip} in {}", self.path), e))
+        })
+    }
+
+    /// Makes `gw` on `ifname` the only default route of its family in the
+    /// main table (the annotation's `default-route`).
+    pub fn replace_default_route(&self, ifname: &str, gw: IpAddr) -> Result<(), Error> {
+        let index = self.expect_link(ifname)?.index;
+        let what = format!("default route via {gw} dev {ifname} in {}", self.path);
+        for r in self.route_messages(gw.is_ipv6())? {
+            if r.header.destination_prefix_length == 0 {
+                self.rt
+                    .block_on(async { self.handle.route().del(r).execute().await })
+                    .map_err(|e| nl_err(&what, e))?;
+            }
+        }
+        let any = match gw {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let dst = IpNetwork::new(any, 0).map_err(|e| nl_err(&what, e))?;
+        self.add_route(dst, Some(gw), index)
+            .map_err(|e| nl_err(&what, e.msg))
+    }
+}
+
+fn addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        kind: String::new(),
+        mac: Vec::new(),
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        alias: None,
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(m) => link.mac = m.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = k.to_string();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
 }

@@ -45,7 +45,7 @@ impl<'a> Call<'a> {
         let args = CniArgs::parse(&req.args)?;
         let pod_ns = plan::pod_namespace(&args);
         Ok(Call {
-            exec: Executor::new(req.path.clone()),
+            exec: crate::executor(&req.path),
             cache: Cache::new(&node.cache_dir),
             req,
             node,
@@ -170,7 +170,9 @@ impl Plugin for Meta {
         let rt = req.conf.runtime_config.as_ref();
         let mut delegates = plan::build(&call.node, rt, &call.pod_ns, &req.ifname, false)?;
         for d in &delegates {
-            call.exec.find(d.list.plugin_type(0))?;
+            for i in 0..d.list.plugins.len() {
+                call.exec.available(d.list.plugin_type(i))?;
+            }
         }
         // Record the intent first: a crash half-way still leaves DEL a list.
         let mut entry = call.new_entry();

@@ -1,0 +1,351 @@
+//! `plexus-veth`: the default network in Calico's routed model.
+//!
+//! The pod gets `eth0` with its /32 and /128 and default routes via
+//! 169.254.1.1 and `fe80::ecee:eeff:feee:eeee`, both answered by the host side
+//! (MAC `ee:ee:ee:ee:ee:ee`: proxy ARP, its own link-local, and permanent
+//! neighbour entries in the pod). The host side, named from the container id,
+//! carries a host route to each pod address. IPv6 addresses come from IPAM,
+//! which guarantees them unique, so they are set without waiting for DAD.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use cni::exec::{Executor, Invocation};
+use cni::plugin::{Command, Plugin, Request};
+use cni::result::{Interface, IpConfig, Route};
+use cni::{code, CniResult, Error};
+use ipnetwork::IpNetwork;
+use serde_json::Value;
+use tracing::warn;
+
+use crate::netlink::{mac_string, Link, Netns};
+
+/// The pod's IPv4 gateway, answered by the host side.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The host side's MAC, as Calico sets it.
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The host side's IPv6 link-local address (EUI-64 of [`HOST_MAC`]).
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+/// A CHECK that finds the attachment different from what ADD made.
+pub const DRIFT: u32 = 100;
+
+/// The plugin.
+pub struct Veth;
+
+/// What the plugin reads from its config.
+struct Conf {
+    mtu: u32,
+    ipam_type: String,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(code::INVALID_NETWORK_CONFIG, msg)
+}
+
+impl Conf {
+    fn parse(req: &Request) -> Result<Conf, Error> {
+        let mtu = match req.conf.extra.get("mtu") {
+            None => 1500,
+            Some(v) => v
+                .as_u64()
+                .filter(|m| (68..=65535).contains(m))
+                .map(|m| m as u32)
+                .ok_or_else(|| invalid(format!("mtu {v} is not a number from 68 to 65535")))?,
+        };
+        let ipam_type = req
+            .conf
+            .ipam
+            .as_ref()
+            .and_then(|i| i.get("type"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid("plexus-veth needs an \"ipam\" section with a \"type\""))?
+            .to_string();
+        Ok(Conf { mtu, ipam_type })
+    }
+}
+
+/// Host-side name: `plx` and 12 hex digits of a hash of container id and ifname.
+pub fn host_name(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(ifname.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("plx{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// The alias that marks a host-side veth as ours for this attachment.
+fn owner_alias(container_id: &str, ifname: &str) -> String {
+    format!("plexus-veth {container_id} {ifname}")
+}
+
+fn invocation(req: &Request) -> Invocation {
+    Invocation {
+        container_id: req.container_id.clone(),
+        netns: req.netns.clone(),
+        ifname: req.ifname.clone(),
+        args: req.args.clone(),
+    }
+}
+
+/// The host-side veth of this attachment, if it exists and is ours.
+fn our_host_link(host: &Netns, req: &Request) -> Result<Option<Link>, Error> {
+    let name = host_name(&req.container_id, &req.ifname);
+    let alias = owner_alias(&req.container_id, &req.ifname);
+    Ok(host.link(&name)?.filter(|l| {
+        let ours = l.kind == "veth" && l.alias.as_deref() == Some(alias.as_str());
+        if !ours {
+            warn!(link = %name, "a link with our name is not ours: left alone");
+        }
+        ours
+    }))
+}
+
+fn single(ip: IpAddr) -> IpNetwork {
+    match ip {
+        IpAddr::V4(_) => IpNetwork::new(ip, 32),
+        IpAddr::V6(_) => IpNetwork::new(ip, 128),
+    }
+    .unwrap_or_else(|_| unreachable!("32 and 128 are valid prefixes"))
+}
+
+fn default_dst(v6: bool) -> IpNetwork {
+    let any = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    IpNetwork::new(any, 0).unwrap_or_else(|_| unreachable!("0 is a valid prefix"))
+}
+
+fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Error> {
+    if ipam.ips.is_empty() {
+        return Err(Error::new(
+            code::INTERNAL,
+            format!("IPAM {} returned no address", conf.ipam_type),
+        ));
+    }
+    let host = Netns::host()?;
+    let pod = Netns::open(Path::new(&req.netns))?;
+    if pod.link(&req.ifname)?.is_some() {
+        return Err(invalid(format!(
+            "interface {} already exists in {}",
+            req.ifname, req.netns
+        )));
+    }
+    let name = host_name(&req.container_id, &req.ifname);
+    let peer = format!("plt{}", &name[3..]);
+    let has_v4 = ipam.ips.iter().any(|i| i.address.is_ipv4());
+    let has_v6 = ipam.ips.iter().any(|i| i.address.is_ipv6());
+    host.add_veth(
+        &name,
+        &peer,
+        conf.mtu,
+        &HOST_MAC,
+        &owner_alias(&req.container_id, &req.ifname),
+    )?;
+    // From here on a failure leaves a link behind; the caller's cleanup removes it.
+    if has_v4 {
+        host.sysctl("net.ipv4.ip_forward", "1")?;
+        host.sysctl(&format!("net.ipv4.conf.{name}.proxy_arp"), "1")?;
+        host.sysctl(&format!("net.ipv4.neigh.{name}.proxy_delay"), "0")?;
+    }
+    if has_v6 {
+        host.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        host.sysctl(&format!("net.ipv6.conf.{name}.accept_dad"), "0")?;
+        host.sysctl(&format!("net.ipv6.conf.{name}.accept_ra"), "0")?;
+    }
+    let peer_link = host.expect_link(&peer)?;
+    host.move_link(peer_link.index, &pod)?;
+    let pod_index = pod.expect_link(&peer)?.index;
+    pod.rename_up(pod_index, &req.ifname, conf.mtu)?;
+    let host_index = host.expect_link(&name)?.index;
+    host.up(host_index)?;
+
+    let mut result = CniResult::default();
+    for ip in &ipam.ips {
+        let addr = single(ip.address.ip());
+        pod.add_address(pod_index, addr, true)?;
+        host.add_route(addr, None, host_index)?;
+        result.ips.push(IpConfig {
+            interface: Some(1),
+            address: addr,
+            gateway: Some(if addr.is_ipv4() {
+                IpAddr::V4(GATEWAY_V4)
+            } else {
+                IpAddr::V6(GATEWAY_V6)
+            }),
+        });
+    }
+    if has_v4 {
+        let gw = IpAddr::V4(GATEWAY_V4);
+        pod.add_neighbour(pod_index, gw, &HOST_MAC)?;
+        pod.add_route(single(gw), None, pod_index)?;
+        pod.add_route(default_dst(false), Some(gw), pod_index)?;
+        result.routes.push(route(default_dst(false), gw));
+    }
+    if has_v6 {
+        let gw = IpAddr::V6(GATEWAY_V6);
+        pod.add_neighbour(pod_index, gw, &HOST_MAC)?;
+        pod.add_route(default_dst(true), Some(gw), pod_index)?;
+        result.routes.push(route(default_dst(true), gw));
+    }
+    let pod_link = pod.expect_link(&req.ifname)?;
+    result.interfaces = vec![
+        Interface {
+            name: name.clone(),
+            mac: Some(mac_string(&HOST_MAC)),
+            ..Default::default()
+        },
+        Interface {
+            name: req.ifname.clone(),
+            mac: Some(mac_string(&pod_link.mac)),
+            mtu: Some(conf.mtu),
+            sandbox: Some(req.netns.clone()),
+            ..Default::default()
+        },
+    ];
+    result.dns = ipam.dns.clone();
+    Ok(result)
+}
+
+fn route(dst: IpNetwork, gw: IpAddr) -> Route {
+    Route {
+        dst,
+        gw: Some(gw),
+        mtu: None,
+        advmss: None,
+        priority: None,
+        table: None,
+        scope: None,
+    }
+}
+
+/// Removes the host side (and with it the pod side) if it is ours.
+fn detach(req: &Request) -> Result<(), Error> {
+    let host = Netns::host()?;
+    match our_host_link(&host, req)? {
+        Some(link) => host.del_link(link.index),
+        None => Ok(()),
+    }
+}
+
+fn drift(what: String) -> Error {
+    Error::new(DRIFT, format!("plexus-veth: {what}"))
+}
+
+impl Plugin for Veth {
+    fn add(&self, req: &Request) -> Result<CniResult, Error> {
+        let conf = Conf::parse(req)?;
+        let exec = Executor::new(req.path.clone());
+        let inv = invocation(req);
+        let raw = exec.exec(&conf.ipam_type, Command::Add, &inv, &req.stdin)?;
+        let attached = CniResult::from_slice(&raw).and_then(|(_, ipam)| attach(req, &conf, &ipam));
+        attached.inspect_err(|_| {
+            if let Err(e) = detach(req) {
+                warn!(error = %e, "cleanup after a failed ADD");
+            }
+            if let Err(e) = exec.exec(&conf.ipam_type, Command::Del, &inv, &req.stdin) {
+                warn!(error = %e, "IPAM release after a failed ADD");
+            }
+        })
+    }
+
+    fn del(&self, req: &Request) -> Result<(), Error> {
+        let conf = Conf::parse(req)?;
+        let exec = Executor::new(req.path.clone());
+        // Release first: a missing netns or link must never keep an address.
+        let released = exec
+            .exec(&conf.ipam_type, Command::Del, &invocation(req), &req.stdin)
+            .map(|_| ());
+        let detached = detach(req);
+        cni::error::combine(released.err().into_iter().chain(detached.err()).collect())
+    }
+
+    fn check(&self, req: &Request) -> Result<(), Error> {
+        let conf = Conf::parse(req)?;
+        let prev = req
+            .conf
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| invalid("CHECK needs prevResult"))?;
+        let (_, prev) = CniResult::from_json(prev)?;
+        let exec = Executor::new(req.path.clone());
+        exec.exec(
+            &conf.ipam_type,
+            Command::Check,
+            &invocation(req),
+            &req.stdin,
+        )?;
+        let host = Netns::host()?;
+        let pod = Netns::open(Path::new(&req.netns))?;
+        let host_link = our_host_link(&host, req)?.ok_or_else(|| {
+            drift(format!(
+                "host veth {} is missing",
+                host_name(&req.container_id, &req.ifname)
+            ))
+        })?;
+        let pod_link = pod
+            .link(&req.ifname)?
+            .ok_or_else(|| drift(format!("{} is missing in {}", req.ifname, req.netns)))?;
+        if pod_link.kind != "veth" {
+            return Err(drift(format!(
+                "{} is a {:?}, not a veth",
+                req.ifname, pod_link.kind
+            )));
+        }
+        let have = pod.addresses(pod_link.index)?;
+        for ip in prev.ips.iter().filter(|i| i.interface == Some(1)) {
+            if !have.contains(&ip.address) {
+                return Err(drift(format!(
+                    "{} lacks address {} (has {have:?})",
+                    req.ifname, ip.address
+                )));
+            }
+            let host_routes = host.routes(ip.address.is_ipv6())?;
+            if !host_routes
+                .iter()
+                .any(|r| r.dst == ip.address && r.oif == Some(host_link.index))
+            {
+                return Err(drift(format!(
+                    "host route to {} via {} is missing",
+                    ip.address, host_link.name
+                )));
+            }
+        }
+        for r in &prev.routes {
+            let routes = pod.routes(r.dst.is_ipv6())?;
+            if !routes
+                .iter()
+                .any(|k| k.dst == r.dst && k.gw == r.gw && k.oif == Some(pod_link.index))
+            {
+                return Err(drift(format!(
+                    "route {} via {:?} is missing in the pod",
+                    r.dst, r.gw
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_fit_and_differ() {
+        let a = host_name("c1", "eth0");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("plx"));
+        assert_eq!(a, host_name("c1", "eth0"));
+        assert_ne!(a, host_name("c1", "eth1"));
+        assert_ne!(a, host_name("c2", "eth0"));
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}
