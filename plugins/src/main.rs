@@ -1,19 +1,26 @@
 //! One multi-call binary: the name it runs as picks the plugin.
 
+mod ipam_call;
+mod ipvlan;
 mod log;
+mod macvlan;
 mod meta;
 mod netlink;
+mod sublink;
 mod veth;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// The names this binary answers to.
-pub const PLUGINS: [&str; 2] = ["plexus", "plexus-veth"];
+pub const PLUGINS: [&str; 4] = ["plexus", "plexus-veth", "plexus-ipvlan", "plexus-macvlan"];
 
 /// An executor that runs the built-in plugins in-process and execs the rest.
 pub fn executor(cni_path: &str) -> cni::exec::Executor {
-    cni::exec::Executor::new(cni_path).with_builtin("plexus-veth", Arc::new(veth::Veth))
+    cni::exec::Executor::new(cni_path)
+        .with_builtin("plexus-veth", Arc::new(veth::Veth))
+        .with_builtin("plexus-ipvlan", Arc::new(ipvlan::Ipvlan))
+        .with_builtin("plexus-macvlan", Arc::new(macvlan::Macvlan))
 }
 
 fn main() -> ExitCode {
@@ -25,6 +32,8 @@ fn main() -> ExitCode {
     match name.as_str() {
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
+        "plexus-ipvlan" => cni::plugin::run(&ipvlan::Ipvlan, "Plexus IPVLAN plugin"),
+        "plexus-macvlan" => cni::plugin::run(&macvlan::Macvlan, "Plexus MACVLAN plugin"),
         other => {
             eprintln!(
                 "plexus: unknown plugin name {other:?}; run as one of {:?}",

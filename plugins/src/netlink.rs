@@ -13,11 +13,14 @@ use futures_util::TryStreamExt;
 use ipnetwork::IpNetwork;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoIpVlan, InfoMacVlan, IpVlanMode, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    MacVlanMode,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 
 /// A netlink handle bound to one network namespace.
@@ -39,6 +42,35 @@ pub struct Link {
     pub mtu: u32,
     pub up: bool,
     pub alias: Option<String>,
+    /// `macvlan`/`ipvlan` mode as `ip -d link` names it; empty otherwise.
+    pub mode: String,
+}
+
+/// A sub-interface kind and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubLink {
+    MacvlanBridge,
+    MacvlanPrivate,
+    MacvlanVepa,
+    MacvlanPassthru,
+    IpvlanL2,
+    IpvlanL3,
+    IpvlanL3s,
+}
+
+impl SubLink {
+    /// The mode as `ip -d link` prints it.
+    pub fn mode_name(self) -> &'static str {
+        match self {
+            SubLink::MacvlanBridge => "bridge",
+            SubLink::MacvlanPrivate => "private",
+            SubLink::MacvlanVepa => "vepa",
+            SubLink::MacvlanPassthru => "passthru",
+            SubLink::IpvlanL2 => "l2",
+            SubLink::IpvlanL3 => "l3",
+            SubLink::IpvlanL3s => "l3s",
+        }
+    }
 }
 
 /// A route of the main table, as far as Plexus looks at routes.
@@ -170,6 +202,50 @@ impl Netns {
                 .await
                 .map_err(|e| nl_err(format!("create veth {name}/{peer} in {}", self.path), e))
         })?;
+        self.mark(name, alias)
+    }
+
+    /// Creates a macvlan or ipvlan link on `master`, down, marked with `alias`
+    /// (removed again if it cannot be marked).
+    pub fn add_sublink(
+        &self,
+        name: &str,
+        master: u32,
+        kind: &SubLink,
+        mtu: Option<u32>,
+        mac: Option<&[u8; 6]>,
+        alias: &str,
+    ) -> Result<(), Error> {
+        let mut msg = match kind {
+            SubLink::IpvlanL2 => LinkIpVlan::new(name, master, IpVlanMode::L2).build(),
+            SubLink::IpvlanL3 => LinkIpVlan::new(name, master, IpVlanMode::L3).build(),
+            SubLink::IpvlanL3s => LinkIpVlan::new(name, master, IpVlanMode::L3S).build(),
+            SubLink::MacvlanBridge => LinkMacVlan::new(name, master, MacVlanMode::Bridge).build(),
+            SubLink::MacvlanPrivate => LinkMacVlan::new(name, master, MacVlanMode::Private).build(),
+            SubLink::MacvlanVepa => LinkMacVlan::new(name, master, MacVlanMode::Vepa).build(),
+            SubLink::MacvlanPassthru => {
+                LinkMacVlan::new(name, master, MacVlanMode::Passthrough).build()
+            }
+        };
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = mac {
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        self.rt.block_on(async {
+            self.handle.link().add(msg).execute().await.map_err(|e| {
+                nl_err(
+                    format!("create {} {name} in {}", kind.mode_name(), self.path),
+                    e,
+                )
+            })
+        })?;
+        self.mark(name, alias)
+    }
+
+    /// Sets the alias that marks a new link as ours; deletes it if that fails.
+    fn mark(&self, name: &str, alias: &str) -> Result<(), Error> {
         let index = self.expect_link(name)?.index;
         let marked = self.set(
             LinkUnspec::new_with_index(index).alias(alias).build(),
@@ -181,6 +257,19 @@ impl Netns {
         marked
     }
 
+    /// The link with index `index`, if any.
+    pub fn link_by_index(&self, index: u32) -> Result<Option<Link>, Error> {
+        self.rt.block_on(async {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            match links.try_next().await {
+                Ok(Some(msg)) => Ok(Some(link_of(&msg))),
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+                Err(e) => Err(nl_err(format!("link {index} in {}", self.path), e)),
+            }
+        })
+    }
+
     /// Moves a link into another namespace.
     pub fn move_link(&self, index: u32, to: &Netns) -> Result<(), Error> {
         let msg = LinkUnspec::new_with_index(index)
@@ -190,13 +279,12 @@ impl Netns {
     }
 
     /// Renames a link, sets its MTU and brings it up.
-    pub fn rename_up(&self, index: u32, name: &str, mtu: u32) -> Result<(), Error> {
-        let msg = LinkUnspec::new_with_index(index)
-            .name(name)
-            .mtu(mtu)
-            .up()
-            .build();
-        self.set(msg, format!("set up {name}"))
+    pub fn rename_up(&self, index: u32, name: &str, mtu: Option<u32>) -> Result<(), Error> {
+        let mut b = LinkUnspec::new_with_index(index).name(name).up();
+        if let Some(mtu) = mtu {
+            b = b.mtu(mtu);
+        }
+        self.set(b.build(), format!("set up {name}"))
     }
 
     /// Brings a link up.
@@ -394,6 +482,26 @@ fn addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+fn mode_of(data: &InfoData) -> String {
+    let name = match data {
+        InfoData::MacVlan(attrs) => attrs.iter().find_map(|a| match a {
+            InfoMacVlan::Mode(MacVlanMode::Bridge) => Some("bridge"),
+            InfoMacVlan::Mode(MacVlanMode::Private) => Some("private"),
+            InfoMacVlan::Mode(MacVlanMode::Vepa) => Some("vepa"),
+            InfoMacVlan::Mode(MacVlanMode::Passthrough) => Some("passthru"),
+            _ => None,
+        }),
+        InfoData::IpVlan(attrs) => attrs.iter().find_map(|a| match a {
+            InfoIpVlan::Mode(IpVlanMode::L2) => Some("l2"),
+            InfoIpVlan::Mode(IpVlanMode::L3) => Some("l3"),
+            InfoIpVlan::Mode(IpVlanMode::L3S) => Some("l3s"),
+            _ => None,
+        }),
+        _ => None,
+    };
+    name.unwrap_or_default().to_string()
+}
+
 fn link_of(msg: &LinkMessage) -> Link {
     let mut link = Link {
         index: msg.header.index,
@@ -403,6 +511,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         alias: None,
+        mode: String::new(),
     };
     for a in &msg.attributes {
         match a {
@@ -412,8 +521,10 @@ fn link_of(msg: &LinkMessage) -> Link {
             LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
-                    if let LinkInfo::Kind(k) = i {
-                        link.kind = k.to_string();
+                    match i {
+                        LinkInfo::Kind(k) => link.kind = k.to_string(),
+                        LinkInfo::Data(data) => link.mode = mode_of(data),
+                        _ => {}
                     }
                 }
             }

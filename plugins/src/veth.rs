@@ -10,14 +10,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use cni::exec::{Executor, Invocation};
-use cni::plugin::{Command, Plugin, Request};
+use cni::plugin::{Plugin, Request};
 use cni::result::{Interface, IpConfig, Route};
 use cni::{code, CniResult, Error};
 use ipnetwork::IpNetwork;
-use serde_json::Value;
 use tracing::warn;
 
+use crate::ipam_call::{self, Ipam};
 use crate::netlink::{mac_string, Link, Netns};
 
 /// The pod's IPv4 gateway, answered by the host side.
@@ -26,16 +25,13 @@ pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 /// The host side's IPv6 link-local address (EUI-64 of [`HOST_MAC`]).
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
-/// A CHECK that finds the attachment different from what ADD made.
-pub const DRIFT: u32 = 100;
 
 /// The plugin.
 pub struct Veth;
 
-/// What the plugin reads from its config.
+/// What the plugin reads from its config (besides `ipam`).
 struct Conf {
     mtu: u32,
-    ipam_type: String,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -52,16 +48,7 @@ impl Conf {
                 .map(|m| m as u32)
                 .ok_or_else(|| invalid(format!("mtu {v} is not a number from 68 to 65535")))?,
         };
-        let ipam_type = req
-            .conf
-            .ipam
-            .as_ref()
-            .and_then(|i| i.get("type"))
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| invalid("plexus-veth needs an \"ipam\" section with a \"type\""))?
-            .to_string();
-        Ok(Conf { mtu, ipam_type })
+        Ok(Conf { mtu })
     }
 }
 
@@ -82,15 +69,6 @@ pub fn host_name(container_id: &str, ifname: &str) -> String {
 /// The alias that marks a host-side veth as ours for this attachment.
 fn owner_alias(container_id: &str, ifname: &str) -> String {
     format!("plexus-veth {container_id} {ifname}")
-}
-
-fn invocation(req: &Request) -> Invocation {
-    Invocation {
-        container_id: req.container_id.clone(),
-        netns: req.netns.clone(),
-        ifname: req.ifname.clone(),
-        args: req.args.clone(),
-    }
 }
 
 /// The host-side veth of this attachment, if it exists and is ours.
@@ -124,12 +102,6 @@ fn default_dst(v6: bool) -> IpNetwork {
 }
 
 fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Error> {
-    if ipam.ips.is_empty() {
-        return Err(Error::new(
-            code::INTERNAL,
-            format!("IPAM {} returned no address", conf.ipam_type),
-        ));
-    }
     let host = Netns::host()?;
     let pod = Netns::open(Path::new(&req.netns))?;
     if pod.link(&req.ifname)?.is_some() {
@@ -163,7 +135,7 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
     let peer_link = host.expect_link(&peer)?;
     host.move_link(peer_link.index, &pod)?;
     let pod_index = pod.expect_link(&peer)?.index;
-    pod.rename_up(pod_index, &req.ifname, conf.mtu)?;
+    pod.rename_up(pod_index, &req.ifname, Some(conf.mtu))?;
     let host_index = host.expect_link(&name)?.index;
     host.up(host_index)?;
 
@@ -236,52 +208,41 @@ fn detach(req: &Request) -> Result<(), Error> {
 }
 
 fn drift(what: String) -> Error {
-    Error::new(DRIFT, format!("plexus-veth: {what}"))
+    Error::new(crate::sublink::DRIFT, format!("plexus-veth: {what}"))
 }
 
 impl Plugin for Veth {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         let conf = Conf::parse(req)?;
-        let exec = Executor::new(req.path.clone());
-        let inv = invocation(req);
-        let raw = exec.exec(&conf.ipam_type, Command::Add, &inv, &req.stdin)?;
-        let attached = CniResult::from_slice(&raw).and_then(|(_, ipam)| attach(req, &conf, &ipam));
-        attached.inspect_err(|_| {
+        let ipam = Ipam::required(req, "plexus-veth")?;
+        let addresses = ipam.add()?;
+        attach(req, &conf, &addresses).inspect_err(|_| {
             if let Err(e) = detach(req) {
                 warn!(error = %e, "cleanup after a failed ADD");
             }
-            if let Err(e) = exec.exec(&conf.ipam_type, Command::Del, &inv, &req.stdin) {
+            if let Err(e) = ipam.del() {
                 warn!(error = %e, "IPAM release after a failed ADD");
             }
         })
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let conf = Conf::parse(req)?;
-        let exec = Executor::new(req.path.clone());
+        Conf::parse(req)?;
         // Release first: a missing netns or link must never keep an address.
-        let released = exec
-            .exec(&conf.ipam_type, Command::Del, &invocation(req), &req.stdin)
-            .map(|_| ());
+        let released = Ipam::required(req, "plexus-veth")?.del();
         let detached = detach(req);
         cni::error::combine(released.err().into_iter().chain(detached.err()).collect())
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
-        let conf = Conf::parse(req)?;
+        Conf::parse(req)?;
         let prev = req
             .conf
             .prev_result
             .as_ref()
             .ok_or_else(|| invalid("CHECK needs prevResult"))?;
         let (_, prev) = CniResult::from_json(prev)?;
-        let exec = Executor::new(req.path.clone());
-        exec.exec(
-            &conf.ipam_type,
-            Command::Check,
-            &invocation(req),
-            &req.stdin,
-        )?;
+        Ipam::required(req, "plexus-veth")?.check()?;
         let host = Netns::host()?;
         let pod = Netns::open(Path::new(&req.netns))?;
         let host_link = our_host_link(&host, req)?.ok_or_else(|| {
@@ -299,14 +260,15 @@ impl Plugin for Veth {
                 req.ifname, pod_link.kind
             )));
         }
-        let have = pod.addresses(pod_link.index)?;
+        let missing = ipam_call::missing(&pod, pod_link.index, &prev, 1)?;
+        if !missing.is_empty() {
+            return Err(drift(format!(
+                "{} lacks {}",
+                req.ifname,
+                missing.join(", ")
+            )));
+        }
         for ip in prev.ips.iter().filter(|i| i.interface == Some(1)) {
-            if !have.contains(&ip.address) {
-                return Err(drift(format!(
-                    "{} lacks address {} (has {have:?})",
-                    req.ifname, ip.address
-                )));
-            }
             let host_routes = host.routes(ip.address.is_ipv6())?;
             if !host_routes
                 .iter()
@@ -315,18 +277,6 @@ impl Plugin for Veth {
                 return Err(drift(format!(
                     "host route to {} via {} is missing",
                     ip.address, host_link.name
-                )));
-            }
-        }
-        for r in &prev.routes {
-            let routes = pod.routes(r.dst.is_ipv6())?;
-            if !routes
-                .iter()
-                .any(|k| k.dst == r.dst && k.gw == r.gw && k.oif == Some(pod_link.index))
-            {
-                return Err(drift(format!(
-                    "route {} via {:?} is missing in the pod",
-                    r.dst, r.gw
                 )));
             }
         }

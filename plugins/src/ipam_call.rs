@@ -1,0 +1,135 @@
+//! The IPAM side of a plugin: run the IPAM plugin the config names (exec'd
+//! from `CNI_PATH`, as every CNI plugin does), and put what it hands out on an
+//! interface.
+
+use cni::exec::{Executor, Invocation};
+use cni::plugin::{Command, Request};
+use cni::result::Route;
+use cni::{code, CniResult, Error};
+use serde_json::Value;
+
+use crate::netlink::Netns;
+
+/// The IPAM plugin of one request.
+pub struct Ipam<'a> {
+    exec: Executor,
+    kind: String,
+    inv: Invocation,
+    req: &'a Request,
+}
+
+impl<'a> Ipam<'a> {
+    /// The `ipam` section's plugin, if the config has one.
+    pub fn of(req: &'a Request) -> Result<Option<Ipam<'a>>, Error> {
+        let Some(section) = &req.conf.ipam else {
+            return Ok(None);
+        };
+        let kind = section
+            .get("type")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::new(code::INVALID_NETWORK_CONFIG, "\"ipam\" has no \"type\""))?;
+        Ok(Some(Ipam {
+            exec: Executor::new(req.path.clone()),
+            kind: kind.to_string(),
+            inv: Invocation {
+                container_id: req.container_id.clone(),
+                netns: req.netns.clone(),
+                ifname: req.ifname.clone(),
+                args: req.args.clone(),
+            },
+            req,
+        }))
+    }
+
+    /// The same, required.
+    pub fn required(req: &'a Request, plugin: &str) -> Result<Ipam<'a>, Error> {
+        Self::of(req)?.ok_or_else(|| {
+            Error::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("{plugin} needs an \"ipam\" section with a \"type\""),
+            )
+        })
+    }
+
+    /// ADD: the addresses handed out; at least one.
+    pub fn add(&self) -> Result<CniResult, Error> {
+        let raw = self
+            .exec
+            .exec(&self.kind, Command::Add, &self.inv, &self.req.stdin)?;
+        let (_, result) = CniResult::from_slice(&raw)?;
+        if result.ips.is_empty() {
+            return Err(Error::new(
+                code::INTERNAL,
+                format!("IPAM {} returned no address", self.kind),
+            ));
+        }
+        Ok(result)
+    }
+
+    /// DEL: release.
+    pub fn del(&self) -> Result<(), Error> {
+        self.exec
+            .exec(&self.kind, Command::Del, &self.inv, &self.req.stdin)
+            .map(|_| ())
+    }
+
+    /// CHECK of the IPAM plugin itself.
+    pub fn check(&self) -> Result<(), Error> {
+        self.exec
+            .exec(&self.kind, Command::Check, &self.inv, &self.req.stdin)
+            .map(|_| ())
+    }
+}
+
+/// Puts IPAM's addresses (IPv6 without DAD: IPAM made them unique) and routes
+/// on link `index`; a route without a gateway goes via the address's gateway
+/// of its family, or on-link when there is none.
+pub fn configure(ns: &Netns, index: u32, ipam: &CniResult) -> Result<Vec<Route>, Error> {
+    for ip in &ipam.ips {
+        ns.add_address(index, ip.address, ip.address.is_ipv6())?;
+    }
+    let mut routes = Vec::new();
+    for r in &ipam.routes {
+        let gw = r.gw.or_else(|| {
+            ipam.ips
+                .iter()
+                .filter(|i| i.address.is_ipv4() == r.dst.is_ipv4())
+                .find_map(|i| i.gateway)
+        });
+        ns.add_route(r.dst, gw, index)?;
+        routes.push(Route { gw, ..r.clone() });
+    }
+    Ok(routes)
+}
+
+/// The addresses and routes of `prev` that the kernel no longer holds on
+/// link `index`, described; empty when everything is there.
+pub fn missing(
+    ns: &Netns,
+    index: u32,
+    prev: &CniResult,
+    iface: usize,
+) -> Result<Vec<String>, Error> {
+    let have = ns.addresses(index)?;
+    let mut out = Vec::new();
+    for ip in prev
+        .ips
+        .iter()
+        .filter(|i| i.interface.is_none_or(|n| n == iface))
+    {
+        if !have.contains(&ip.address) {
+            out.push(format!("address {} (has {have:?})", ip.address));
+        }
+    }
+    for r in &prev.routes {
+        let routes = ns.routes(r.dst.is_ipv6())?;
+        if !routes
+            .iter()
+            .any(|k| k.dst == r.dst && k.gw == r.gw && k.oif == Some(index))
+        {
+            out.push(format!("route {} via {:?}", r.dst, r.gw));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,55 @@
+//! `plexus-macvlan`: a MACVLAN sub-interface per pod, with the reference
+//! plugin's config fields (`master`, `mode`, `mtu`, `mac`, `linkInContainer`,
+//! `ipam`), so existing definitions work unchanged.
+
+use cni::plugin::{Plugin, Request};
+use cni::{code, CniResult, Error};
+use serde_json::Value;
+
+use crate::netlink::SubLink;
+use crate::sublink::{self, Conf};
+
+/// The plugin.
+pub struct Macvlan;
+
+fn conf(req: &Request) -> Result<Conf, Error> {
+    let (master, mtu, link_in_container) = sublink::common(req)?;
+    let mode = match req
+        .conf
+        .extra
+        .get("mode")
+        .and_then(Value::as_str)
+        .unwrap_or("bridge")
+    {
+        "bridge" => SubLink::MacvlanBridge,
+        "private" => SubLink::MacvlanPrivate,
+        "vepa" => SubLink::MacvlanVepa,
+        "passthru" => SubLink::MacvlanPassthru,
+        other => {
+            return Err(Error::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("macvlan mode {other:?} is not bridge, private, vepa or passthru"),
+            ))
+        }
+    };
+    Ok(Conf {
+        master,
+        mtu,
+        link_in_container,
+        kind: mode,
+        kernel_kind: "macvlan",
+        mac: sublink::requested_mac(req)?,
+    })
+}
+
+impl Plugin for Macvlan {
+    fn add(&self, req: &Request) -> Result<CniResult, Error> {
+        sublink::add(req, &conf(req)?)
+    }
+    fn del(&self, req: &Request) -> Result<(), Error> {
+        sublink::del(req, &conf(req)?)
+    }
+    fn check(&self, req: &Request) -> Result<(), Error> {
+        sublink::check(req, &conf(req)?)
+    }
+}
