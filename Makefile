@@ -3,7 +3,8 @@
 
 CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS     := etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2
+DEBS     := etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 \
+            qemu-system-x86 linux-image-amd64 busybox-static time
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -43,8 +44,12 @@ demo: build
 bench: build-release
 	PLEXUS_BIN=$(TARGET)/release/plexus $(TARGET)/release/netns-harness bench $(CYCLES)
 
+# The multi-call binary and one link per plugin name it answers to.
+PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan
+
 install: build-release
 	install -D -m 0755 $(TARGET)/release/plexus $(DESTDIR)$(BINDIR)/plexus
+	for n in $(PLUGIN_NAMES); do ln -sf plexus $(DESTDIR)$(BINDIR)/$$n; done
 
 clean:
 	$(CARGO) clean

@@ -1,16 +1,21 @@
-//! `make bench`: Plexus against the reference plugins, side by side in one run.
+//! `make bench`: Plexus against Debian's reference plugins, side by side in
+//! one run, on one node netns.
 //!
-//! The same pod is attached and detached over and over, alternating between
-//! `ptp` + `host-local` run directly and the same network run through
-//! `plexus`; each ADD and DEL is timed and the medians and p99s are compared.
+//! Each scenario attaches and detaches one pod over and over, alternating
+//! between its variants so that they share whatever noise the machine has;
+//! every ADD and DEL is timed, and each variant's p50 and p99 are compared
+//! with the reference (the first variant). Peak RSS is GNU time's `%M` for
+//! one ADD: the largest process of the plugin's tree, IPAM child included.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cni::NetConfList;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::fixtures::ptp;
 use crate::node::Node;
+use crate::runtime::Runtime;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -20,99 +25,213 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-struct Series {
-    add: Vec<Duration>,
-    del: Vec<Duration>,
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs `cycles` ADD/DEL cycles of each variant and prints the comparison.
-pub fn run(cycles: usize) -> Result<(), String> {
-    let node = Node::try_new("bench").map_err(|e| format!("create node: {e}"))?;
-    let ipam = node.ipam_dir();
-    let direct = NetConfList::parse_value(&ptp("direct", "1.0.0", &["10.200.0.0/24"], &ipam))
-        .map_err(|e| e.to_string())?;
-    let via = node.plexus_list(
-        "1.0.0",
-        ptp("via-plexus", "1.0.0", &["10.201.0.0/24"], &ipam),
+fn veth(name: &str, subnets: &[&str], ipam: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+    json!({"cniVersion": "1.0.0", "name": name, "type": "plexus-veth",
+           "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam}})
+}
+
+struct Variant {
+    label: &'static str,
+    list: NetConfList,
+    /// The binary the runtime execs, for the RSS measurement.
+    entry: &'static str,
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    rss_kb: Option<u64>,
+}
+
+impl Variant {
+    fn new(label: &'static str, list: NetConfList, entry: &'static str) -> Variant {
+        Variant {
+            label,
+            list,
+            entry,
+            add: Vec::new(),
+            del: Vec::new(),
+            rss_kb: None,
+        }
+    }
+}
+
+/// A bin dir where `entry` runs under GNU time, writing its peak RSS to `out`.
+fn timed_bin_dir(node: &Node, entry: &str, out: &Path) -> Result<PathBuf, String> {
+    let dir = node.scratch.join(crate::scratch::unique("rss"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    for e in std::fs::read_dir(&node.bin)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        if e.file_name() != entry {
+            let target = std::fs::canonicalize(e.path()).map_err(|e| e.to_string())?;
+            std::os::unix::fs::symlink(target, dir.join(e.file_name()))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let real = std::fs::canonicalize(node.bin.join(entry)).map_err(|e| e.to_string())?;
+    // The real binary is exec'd by a path whose last component is `entry`
+    // (the multi-call binary picks its plugin by that name).
+    let named = dir.join(format!("real-{entry}"));
+    std::fs::create_dir_all(&named).map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(&real, named.join(entry)).map_err(|e| e.to_string())?;
+    let script = format!(
+        "#!/bin/sh\nexec /usr/bin/time -f %M -o {} {} \"$@\"\n",
+        out.display(),
+        named.join(entry).display()
     );
+    let path = dir.join(entry);
+    std::fs::write(&path, script).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
+    let out = node
+        .scratch
+        .join(format!("{}.txt", crate::scratch::unique("rss")));
+    let dir = timed_bin_dir(node, v.entry, &out)?;
+    let rt = Runtime::new(
+        &dir,
+        &node.scratch.join(crate::scratch::unique("libcni")),
+        &node.netns,
+    )
+    .map_err(|e| e.to_string())?;
+    let (_ns, pod) = node.try_pod("default").map_err(|e| e.to_string())?;
+    rt.add(&v.list, &pod)
+        .map_err(|e| format!("{} ADD under time: {e}", v.label))?;
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    v.rss_kb = text.lines().last().and_then(|l| l.trim().parse().ok());
+    rt.del(&v.list, &pod)
+        .map_err(|e| format!("{} DEL: {e}", v.label))
+}
+
+fn scenario(
+    node: &Node,
+    title: &str,
+    cycles: usize,
+    variants: &mut [Variant],
+) -> Result<Vec<[f64; 4]>, String> {
     let (_ns, pod) = node
         .try_pod("default")
         .map_err(|e| format!("pod netns: {e}"))?;
-    let mut series = [
-        (
-            "ptp + host-local (reference)",
-            &direct,
-            Series {
-                add: vec![],
-                del: vec![],
-            },
-        ),
-        (
-            "plexus -> ptp + host-local",
-            &via,
-            Series {
-                add: vec![],
-                del: vec![],
-            },
-        ),
-    ];
-    println!("== make bench: {cycles} ADD/DEL cycles each, IPv4, alternating, one node netns\n");
     for i in 0..cycles {
-        for (name, list, s) in series.iter_mut() {
+        for v in variants.iter_mut() {
             let t = Instant::now();
             node.runtime
-                .add(list, &pod)
-                .map_err(|e| format!("{name} ADD {i}: {e}"))?;
-            s.add.push(t.elapsed());
+                .add(&v.list, &pod)
+                .map_err(|e| format!("{} ADD {i}: {e}", v.label))?;
+            v.add.push(t.elapsed());
             let t = Instant::now();
             node.runtime
-                .del(list, &pod)
-                .map_err(|e| format!("{name} DEL {i}: {e}"))?;
-            s.del.push(t.elapsed());
+                .del(&v.list, &pod)
+                .map_err(|e| format!("{} DEL {i}: {e}", v.label))?;
+            v.del.push(t.elapsed());
         }
     }
-    println!(
-        "{:<30} {:>12} {:>12} {:>12} {:>12}",
-        "", "ADD p50 ms", "ADD p99 ms", "DEL p50 ms", "DEL p99 ms"
-    );
-    let mut stats = Vec::new();
-    for (name, _, s) in series.iter_mut() {
-        s.add.sort();
-        s.del.sort();
-        let row = [
-            percentile(&s.add, 0.5),
-            percentile(&s.add, 0.99),
-            percentile(&s.del, 0.5),
-            percentile(&s.del, 0.99),
-        ];
-        println!(
-            "{name:<30} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
-            ms(row[0]),
-            ms(row[1]),
-            ms(row[2]),
-            ms(row[3])
-        );
-        stats.push(row);
+    for v in variants.iter_mut() {
+        measure_rss(node, v)?;
     }
-    let ratio = |i: usize| ms(stats[1][i]) / ms(stats[0][i]).max(1e-9);
+    println!("\n{title}: {cycles} ADD/DEL cycles per variant, alternating");
     println!(
-        "{:<30} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
-        "ratio plexus / reference",
-        ratio(0),
-        ratio(1),
-        ratio(2),
-        ratio(3)
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "peak RSS"
     );
-    let out = json!({
-        "cycles": cycles,
-        "reference_ms": stats[0].iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-        "plexus_ms": stats[1].iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-    });
-    println!("\n{out}");
+    let mut rows = Vec::new();
+    for v in variants.iter_mut() {
+        v.add.sort();
+        v.del.sort();
+        let row = [
+            ms(percentile(&v.add, 0.5)),
+            ms(percentile(&v.add, 0.99)),
+            ms(percentile(&v.del, 0.5)),
+            ms(percentile(&v.del, 0.99)),
+        ];
+        let rss = v
+            .rss_kb
+            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
+        println!(
+            "{:<34} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>12}",
+            v.label, row[0], row[1], row[2], row[3], rss
+        );
+        rows.push(row);
+    }
+    for (v, row) in variants.iter().zip(&rows).skip(1) {
+        let r: Vec<String> = (0..4)
+            .map(|i| format!("{:.3}", row[i] / rows[0][i].max(1e-9)))
+            .collect();
+        println!(
+            "  ratio {:<26} {:>10} {:>10} {:>10} {:>10}",
+            v.label, r[0], r[1], r[2], r[3]
+        );
+    }
+    Ok(rows)
+}
+
+fn verdict(what: &str, ratio: f64, target: f64) {
+    let ok = if ratio <= target { "met" } else { "MISSED" };
+    println!("  target {what}: {ratio:.3} (<= {target}) {ok}");
+}
+
+/// Runs every scenario with `cycles` cycles each and prints the comparison.
+pub fn run(cycles: usize) -> Result<(), String> {
+    let node = Node::try_new("bench").map_err(|e| format!("create node: {e}"))?;
+    let ipam = node.ipam_dir();
+    let parse = |v: Value| NetConfList::parse_value(&v).map_err(|e| e.to_string());
+    println!("== make bench (release build), one node netns, {cycles} cycles per variant");
+
+    let mut v4 = [
+        Variant::new(
+            "ptp + host-local (reference)",
+            parse(ptp("ref4", "1.0.0", &["10.200.0.0/24"], &ipam))?,
+            "ptp",
+        ),
+        Variant::new(
+            "plexus -> ptp + host-local",
+            node.plexus_list("1.0.0", ptp("viaptp", "1.0.0", &["10.201.0.0/24"], &ipam)),
+            "plexus",
+        ),
+        Variant::new(
+            "plexus (plexus-veth + host-local)",
+            node.plexus_list("1.0.0", veth("veth4", &["10.202.0.0/24"], &ipam)),
+            "plexus",
+        ),
+    ];
+    let r4 = scenario(&node, "IPv4", cycles, &mut v4)?;
+
+    let mut ds = [
+        Variant::new(
+            "ptp + host-local (reference)",
+            parse(ptp(
+                "ref6",
+                "1.0.0",
+                &["10.203.0.0/24", "fd00:203::/64"],
+                &ipam,
+            ))?,
+            "ptp",
+        ),
+        Variant::new(
+            "plexus (plexus-veth + host-local)",
+            node.plexus_list(
+                "1.0.0",
+                veth("veth6", &["10.204.0.0/24", "fd00:204::/64"], &ipam),
+            ),
+            "plexus",
+        ),
+    ];
+    let r6 = scenario(&node, "Dual stack", cycles, &mut ds)?;
+
+    println!("\ntargets (plexus with plexus-veth against ptp, p50):");
+    verdict("dual-stack ADD ratio", r6[1][0] / r6[0][0], 0.05);
+    verdict("IPv4 ADD ratio", r4[2][0] / r4[0][0], 0.7);
+    verdict("IPv4 DEL ratio", r4[2][2] / r4[0][2], 1.0);
+    verdict("dual-stack DEL ratio", r6[1][2] / r6[0][2], 1.0);
     if !node.leases().is_empty() {
         return Err(format!("leases left after the bench: {:?}", node.leases()));
     }

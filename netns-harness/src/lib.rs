@@ -12,6 +12,7 @@ pub mod node;
 pub mod probe;
 pub mod runtime;
 pub mod scratch;
+pub mod vm;
 
 pub use netns::Netns;
 pub use runtime::{Pod, Runtime};

@@ -1,6 +1,34 @@
-//! `netns-harness demo` and `netns-harness bench [cycles]`.
+//! `netns-harness demo`, `bench [cycles]` and `vm COMMAND…`.
 
 use std::process::ExitCode;
+
+/// Runs a command in the VM from the current directory; its output is printed
+/// and its exit code becomes ours.
+fn vm(argv: &[String]) -> Result<(), String> {
+    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+    let timeout = std::time::Duration::from_secs(900);
+    let run = netns_harness::vm::run(argv, &cwd, &[], timeout).map_err(|e| e.to_string())?;
+    print!("{}", run.output);
+    eprintln!(
+        "vm: exit {} after {:.1} s",
+        run.exit_code,
+        run.elapsed.as_secs_f64()
+    );
+    if run.exit_code == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "exit code {} in the VM; console tail:\n{}",
+            run.exit_code,
+            tail(&run.console, 20)
+        ))
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -14,7 +42,8 @@ fn main() -> ExitCode {
                 args[1]
             )),
         },
-        _ => Err("usage: netns-harness demo | netns-harness bench [cycles]".into()),
+        Some("vm") if args.len() > 1 => vm(&args[1..]),
+        _ => Err("usage: netns-harness demo | bench [cycles] | vm COMMAND [ARGS…]".into()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,8 +14,8 @@ use ipnetwork::IpNetwork;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoIpVlan, InfoMacVlan, IpVlanMode, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-    MacVlanMode,
+    InfoData, InfoIpVlan, InfoMacVlan, InfoVeth, IpVlanMode, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage, MacVlanMode,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
@@ -29,6 +29,8 @@ pub struct Netns {
     handle: Handle,
     file: File,
     path: String,
+    /// False for the namespace this process already runs in.
+    foreign: bool,
 }
 
 /// A link as the kernel reports it.
@@ -137,13 +139,18 @@ impl Netns {
             handle,
             file,
             path: shown,
+            foreign: enter,
         })
     }
 
-    /// Writes `/proc/sys/<key>` as seen from inside this namespace.
+    /// Writes `/proc/sys/<key>` as seen from inside this namespace (from a
+    /// thread that entered it, unless it is this process's own).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), Error> {
         let file = format!("/proc/sys/{}", key.replace('.', "/"));
         let what = || format!("sysctl {key}={value} in {}", self.path);
+        if !self.foreign {
+            return std::fs::write(&file, value).map_err(|e| nl_err(what(), e));
+        }
         std::thread::scope(|s| {
             s.spawn(|| {
                 setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| nl_err(what(), e))?;
@@ -179,34 +186,44 @@ impl Netns {
             .ok_or_else(|| nl_err(format!("link {name} in {}", self.path), "not found"))
     }
 
-    /// Creates a veth pair, both ends down; `mac` and `alias` go on `name`.
-    /// The kernel ignores an alias at creation, so it is set right after; if
-    /// that fails the pair is removed again, since it could not be told ours.
+    /// Creates a veth pair, both ends down: `name` here with `mac`, `peer`
+    /// directly inside `peer_ns` (creating it there is far cheaper than moving
+    /// it, which waits for an RCU grace period). Both get `mtu`.
     pub fn add_veth(
         &self,
         name: &str,
         peer: &str,
+        peer_ns: &Netns,
         mtu: u32,
         mac: &[u8],
-        alias: &str,
     ) -> Result<(), Error> {
-        let msg = LinkVeth::new(name, peer)
+        let mut msg = LinkVeth::new(name, peer)
             .mtu(mtu)
             .address(mac.to_vec())
             .build();
+        for attr in &mut msg.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
+                        p.attributes
+                            .push(LinkAttribute::NetNsFd(peer_ns.file.as_raw_fd()));
+                        p.attributes.push(LinkAttribute::Mtu(mtu));
+                    }
+                }
+            }
+        }
         self.rt.block_on(async {
-            self.handle
-                .link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err(format!("create veth {name}/{peer} in {}", self.path), e))
-        })?;
-        self.mark(name, alias)
+            self.handle.link().add(msg).execute().await.map_err(|e| {
+                nl_err(
+                    format!("create veth {name} with peer {peer} in {}", peer_ns.path),
+                    e,
+                )
+            })
+        })
     }
 
-    /// Creates a macvlan or ipvlan link on `master`, down, marked with `alias`
-    /// (removed again if it cannot be marked).
+    /// Creates a macvlan or ipvlan link on `master` (in this namespace), down;
+    /// with `into`, the link is created directly inside that namespace.
     pub fn add_sublink(
         &self,
         name: &str,
@@ -214,7 +231,7 @@ impl Netns {
         kind: &SubLink,
         mtu: Option<u32>,
         mac: Option<&[u8; 6]>,
-        alias: &str,
+        into: Option<&Netns>,
     ) -> Result<(), Error> {
         let mut msg = match kind {
             SubLink::IpvlanL2 => LinkIpVlan::new(name, master, IpVlanMode::L2).build(),
@@ -233,6 +250,10 @@ impl Netns {
         if let Some(mac) = mac {
             msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
+        if let Some(ns) = into {
+            msg.attributes
+                .push(LinkAttribute::NetNsFd(ns.file.as_raw_fd()));
+        }
         self.rt.block_on(async {
             self.handle.link().add(msg).execute().await.map_err(|e| {
                 nl_err(
@@ -240,12 +261,13 @@ impl Netns {
                     e,
                 )
             })
-        })?;
-        self.mark(name, alias)
+        })
     }
 
-    /// Sets the alias that marks a new link as ours; deletes it if that fails.
-    fn mark(&self, name: &str, alias: &str) -> Result<(), Error> {
+    /// Sets the alias that marks a new link as ours (the kernel ignores an
+    /// alias at creation); deletes the link if that fails, since it could not
+    /// be told ours later.
+    pub fn mark(&self, name: &str, alias: &str) -> Result<(), Error> {
         let index = self.expect_link(name)?.index;
         let marked = self.set(
             LinkUnspec::new_with_index(index).alias(alias).build(),
@@ -268,23 +290,6 @@ impl Netns {
                 Err(e) => Err(nl_err(format!("link {index} in {}", self.path), e)),
             }
         })
-    }
-
-    /// Moves a link into another namespace.
-    pub fn move_link(&self, index: u32, to: &Netns) -> Result<(), Error> {
-        let msg = LinkUnspec::new_with_index(index)
-            .setns_by_fd(to.file.as_raw_fd())
-            .build();
-        self.set(msg, format!("move link {index} to {}", to.path))
-    }
-
-    /// Renames a link, sets its MTU and brings it up.
-    pub fn rename_up(&self, index: u32, name: &str, mtu: Option<u32>) -> Result<(), Error> {
-        let mut b = LinkUnspec::new_with_index(index).name(name).up();
-        if let Some(mtu) = mtu {
-            b = b.mtu(mtu);
-        }
-        self.set(b.build(), format!("set up {name}"))
     }
 
     /// Brings a link up.

@@ -78,11 +78,6 @@ fn owner_alias(kind: &str, req: &Request) -> String {
     format!("plexus-{kind} {} {}", req.container_id, req.ifname)
 }
 
-fn temp_name(req: &Request) -> String {
-    let host = crate::veth::host_name(&req.container_id, &req.ifname);
-    format!("pls{}", &host[3..])
-}
-
 /// The host's default-route interface, the master when none is named.
 fn default_master(host: &Netns) -> Result<String, Error> {
     let routes = host.routes(false)?;
@@ -136,22 +131,23 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
             },
         )
     })?;
-    let temp = temp_name(req);
-    let alias = owner_alias(conf.kernel_kind, req);
+    // Created directly inside the pod, already named: no move, no rename.
+    let into = if conf.link_in_container {
+        None
+    } else {
+        Some(&pod)
+    };
     side.add_sublink(
-        &temp,
+        &req.ifname,
         master.index,
         &conf.kind,
         conf.mtu,
         conf.mac.as_ref(),
-        &alias,
+        into,
     )?;
-    let created = side.expect_link(&temp)?;
-    if !conf.link_in_container {
-        host.move_link(created.index, &pod)?;
-    }
-    let index = pod.expect_link(&temp)?.index;
-    pod.rename_up(index, &req.ifname, conf.mtu)?;
+    pod.mark(&req.ifname, &owner_alias(conf.kernel_kind, req))?;
+    let index = pod.expect_link(&req.ifname)?.index;
+    pod.up(index)?;
     let routes = ipam_call::configure(&pod, index, ipam)?;
     let link = pod.expect_link(&req.ifname)?;
     let mut result = CniResult {
@@ -191,12 +187,6 @@ fn detach(req: &Request, conf: &Conf) -> Result<(), Error> {
     let pod = Netns::open(Path::new(&req.netns))?;
     if let Some(link) = our_link(&pod, req, conf)? {
         pod.del_link(link.index)?;
-    }
-    // A link that failed half-way keeps its temporary name.
-    if let Some(link) = pod.link(&temp_name(req))? {
-        if link.alias.as_deref() == Some(owner_alias(conf.kernel_kind, req).as_str()) {
-            pod.del_link(link.index)?;
-        }
     }
     Ok(())
 }

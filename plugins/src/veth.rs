@@ -101,7 +101,19 @@ fn default_dst(v6: bool) -> IpNetwork {
     IpNetwork::new(any, 0).unwrap_or_else(|_| unreachable!("0 is a valid prefix"))
 }
 
-fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Error> {
+/// The veth pair of one attachment, made before its addresses are known.
+struct Pair {
+    host: Netns,
+    pod: Netns,
+    name: String,
+    host_index: u32,
+    pod_index: u32,
+    pod_mac: Vec<u8>,
+}
+
+/// Makes the pair, up, with everything that does not depend on the
+/// addresses; it runs while IPAM is still deciding them.
+fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let host = Netns::host()?;
     let pod = Netns::open(Path::new(&req.netns))?;
     if pod.link(&req.ifname)?.is_some() {
@@ -111,63 +123,76 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
         )));
     }
     let name = host_name(&req.container_id, &req.ifname);
-    let peer = format!("plt{}", &name[3..]);
+    // The pod side is born inside the pod, already named.
+    host.add_veth(&name, &req.ifname, &pod, conf.mtu, &HOST_MAC)?;
+    host.mark(&name, &owner_alias(&req.container_id, &req.ifname))?;
+    // From here on a failure leaves a link behind; the caller's cleanup removes it.
+    host.sysctl(&format!("net.ipv4.conf.{name}.proxy_arp"), "1")?;
+    host.sysctl(&format!("net.ipv4.neigh.{name}.proxy_delay"), "0")?;
+    host.sysctl(&format!("net.ipv6.conf.{name}.accept_dad"), "0")?;
+    host.sysctl(&format!("net.ipv6.conf.{name}.accept_ra"), "0")?;
+    let pod_link = pod.expect_link(&req.ifname)?;
+    pod.up(pod_link.index)?;
+    let host_index = host.expect_link(&name)?.index;
+    host.up(host_index)?;
+    Ok(Pair {
+        host,
+        pod,
+        name,
+        host_index,
+        pod_index: pod_link.index,
+        pod_mac: pod_link.mac,
+    })
+}
+
+/// Puts IPAM's addresses on the pod side as /32 and /128, routes them from
+/// the host, and gives the pod its gateways.
+fn address(pair: &Pair, req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Error> {
+    let Pair {
+        host,
+        pod,
+        name,
+        host_index,
+        pod_index,
+        ..
+    } = pair;
     let has_v4 = ipam.ips.iter().any(|i| i.address.is_ipv4());
     let has_v6 = ipam.ips.iter().any(|i| i.address.is_ipv6());
-    host.add_veth(
-        &name,
-        &peer,
-        conf.mtu,
-        &HOST_MAC,
-        &owner_alias(&req.container_id, &req.ifname),
-    )?;
-    // From here on a failure leaves a link behind; the caller's cleanup removes it.
     if has_v4 {
         host.sysctl("net.ipv4.ip_forward", "1")?;
-        host.sysctl(&format!("net.ipv4.conf.{name}.proxy_arp"), "1")?;
-        host.sysctl(&format!("net.ipv4.neigh.{name}.proxy_delay"), "0")?;
     }
     if has_v6 {
         host.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        host.sysctl(&format!("net.ipv6.conf.{name}.accept_dad"), "0")?;
-        host.sysctl(&format!("net.ipv6.conf.{name}.accept_ra"), "0")?;
     }
-    let peer_link = host.expect_link(&peer)?;
-    host.move_link(peer_link.index, &pod)?;
-    let pod_index = pod.expect_link(&peer)?.index;
-    pod.rename_up(pod_index, &req.ifname, Some(conf.mtu))?;
-    let host_index = host.expect_link(&name)?.index;
-    host.up(host_index)?;
-
     let mut result = CniResult::default();
     for ip in &ipam.ips {
         let addr = single(ip.address.ip());
-        pod.add_address(pod_index, addr, true)?;
-        host.add_route(addr, None, host_index)?;
+        pod.add_address(*pod_index, addr, true)?;
+        host.add_route(addr, None, *host_index)?;
+        let gw = if addr.is_ipv4() {
+            IpAddr::V4(GATEWAY_V4)
+        } else {
+            IpAddr::V6(GATEWAY_V6)
+        };
         result.ips.push(IpConfig {
             interface: Some(1),
             address: addr,
-            gateway: Some(if addr.is_ipv4() {
-                IpAddr::V4(GATEWAY_V4)
-            } else {
-                IpAddr::V6(GATEWAY_V6)
-            }),
+            gateway: Some(gw),
         });
     }
     if has_v4 {
         let gw = IpAddr::V4(GATEWAY_V4);
-        pod.add_neighbour(pod_index, gw, &HOST_MAC)?;
-        pod.add_route(single(gw), None, pod_index)?;
-        pod.add_route(default_dst(false), Some(gw), pod_index)?;
+        pod.add_neighbour(*pod_index, gw, &HOST_MAC)?;
+        pod.add_route(single(gw), None, *pod_index)?;
+        pod.add_route(default_dst(false), Some(gw), *pod_index)?;
         result.routes.push(route(default_dst(false), gw));
     }
     if has_v6 {
         let gw = IpAddr::V6(GATEWAY_V6);
-        pod.add_neighbour(pod_index, gw, &HOST_MAC)?;
-        pod.add_route(default_dst(true), Some(gw), pod_index)?;
+        pod.add_neighbour(*pod_index, gw, &HOST_MAC)?;
+        pod.add_route(default_dst(true), Some(gw), *pod_index)?;
         result.routes.push(route(default_dst(true), gw));
     }
-    let pod_link = pod.expect_link(&req.ifname)?;
     result.interfaces = vec![
         Interface {
             name: name.clone(),
@@ -176,7 +201,7 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
         },
         Interface {
             name: req.ifname.clone(),
-            mac: Some(mac_string(&pod_link.mac)),
+            mac: Some(mac_string(&pair.pod_mac)),
             mtu: Some(conf.mtu),
             sandbox: Some(req.netns.clone()),
             ..Default::default()
@@ -184,6 +209,21 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
     ];
     result.dns = ipam.dns.clone();
     Ok(result)
+}
+
+/// Runs `there` on a second thread while `here` runs on this one.
+fn beside<H, T: Send>(
+    there: impl FnOnce() -> Result<T, Error> + Send,
+    here: impl FnOnce() -> H,
+) -> (H, Result<T, Error>) {
+    std::thread::scope(|s| {
+        let other = s.spawn(there);
+        let mine = here();
+        let theirs = other
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(code::INTERNAL, "IPAM thread panicked")));
+        (mine, theirs)
+    })
 }
 
 fn route(dst: IpNetwork, gw: IpAddr) -> Route {
@@ -215,8 +255,10 @@ impl Plugin for Veth {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         let conf = Conf::parse(req)?;
         let ipam = Ipam::required(req, "plexus-veth")?;
-        let addresses = ipam.add()?;
-        attach(req, &conf, &addresses).inspect_err(|_| {
+        // IPAM (an exec'd plugin) and the link work do not depend on each other.
+        let (pair, addresses) = beside(|| ipam.add(), || make_pair(req, &conf));
+        let attached = pair.and_then(|pair| addresses.and_then(|a| address(&pair, req, &conf, &a)));
+        attached.inspect_err(|_| {
             if let Err(e) = detach(req) {
                 warn!(error = %e, "cleanup after a failed ADD");
             }
@@ -228,9 +270,10 @@ impl Plugin for Veth {
 
     fn del(&self, req: &Request) -> Result<(), Error> {
         Conf::parse(req)?;
-        // Release first: a missing netns or link must never keep an address.
-        let released = Ipam::required(req, "plexus-veth")?.del();
-        let detached = detach(req);
+        let ipam = Ipam::required(req, "plexus-veth")?;
+        // Releasing never waits for the link: a missing netns or link must
+        // not keep an address, and the kernel's link teardown is the slow part.
+        let (detached, released) = beside(|| ipam.del(), || detach(req));
         cni::error::combine(released.err().into_iter().chain(detached.err()).collect())
     }
 

@@ -202,7 +202,10 @@ impl Plugin for Meta {
             }
             delegates[i].result = Some(raw);
             record.delegates[i].result = delegates[i].result.clone();
-            call.save(&mut entry, &record)?;
+            // The last result goes into the final write below.
+            if i + 1 < delegates.len() {
+                call.save(&mut entry, &record)?;
+            }
         }
         let mut merged = merged.unwrap_or_default();
         if let Err(e) = default_routes(req, &delegates, &mut merged) {
