@@ -85,6 +85,21 @@ pub struct Route {
     pub scope: Option<u8>,
 }
 
+impl Route {
+    /// A route to `dst`, via `gw` or on-link, with no further attributes.
+    pub fn new(dst: IpNetwork, gw: Option<IpAddr>) -> Route {
+        Route {
+            dst,
+            gw,
+            mtu: None,
+            advmss: None,
+            priority: None,
+            table: None,
+            scope: None,
+        }
+    }
+}
+
 /// DNS settings of a result.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dns {

@@ -186,7 +186,8 @@ impl Netns {
             .ok_or_else(|| nl_err(format!("link {name} in {}", self.path), "not found"))
     }
 
-    /// Creates a veth pair, both ends down: `name` here with `mac`, `peer`
+    /// Creates a veth pair, `name` up (the kernel cannot open the peer before
+    /// the pair is joined, so `peer` is down): `name` here with `mac`, `peer`
     /// directly inside `peer_ns` (creating it there is far cheaper than moving
     /// it, which waits for an RCU grace period). Both get `mtu`.
     pub fn add_veth(
@@ -200,6 +201,7 @@ impl Netns {
         let mut msg = LinkVeth::new(name, peer)
             .mtu(mtu)
             .address(mac.to_vec())
+            .up()
             .build();
         for attr in &mut msg.attributes {
             if let LinkAttribute::LinkInfo(infos) = attr {
@@ -268,13 +270,14 @@ impl Netns {
     /// alias at creation); deletes the link if that fails, since it could not
     /// be told ours later.
     pub fn mark(&self, name: &str, alias: &str) -> Result<(), Error> {
-        let index = self.expect_link(name)?.index;
         let marked = self.set(
-            LinkUnspec::new_with_index(index).alias(alias).build(),
+            LinkUnspec::new_with_name(name).alias(alias).build(),
             format!("set alias of {name}"),
         );
         if marked.is_err() {
-            let _ = self.del_link(index);
+            if let Ok(Some(link)) = self.link(name) {
+                let _ = self.del_link(link.index);
+            }
         }
         marked
     }

@@ -116,15 +116,18 @@ struct Pair {
 fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let host = Netns::host()?;
     let pod = Netns::open(Path::new(&req.netns))?;
-    if pod.link(&req.ifname)?.is_some() {
-        return Err(invalid(format!(
-            "interface {} already exists in {}",
-            req.ifname, req.netns
-        )));
-    }
     let name = host_name(&req.container_id, &req.ifname);
-    // The pod side is born inside the pod, already named.
-    host.add_veth(&name, &req.ifname, &pod, conf.mtu, &HOST_MAC)?;
+    // The pod side is born inside the pod, already named; the host side up.
+    // Creation is all or nothing: a name taken on either side creates nothing.
+    if let Err(e) = host.add_veth(&name, &req.ifname, &pod, conf.mtu, &HOST_MAC) {
+        if pod.link(&req.ifname)?.is_some() {
+            return Err(invalid(format!(
+                "interface {} already exists in {}",
+                req.ifname, req.netns
+            )));
+        }
+        return Err(e);
+    }
     host.mark(&name, &owner_alias(&req.container_id, &req.ifname))?;
     // From here on a failure leaves a link behind; the caller's cleanup removes it.
     host.sysctl(&format!("net.ipv4.conf.{name}.proxy_arp"), "1")?;
@@ -134,7 +137,6 @@ fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let pod_link = pod.expect_link(&req.ifname)?;
     pod.up(pod_link.index)?;
     let host_index = host.expect_link(&name)?.index;
-    host.up(host_index)?;
     Ok(Pair {
         host,
         pod,
@@ -227,15 +229,7 @@ fn beside<H, T: Send>(
 }
 
 fn route(dst: IpNetwork, gw: IpAddr) -> Route {
-    Route {
-        dst,
-        gw: Some(gw),
-        mtu: None,
-        advmss: None,
-        priority: None,
-        table: None,
-        scope: None,
-    }
+    Route::new(dst, Some(gw))
 }
 
 /// Removes the host side (and with it the pod side) if it is ours.

@@ -374,15 +374,7 @@ fn default_routes(
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
         let dst = IpNetwork::new(any, 0).map_err(|e| Error::new(code::INTERNAL, e.to_string()))?;
-        result.routes.push(Route {
-            dst,
-            gw: Some(gw),
-            mtu: None,
-            advmss: None,
-            priority: None,
-            table: None,
-            scope: None,
-        });
+        result.routes.push(Route::new(dst, Some(gw)));
     }
     Ok(())
 }
