@@ -3,7 +3,7 @@
 
 CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS     := etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 \
+DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
             qemu-system-x86 linux-image-amd64 busybox-static time
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
@@ -45,7 +45,7 @@ bench: build-release
 	PLEXUS_BIN=$(TARGET)/release/plexus $(TARGET)/release/netns-harness bench $(CYCLES)
 
 # The multi-call binary and one link per plugin name it answers to.
-PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan
+PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-ipam
 
 install: build-release
 	install -D -m 0755 $(TARGET)/release/plexus $(DESTDIR)$(BINDIR)/plexus

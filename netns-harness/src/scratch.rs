@@ -47,7 +47,13 @@ impl Drop for Scratch {
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The names the multi-call `plexus` binary answers to.
-pub const PLEXUS_NAMES: [&str; 4] = ["plexus", "plexus-veth", "plexus-ipvlan", "plexus-macvlan"];
+pub const PLEXUS_NAMES: [&str; 5] = [
+    "plexus",
+    "plexus-veth",
+    "plexus-ipvlan",
+    "plexus-macvlan",
+    "plexus-ipam",
+];
 
 /// The `plexus` binary under test: `$PLEXUS_BIN`, else the workspace's debug build.
 pub fn plexus_bin() -> PathBuf {

@@ -1,5 +1,6 @@
 //! One multi-call binary: the name it runs as picks the plugin.
 
+mod ipam;
 mod ipam_call;
 mod ipvlan;
 mod log;
@@ -13,7 +14,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 /// The names this binary answers to.
-pub const PLUGINS: [&str; 4] = ["plexus", "plexus-veth", "plexus-ipvlan", "plexus-macvlan"];
+pub const PLUGINS: [&str; 5] = [
+    "plexus",
+    "plexus-veth",
+    "plexus-ipvlan",
+    "plexus-macvlan",
+    "plexus-ipam",
+];
 
 /// An executor that runs the built-in plugins in-process and execs the rest.
 pub fn executor(cni_path: &str) -> cni::exec::Executor {
@@ -21,6 +28,7 @@ pub fn executor(cni_path: &str) -> cni::exec::Executor {
         .with_builtin("plexus-veth", Arc::new(veth::Veth))
         .with_builtin("plexus-ipvlan", Arc::new(ipvlan::Ipvlan))
         .with_builtin("plexus-macvlan", Arc::new(macvlan::Macvlan))
+        .with_builtin("plexus-ipam", Arc::new(ipam::PlexusIpam))
 }
 
 fn main() -> ExitCode {
@@ -34,6 +42,7 @@ fn main() -> ExitCode {
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
         "plexus-ipvlan" => cni::plugin::run(&ipvlan::Ipvlan, "Plexus IPVLAN plugin"),
         "plexus-macvlan" => cni::plugin::run(&macvlan::Macvlan, "Plexus MACVLAN plugin"),
+        "plexus-ipam" => cni::plugin::run(&ipam::PlexusIpam, "Plexus cluster-wide IPAM"),
         other => {
             eprintln!(
                 "plexus: unknown plugin name {other:?}; run as one of {:?}",

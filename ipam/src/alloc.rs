@@ -1,0 +1,640 @@
+//! The allocator of one node: claims blocks, assigns and releases addresses.
+//!
+//! An assignment is one transaction: the handle must not exist and every
+//! block it writes must still be at the revision this node last saw; it
+//! writes the blocks and the handle together. The node keeps its own blocks
+//! cached (and the plugin keeps that cache across runs), so in the common
+//! case an assignment is exactly one round trip; a stale cache costs one
+//! failed comparison, whose answer refreshes it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+use crate::block::{
+    block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, Assigned, Block, HandleId,
+    HandleRecord,
+};
+use crate::pool::{overlaps, BlockCidr, Family, Pool};
+use crate::store::{Store, Txn};
+use crate::Error;
+
+/// Transactions that fail their comparison this many times in a row give up.
+const MAX_ATTEMPTS: usize = 64;
+
+/// What this node knows of one pool.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PoolCache {
+    /// The definition last seen equal in the store.
+    #[serde(default)]
+    pub def: Option<Pool>,
+    /// Have this node's blocks been read from the store?
+    #[serde(default)]
+    pub loaded: bool,
+    /// This node's blocks: key → (revision, allocations).
+    #[serde(default)]
+    pub blocks: BTreeMap<String, (i64, Block)>,
+}
+
+/// The node's cache of every pool, kept by the plugin between runs.
+pub type NodeCache = HashMap<String, PoolCache>;
+
+/// Counters of store work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Transactions sent.
+    pub txns: u64,
+    /// Transactions whose comparison failed because a block or claim had
+    /// changed (another node's write, or a stale cache).
+    pub conflicts: u64,
+    /// Blocks this node claimed.
+    pub claims: u64,
+    /// Addresses taken from another node's block.
+    pub borrows: u64,
+}
+
+/// An address chosen for a handle, not yet written.
+struct Pick {
+    key: String,
+    rev: i64,
+    block: Block,
+    ip: IpAddr,
+    own: bool,
+}
+
+pub struct Allocator<S: Store> {
+    store: S,
+    node: String,
+    cache: NodeCache,
+    stats: Stats,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(v).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8], key: &str) -> Result<T, Error> {
+    serde_json::from_slice(raw).map_err(|e| Error::Store(format!("{key} is corrupt: {e}")))
+}
+
+/// A stable start point per node, so nodes claim blocks far apart.
+fn spread(node: &str) -> u64 {
+    node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl<S: Store> Allocator<S> {
+    pub fn new(store: S, node: &str) -> Allocator<S> {
+        Allocator {
+            store,
+            node: node.to_string(),
+            cache: NodeCache::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Starts from a cache saved by an earlier run.
+    pub fn with_cache(mut self, cache: NodeCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> &NodeCache {
+        &self.cache
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn store(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Stores `pool` unless the store already holds it; a different
+    /// definition under the same name, or one overlapping another pool, is
+    /// refused.
+    pub fn define_pool(&mut self, pool: &Pool) -> Result<(), Error> {
+        if self.cache.get(&pool.name).and_then(|c| c.def.as_ref()) == Some(pool) {
+            return Ok(());
+        }
+        for kv in self.store.range("pools/")? {
+            let other: Pool = decode(&kv.value, &kv.key)?;
+            if other.name == pool.name {
+                continue;
+            }
+            for a in &pool.ranges {
+                if let Some(b) = other.ranges.iter().find(|b| overlaps(a.subnet, b.subnet)) {
+                    return Err(Error::PoolConflict {
+                        pool: pool.name.clone(),
+                        reason: format!(
+                            "its subnet {} overlaps {} of pool {}",
+                            a.subnet, b.subnet, other.name
+                        ),
+                    });
+                }
+            }
+        }
+        let key = pool_key(&pool.name);
+        let out = self.store.txn(
+            Txn::default()
+                .when(&key, 0)
+                .put(&key, encode(pool)?)
+                .or_read(&key),
+        )?;
+        self.stats.txns += 1;
+        if !out.succeeded {
+            let stored: Pool = match out.read(&key) {
+                Some(kv) => decode(&kv.value, &key)?,
+                None => return Err(Error::Store(format!("{key} changed while defining it"))),
+            };
+            if &stored != pool {
+                return Err(Error::PoolConflict {
+                    pool: pool.name.clone(),
+                    reason: format!(
+                        "{} already defines it differently: {}",
+                        self.store.describe(),
+                        String::from_utf8_lossy(&encode(&stored)?)
+                    ),
+                });
+            }
+        }
+        self.cache.entry(pool.name.clone()).or_default().def = Some(pool.clone());
+        Ok(())
+    }
+
+    /// A pool defined in the store.
+    pub fn pool(&mut self, name: &str) -> Result<Pool, Error> {
+        if let Some(def) = self.cache.get(name).and_then(|c| c.def.clone()) {
+            return Ok(def);
+        }
+        let key = pool_key(name);
+        let Some(kv) = self.store.get(&key)? else {
+            return Err(Error::PoolUnknown {
+                pool: name.to_string(),
+                store: self.store.describe(),
+            });
+        };
+        let pool: Pool = decode(&kv.value, &key)?;
+        self.cache.entry(name.to_string()).or_default().def = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// The record of `handle`, if it holds addresses.
+    pub fn lookup(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
+        let key = handle.key();
+        self.store
+            .get(&key)?
+            .map(|kv| decode(&kv.value, &key))
+            .transpose()
+    }
+
+    /// Every handle of `network`.
+    pub fn handles(&mut self, network: &str) -> Result<Vec<(HandleId, HandleRecord)>, Error> {
+        let mut out = Vec::new();
+        for kv in self.store.range(&HandleId::network_prefix(network))? {
+            if let Some(id) = HandleId::from_key(&kv.key) {
+                out.push((id, decode(&kv.value, &kv.key)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Addresses held in `pool`'s blocks, on every node: (ip, handle id).
+    pub fn allocated(&mut self, pool: &Pool) -> Result<Vec<(IpAddr, String)>, Error> {
+        let mut out = Vec::new();
+        for kv in self
+            .store
+            .range(&crate::block::pool_blocks_prefix(&pool.name))?
+        {
+            let Some(cidr) = kv.key.rsplit('/').next().and_then(BlockCidr::parse_key) else {
+                continue;
+            };
+            let block: Block = decode(&kv.value, &kv.key)?;
+            for (ord, h) in block.allocations {
+                out.push((cidr.nth(u128::from(ord)), h));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives `handle` one address of each of the pool's families (`requested`
+    /// ones where given); the same addresses again if it already has them.
+    pub fn assign(
+        &mut self,
+        pool: &Pool,
+        handle: &HandleId,
+        requested: &[IpAddr],
+    ) -> Result<HandleRecord, Error> {
+        let families = pool.families();
+        for ip in requested {
+            if !families.contains(&Family::of(*ip)) {
+                return Err(Error::Unavailable {
+                    ip: *ip,
+                    reason: format!("pool {} has no {} range", pool.name, Family::of(*ip)),
+                });
+            }
+            if requested
+                .iter()
+                .filter(|o| Family::of(**o) == Family::of(*ip))
+                .count()
+                > 1
+            {
+                return Err(Error::Unavailable {
+                    ip: *ip,
+                    reason: "one address per family may be requested".into(),
+                });
+            }
+        }
+        let hkey = handle.key();
+        for _ in 0..MAX_ATTEMPTS {
+            let mut picks = Vec::new();
+            for fam in &families {
+                let wanted = requested.iter().find(|ip| Family::of(**ip) == *fam);
+                let pick = match wanted {
+                    Some(ip) => self.pick_static(pool, handle, *ip),
+                    None => self.pick(pool, *fam, handle),
+                };
+                match pick {
+                    Ok(p) => picks.push(p),
+                    // A repeated ADD finds its addresses even when nothing is left.
+                    Err(e) => return self.lookup(handle)?.ok_or(e),
+                }
+            }
+            let record = HandleRecord {
+                pool: pool.name.clone(),
+                node: self.node.clone(),
+                addresses: picks
+                    .iter()
+                    .map(|p| Assigned {
+                        ip: p.ip,
+                        block: p.key.clone(),
+                    })
+                    .collect(),
+            };
+            let mut txn = Txn::default().when(&hkey, 0).or_read(&hkey);
+            for p in &picks {
+                txn = txn
+                    .when(&p.key, p.rev)
+                    .put(&p.key, encode(&p.block)?)
+                    .or_read(&p.key);
+            }
+            txn = txn.put(&hkey, encode(&record)?);
+            let out = self.store.txn(txn)?;
+            self.stats.txns += 1;
+            if out.succeeded {
+                for p in picks.into_iter().filter(|p| p.own) {
+                    self.remember(pool, p.key, out.revision, p.block);
+                }
+                return Ok(record);
+            }
+            if let Some(kv) = out.read(&hkey) {
+                return decode(&kv.value, &hkey);
+            }
+            self.stats.conflicts += 1;
+            for p in picks.iter().filter(|p| p.own) {
+                match out.read(&p.key) {
+                    Some(kv) => {
+                        let block = decode(&kv.value, &kv.key)?;
+                        self.remember(pool, p.key.clone(), kv.mod_rev, block);
+                    }
+                    None => self.forget(pool, &p.key),
+                }
+            }
+            debug!(handle = %handle, "block changed under the assignment; again");
+        }
+        Err(Error::Contended {
+            what: format!("assigning {handle} in pool {}", pool.name),
+        })
+    }
+
+    /// Frees what `handle` holds; `None` when it holds nothing.
+    pub fn release(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
+        let hkey = handle.key();
+        let id = handle.id();
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(hkv) = self.store.get(&hkey)? else {
+                return Ok(None);
+            };
+            let record: HandleRecord = decode(&hkv.value, &hkey)?;
+            let mut blocks: BTreeMap<String, (i64, Block)> = BTreeMap::new();
+            for a in &record.addresses {
+                if !blocks.contains_key(&a.block) {
+                    let cached = self
+                        .cache
+                        .get(&record.pool)
+                        .filter(|c| c.loaded)
+                        .and_then(|c| c.blocks.get(&a.block).cloned());
+                    let current = match cached {
+                        Some(c) => Some(c),
+                        None => match self.store.get(&a.block)? {
+                            Some(kv) => Some((kv.mod_rev, decode(&kv.value, &kv.key)?)),
+                            None => None,
+                        },
+                    };
+                    let Some(current) = current else {
+                        continue;
+                    };
+                    blocks.insert(a.block.clone(), current);
+                }
+                if let Some((_, block)) = blocks.get_mut(&a.block) {
+                    let cidr = a.block.rsplit('/').next().and_then(BlockCidr::parse_key);
+                    if let Some(ord) = cidr.and_then(|c| c.ordinal(a.ip)) {
+                        if block.allocations.get(&ord) == Some(&id) {
+                            block.allocations.remove(&ord);
+                        }
+                    }
+                }
+            }
+            let mut txn = Txn::default().when(&hkey, hkv.mod_rev).delete(&hkey);
+            for (key, (rev, block)) in &blocks {
+                txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
+            }
+            let out = self.store.txn(txn)?;
+            self.stats.txns += 1;
+            let own = node_blocks_prefix(&record.pool, &self.node);
+            if out.succeeded {
+                for (key, (_, block)) in blocks {
+                    if key.starts_with(&own) {
+                        self.remember_in(&record.pool, key, out.revision, block);
+                    }
+                }
+                return Ok(Some(record));
+            }
+            self.stats.conflicts += 1;
+            for key in blocks.keys().filter(|k| k.starts_with(&own)) {
+                match out.read(key) {
+                    Some(kv) => {
+                        let block = decode(&kv.value, &kv.key)?;
+                        self.remember_in(&record.pool, key.clone(), kv.mod_rev, block);
+                    }
+                    None => {
+                        if let Some(c) = self.cache.get_mut(&record.pool) {
+                            c.blocks.remove(key);
+                        }
+                    }
+                }
+            }
+        }
+        Err(Error::Contended {
+            what: format!("releasing {handle}"),
+        })
+    }
+
+    /// Releases every handle of `network` held on this node for which
+    /// `keep` is false; returns those released. Other nodes' handles are
+    /// never touched: this node's runtime knows only its own attachments.
+    pub fn gc(
+        &mut self,
+        network: &str,
+        keep: impl Fn(&HandleId) -> bool,
+    ) -> Result<Vec<HandleId>, Error> {
+        let mut released = Vec::new();
+        for (id, record) in self.handles(network)? {
+            if record.node == self.node && !keep(&id) && self.release(&id)?.is_some() {
+                released.push(id);
+            }
+        }
+        Ok(released)
+    }
+
+    fn remember(&mut self, pool: &Pool, key: String, rev: i64, block: Block) {
+        self.remember_in(&pool.name, key, rev, block);
+    }
+
+    fn remember_in(&mut self, pool: &str, key: String, rev: i64, block: Block) {
+        self.cache
+            .entry(pool.to_string())
+            .or_default()
+            .blocks
+            .insert(key, (rev, block));
+    }
+
+    fn forget(&mut self, pool: &Pool, key: &str) {
+        if let Some(c) = self.cache.get_mut(&pool.name) {
+            c.blocks.remove(key);
+        }
+    }
+
+    /// Reads this node's blocks of `pool` unless already known.
+    fn load(&mut self, pool: &Pool, again: bool) -> Result<(), Error> {
+        if !again && self.cache.get(&pool.name).is_some_and(|c| c.loaded) {
+            return Ok(());
+        }
+        let kvs = self
+            .store
+            .range(&node_blocks_prefix(&pool.name, &self.node))?;
+        let entry = self.cache.entry(pool.name.clone()).or_default();
+        entry.blocks.clear();
+        for kv in kvs {
+            let block = decode(&kv.value, &kv.key)?;
+            entry.blocks.insert(kv.key, (kv.mod_rev, block));
+        }
+        entry.loaded = true;
+        Ok(())
+    }
+
+    /// A free address of `family` in one of this node's blocks.
+    fn free_in_own(&self, pool: &Pool, family: Family, handle: &HandleId) -> Option<Pick> {
+        let cache = self.cache.get(&pool.name)?;
+        cache.blocks.iter().find_map(|(key, (rev, block))| {
+            let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key)?;
+            if cidr.family() != family {
+                return None;
+            }
+            let (ord, ip) = block.free(pool, cidr)?;
+            let mut block = block.clone();
+            block.allocations.insert(ord, handle.id());
+            Some(Pick {
+                key: key.clone(),
+                rev: *rev,
+                block,
+                ip,
+                own: true,
+            })
+        })
+    }
+
+    /// A dynamic address: from this node's blocks, else a newly claimed
+    /// block, else borrowed from another node's block.
+    fn pick(&mut self, pool: &Pool, family: Family, handle: &HandleId) -> Result<Pick, Error> {
+        self.load(pool, false)?;
+        if let Some(p) = self.free_in_own(pool, family, handle) {
+            return Ok(p);
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let claims = self.claims(pool)?;
+            let mine_unknown = claims.iter().any(|(k, n)| {
+                n == &self.node
+                    && !self.cache.get(&pool.name).is_some_and(|c| {
+                        c.blocks
+                            .contains_key(&block_key(&pool.name, &self.node, *k))
+                    })
+            });
+            if mine_unknown {
+                // Claimed by an earlier run whose answer was lost, or by
+                // another process of this node.
+                self.load(pool, true)?;
+                if let Some(p) = self.free_in_own(pool, family, handle) {
+                    return Ok(p);
+                }
+            }
+            let candidate = pool
+                .blocks(family, spread(&self.node))
+                .find(|b| !claims.contains_key(b) && Block::default().free(pool, *b).is_some());
+            let Some(cidr) = candidate else {
+                return self.borrow(pool, family, handle, &claims);
+            };
+            let ckey = claim_key(&pool.name, cidr);
+            let bkey = block_key(&pool.name, &self.node, cidr);
+            let out = self.store.txn(
+                Txn::default()
+                    .when(&ckey, 0)
+                    .when(&bkey, 0)
+                    .put(&ckey, self.node.as_bytes().to_vec())
+                    .put(&bkey, encode(&Block::default())?)
+                    .or_read(&ckey),
+            )?;
+            self.stats.txns += 1;
+            if out.succeeded {
+                self.stats.claims += 1;
+                self.remember(pool, bkey, out.revision, Block::default());
+                if let Some(p) = self.free_in_own(pool, family, handle) {
+                    return Ok(p);
+                }
+            } else {
+                self.stats.conflicts += 1;
+            }
+        }
+        Err(Error::Contended {
+            what: format!("claiming a block of pool {}", pool.name),
+        })
+    }
+
+    /// Every claimed block of `pool` and its node.
+    fn claims(&mut self, pool: &Pool) -> Result<BTreeMap<BlockCidr, String>, Error> {
+        let prefix = claim_prefix(&pool.name);
+        Ok(self
+            .store
+            .range(&prefix)?
+            .into_iter()
+            .filter_map(|kv| {
+                let cidr = BlockCidr::parse_key(kv.key.strip_prefix(&prefix)?)?;
+                Some((cidr, String::from_utf8_lossy(&kv.value).into_owned()))
+            })
+            .collect())
+    }
+
+    fn borrow(
+        &mut self,
+        pool: &Pool,
+        family: Family,
+        handle: &HandleId,
+        claims: &BTreeMap<BlockCidr, String>,
+    ) -> Result<Pick, Error> {
+        for (cidr, owner) in claims {
+            if owner == &self.node || cidr.family() != family {
+                continue;
+            }
+            let key = block_key(&pool.name, owner, *cidr);
+            let Some(kv) = self.store.get(&key)? else {
+                continue;
+            };
+            let mut block: Block = decode(&kv.value, &key)?;
+            if let Some((ord, ip)) = block.free(pool, *cidr) {
+                block.allocations.insert(ord, handle.id());
+                self.stats.borrows += 1;
+                return Ok(Pick {
+                    key,
+                    rev: kv.mod_rev,
+                    block,
+                    ip,
+                    own: false,
+                });
+            }
+        }
+        Err(Error::Exhausted {
+            pool: pool.name.clone(),
+            family,
+        })
+    }
+
+    /// The requested `ip`, wherever its block is; claimed for this node if
+    /// nobody has claimed it yet.
+    fn pick_static(&mut self, pool: &Pool, handle: &HandleId, ip: IpAddr) -> Result<Pick, Error> {
+        let (Some(cidr), true) = (pool.block_of(ip), pool.usable(ip)) else {
+            return Err(Error::Unavailable {
+                ip,
+                reason: format!(
+                    "outside pool {}'s ranges, or reserved (gateway, network, broadcast, excluded)",
+                    pool.name
+                ),
+            });
+        };
+        let Some(ord) = cidr.ordinal(ip) else {
+            return Err(Error::Unavailable {
+                ip,
+                reason: format!("not in block {}", cidr.key()),
+            });
+        };
+        let id = handle.id();
+        for _ in 0..MAX_ATTEMPTS {
+            let ckey = claim_key(&pool.name, cidr);
+            let owner = match self.store.get(&ckey)? {
+                Some(kv) => String::from_utf8_lossy(&kv.value).into_owned(),
+                None => {
+                    let bkey = block_key(&pool.name, &self.node, cidr);
+                    let out = self.store.txn(
+                        Txn::default()
+                            .when(&ckey, 0)
+                            .when(&bkey, 0)
+                            .put(&ckey, self.node.as_bytes().to_vec())
+                            .put(&bkey, encode(&Block::default())?),
+                    )?;
+                    self.stats.txns += 1;
+                    if out.succeeded {
+                        self.stats.claims += 1;
+                        self.remember(pool, bkey, out.revision, Block::default());
+                    } else {
+                        self.stats.conflicts += 1;
+                    }
+                    continue;
+                }
+            };
+            let key = block_key(&pool.name, &owner, cidr);
+            let Some(kv) = self.store.get(&key)? else {
+                return Err(Error::Store(format!(
+                    "{ckey} names {owner}, but {key} is missing"
+                )));
+            };
+            let mut block: Block = decode(&kv.value, &key)?;
+            match block.allocations.get(&ord) {
+                Some(holder) if holder != &id => {
+                    return Err(Error::Unavailable {
+                        ip,
+                        reason: format!("already assigned to {holder}"),
+                    })
+                }
+                _ => {}
+            }
+            block.allocations.insert(ord, id);
+            return Ok(Pick {
+                own: owner == self.node,
+                key,
+                rev: kv.mod_rev,
+                block,
+                ip,
+            });
+        }
+        Err(Error::Contended {
+            what: format!("claiming the block of {ip}"),
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! The etcd store (v3 API over gRPC): endpoints, a key prefix, TLS client
+//! certificates, user and password.
+//!
+//! Every call is retried through leader elections and dead members until its
+//! time runs out (per call, and never past the store's deadline when one is
+//! set), then fails naming the endpoints. Retrying a transaction is safe: the
+//! model's transactions compare revisions, so one that did commit before its
+//! answer was lost fails the second time and the caller reads what it wrote.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions,
+    Txn as EtcdTxn, TxnOp, TxnOpResponse,
+};
+use tracing::debug;
+
+use super::{Kv, Op, Store, Txn, TxnOutcome};
+use crate::config::EtcdConf;
+use crate::Error;
+
+pub struct EtcdStore {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    prefix: String,
+    endpoints: Vec<String>,
+    timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+/// How the store names itself in messages and journals.
+pub fn describe(endpoints: &[String], prefix: &str) -> String {
+    format!("etcd at {} (prefix {prefix})", endpoints.join(", "))
+}
+
+/// Errors that retrying cannot cure.
+fn is_final(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        // gRPC codes: invalid argument, permission denied, failed
+        // precondition, out of range, unauthenticated.
+        E::GRpcStatus(s) => matches!(s.code() as i32, 3 | 7 | 9 | 11 | 16),
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => true,
+        _ => false,
+    }
+}
+
+fn read_pem(path: &str, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("etcd {what} {path}: {e}")))
+}
+
+impl EtcdStore {
+    /// Connects; fails within the configured timeout when no endpoint answers.
+    pub fn connect(conf: &EtcdConf) -> Result<EtcdStore, Error> {
+        if conf.endpoints.is_empty() {
+            return Err(Error::Config("etcd store: no endpoints".into()));
+        }
+        let timeout = conf.timeout();
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_require_leader(true);
+        if let (Some(user), Some(password)) = (&conf.username, &conf.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if conf.ca_file.is_some() || conf.cert_file.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &conf.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca, "CA")?));
+            }
+            match (&conf.cert_file, &conf.key_file) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(
+                        read_pem(cert, "certificate")?,
+                        read_pem(key, "key")?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(Error::Config(
+                        "etcd TLS: certFile and keyFile go together".into(),
+                    ))
+                }
+            }
+            options = options.with_tls(tls);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Store(format!("tokio runtime: {e}")))?;
+        let endpoints = conf.endpoints.clone();
+        let connected = rt.block_on(async {
+            tokio::time::timeout(timeout, Client::connect(&endpoints, Some(options))).await
+        });
+        let unreachable = |detail: String| Error::Unreachable {
+            store: describe(&endpoints, &conf.prefix),
+            detail,
+        };
+        let client = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) if is_final(&e) => return Err(Error::Config(format!("etcd: {e}"))),
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
+        };
+        Ok(EtcdStore {
+            rt,
+            client,
+            prefix: conf.prefix.clone(),
+            endpoints,
+            timeout,
+            deadline: None,
+        })
+    }
+
+    /// No call returns later than `deadline`.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn strip(&self, key: &[u8]) -> String {
+        let k = String::from_utf8_lossy(key);
+        k.strip_prefix(&self.prefix).unwrap_or(&k).to_string()
+    }
+
+    fn kv(&self, kv: &etcd_client::KeyValue) -> Kv {
+        Kv {
+            key: self.strip(kv.key()),
+            value: kv.value().to_vec(),
+            mod_rev: kv.mod_revision(),
+        }
+    }
+
+    /// Runs `call` until it answers, cannot be cured, or time runs out.
+    fn retry<T, F, Fut>(&mut self, what: &str, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut end = Instant::now() + self.timeout;
+        if let Some(d) = self.deadline {
+            end = end.min(d);
+        }
+        let mut pause = Duration::from_millis(20);
+        let mut last = String::from("no attempt made before the deadline");
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unreachable {
+                    store: self.describe(),
+                    detail: format!("{what}: {last}"),
+                });
+            }
+            let client = self.client.clone();
+            match self
+                .rt
+                .block_on(async { tokio::time::timeout(left, call(client)).await })
+            {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_final(&e) => {
+                    return Err(Error::Store(format!("{}: {what}: {e}", self.describe())))
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+            debug!(what, error = %last, "etcd call failed; retrying");
+            let left = end.saturating_duration_since(Instant::now());
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
+        let full = self.full(key);
+        let resp = self.retry("get", |mut c| {
+            let full = full.clone();
+            async move { c.get(full, None).await }
+        })?;
+        Ok(resp.kvs().first().map(|kv| self.kv(kv)))
+    }
+
+    fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
+        let full = self.full(prefix);
+        let resp = self.retry("range", |mut c| {
+            let full = full.clone();
+            async move { c.get(full, Some(GetOptions::new().with_prefix())).await }
+        })?;
+        Ok(resp.kvs().iter().map(|kv| self.kv(kv)).collect())
+    }
+
+    fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error> {
+        let compares: Vec<Compare> = txn
+            .compares
+            .iter()
+            .map(|(k, rev)| Compare::mod_revision(self.full(k), CompareOp::Equal, *rev))
+            .collect();
+        let success: Vec<TxnOp> = txn
+            .success
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => TxnOp::put(self.full(k), v.clone(), None),
+                Op::Delete(k) => TxnOp::delete(self.full(k), None),
+            })
+            .collect();
+        let failure: Vec<TxnOp> = txn
+            .on_failure
+            .iter()
+            .map(|k| TxnOp::get(self.full(k), None))
+            .collect();
+        let resp = self.retry("transaction", |mut c| {
+            let t = EtcdTxn::new()
+                .when(compares.clone())
+                .and_then(success.clone())
+                .or_else(failure.clone());
+            async move { c.txn(t).await }
+        })?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut reads = Vec::new();
+        if !resp.succeeded() {
+            for op in resp.op_responses() {
+                if let TxnOpResponse::Get(g) = op {
+                    reads.extend(g.kvs().iter().map(|kv| self.kv(kv)));
+                }
+            }
+        }
+        Ok(TxnOutcome {
+            succeeded: resp.succeeded(),
+            revision,
+            reads,
+        })
+    }
+
+    fn describe(&self) -> String {
+        describe(&self.endpoints, &self.prefix)
+    }
+}

@@ -1,0 +1,385 @@
+//! `plexus-ipam`: the cluster-wide IPAM as a CNI IPAM plugin, usable by any
+//! plugin (`"ipam": {"type": "plexus-ipam", …}`).
+//!
+//! Per node, under `stateDir`: `lock` serialises this node's IPAM calls (so
+//! they never race each other for the node's own blocks), `cache-*.json`
+//! keeps the node's blocks between runs (an assignment is then one
+//! transaction), and `journal/` holds releases the store could not take: DEL
+//! always succeeds, and every later call that reaches the store replays them.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cni::args::CniArgs;
+use cni::plugin::{Plugin, Request};
+use cni::result::IpConfig;
+use cni::{code, CniResult, Error};
+use ipam::config::{IpamConf, StoreConf};
+use ipam::{Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, Pool, Store};
+use ipnetwork::IpNetwork;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+pub struct PlexusIpam;
+
+/// How long a call waits for the node lock before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(code::INVALID_NETWORK_CONFIG, msg)
+}
+
+fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::new(code::IO_FAILURE, format!("{what} {}: {e}", path.display()))
+}
+
+/// A release the store could not take, kept until it can.
+#[derive(Serialize, Deserialize)]
+struct Pending {
+    network: String,
+    container: String,
+    ifname: String,
+    /// Which store it belongs to (`Store::describe`).
+    store: String,
+}
+
+/// One call's view: the config, the node's state dir, held locked.
+struct Node {
+    conf: IpamConf,
+    dir: PathBuf,
+    _lock: Flock<File>,
+    started: Instant,
+}
+
+impl Node {
+    fn open(req: &Request) -> Result<Node, Error> {
+        let started = Instant::now();
+        let section = req
+            .conf
+            .ipam
+            .as_ref()
+            .ok_or_else(|| invalid("plexus-ipam needs an \"ipam\" section"))?;
+        let conf = IpamConf::from_section(section)?;
+        let dir = conf.state_dir();
+        fs::create_dir_all(dir.join("journal")).map_err(|e| io("create", &dir, e))?;
+        let lock_path = dir.join("lock");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io("open", &lock_path, e))?;
+        let lock = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_WAIT => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((_, e)) => {
+                    return Err(Error::new(
+                        code::TRY_AGAIN_LATER,
+                        format!("node IPAM lock {} is held: {e}", lock_path.display()),
+                    ))
+                }
+            }
+        };
+        Ok(Node {
+            conf,
+            dir,
+            _lock: lock,
+            started,
+        })
+    }
+
+    fn store(&self) -> Result<Box<dyn Store>, ipam::Error> {
+        Ok(match &self.conf.store {
+            Some(StoreConf::Etcd(etcd)) => {
+                let deadline = self.started + etcd.timeout();
+                Box::new(EtcdStore::connect(etcd)?.with_deadline(deadline))
+            }
+            Some(StoreConf::Local { path: Some(p) }) => Box::new(LocalStore::open(p)?),
+            Some(StoreConf::Local { path: None }) | None => {
+                Box::new(LocalStore::open(&self.dir.join("store"))?)
+            }
+        })
+    }
+
+    fn cache_path(&self, store: &str) -> PathBuf {
+        let h = store.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        self.dir.join(format!("cache-{h:016x}.json"))
+    }
+
+    /// The allocator for this node, its cache loaded.
+    fn allocator(&self) -> Result<Allocator<Box<dyn Store>>, Error> {
+        let store = self.store()?;
+        let node = self.conf.node()?;
+        let cache: NodeCache = fs::read(self.cache_path(&store.describe()))
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default();
+        Ok(Allocator::new(store, &node).with_cache(cache))
+    }
+
+    fn save(&self, alloc: &mut Allocator<Box<dyn Store>>) {
+        let path = self.cache_path(&alloc.store().describe());
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(alloc.cache())
+            .map_err(std::io::Error::other)
+            .and_then(|raw| fs::write(&tmp, raw))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // Only a cache: the next run reads the store instead.
+            warn!(error = %e, path = %path.display(), "IPAM cache not saved");
+        }
+    }
+
+    fn journal_path(&self, h: &HandleId) -> PathBuf {
+        let safe: String = h
+            .id()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join("journal").join(format!("{safe}.json"))
+    }
+
+    /// Replays pending releases of this store; keeps what still fails.
+    fn replay(&self, alloc: &mut Allocator<Box<dyn Store>>) {
+        let Ok(entries) = fs::read_dir(self.dir.join("journal")) else {
+            return;
+        };
+        let store = alloc.store().describe();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(p) = fs::read(&path)
+                .ok()
+                .and_then(|raw| serde_json::from_slice::<Pending>(&raw).ok())
+            else {
+                continue;
+            };
+            if p.store != store {
+                continue;
+            }
+            match alloc.release(&HandleId::new(&p.network, &p.container, &p.ifname)) {
+                Ok(_) => {
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => warn!(error = %e, "journaled release still fails"),
+            }
+        }
+    }
+}
+
+fn handle(req: &Request) -> HandleId {
+    HandleId::new(&req.conf.name, &req.container_id, &req.ifname)
+}
+
+/// The pool of this network: defined by the config, or named and stored.
+fn pool(
+    conf: &IpamConf,
+    network: &str,
+    alloc: &mut Allocator<Box<dyn Store>>,
+) -> Result<Pool, Error> {
+    match conf.defined_pool(network)? {
+        Some(p) => {
+            alloc.define_pool(&p)?;
+            Ok(p)
+        }
+        None => match &conf.pool {
+            Some(name) => Ok(alloc.pool(name)?),
+            None => Err(invalid(
+                "plexus-ipam needs \"ranges\" (host-local's shape), \"subnet\", or a \"pool\" name",
+            )),
+        },
+    }
+}
+
+/// Static addresses asked for: the `ips` capability, `args.cni.ips`, and
+/// `IP=` in `CNI_ARGS` (comma-separated), each with or without a prefix.
+fn requested(req: &Request) -> Result<Vec<IpAddr>, Error> {
+    let mut raw: Vec<String> = Vec::new();
+    if let Some(ips) = req.conf.runtime_config.as_ref().and_then(|r| r.ips.clone()) {
+        raw.extend(ips);
+    }
+    if let Some(ips) = req
+        .conf
+        .extra
+        .get("args")
+        .and_then(|a| a.pointer("/cni/ips"))
+        .and_then(|v| v.as_array())
+    {
+        raw.extend(ips.iter().filter_map(|v| v.as_str().map(String::from)));
+    }
+    if let Some(ip) = CniArgs::parse(&req.args)?.get("IP") {
+        raw.extend(ip.split(',').map(String::from));
+    }
+    let mut out: Vec<IpAddr> = Vec::new();
+    for r in raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let ip = r
+            .parse::<IpNetwork>()
+            .map(|n| n.ip())
+            .or_else(|_| r.parse::<IpAddr>())
+            .map_err(|_| invalid(format!("requested address {r:?} is not an IP address")))?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+fn result(pool: &Pool, record: &HandleRecord) -> Result<CniResult, Error> {
+    let mut res = CniResult::default();
+    for a in &record.addresses {
+        let range = pool.range_of(a.ip).ok_or_else(|| {
+            Error::new(
+                code::INTERNAL,
+                format!("{} is outside pool {}", a.ip, pool.name),
+            )
+        })?;
+        let address = IpNetwork::new(a.ip, range.subnet.prefix())
+            .map_err(|e| Error::new(code::INTERNAL, e.to_string()))?;
+        res.ips.push(IpConfig {
+            interface: None,
+            address,
+            gateway: Some(range.gateway()),
+        });
+    }
+    res.routes = pool.cni_routes();
+    Ok(res)
+}
+
+impl Plugin for PlexusIpam {
+    fn add(&self, req: &Request) -> Result<CniResult, Error> {
+        let node = Node::open(req)?;
+        let requested = requested(req)?;
+        let mut alloc = node.allocator()?;
+        node.replay(&mut alloc);
+        let pool = pool(&node.conf, &req.conf.name, &mut alloc)?;
+        let assigned = alloc.assign(&pool, &handle(req), &requested);
+        node.save(&mut alloc);
+        result(&pool, &assigned?)
+    }
+
+    fn del(&self, req: &Request) -> Result<(), Error> {
+        let node = Node::open(req)?;
+        let h = handle(req);
+        let mut alloc = match node.allocator() {
+            Ok(a) => a,
+            Err(e) => return journal(&node, &h, e),
+        };
+        let released = alloc.release(&h);
+        match released {
+            Ok(_) => {
+                node.replay(&mut alloc);
+                node.save(&mut alloc);
+                Ok(())
+            }
+            Err(ipam::Error::Unreachable { store, detail }) => {
+                let e: Error = ipam::Error::Unreachable { store, detail }.into();
+                journal(&node, &h, e)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn check(&self, req: &Request) -> Result<(), Error> {
+        let node = Node::open(req)?;
+        let mut alloc = node.allocator()?;
+        let h = handle(req);
+        let record = alloc
+            .lookup(&h)?
+            .ok_or_else(|| Error::new(100, format!("no addresses are assigned to {h}")))?;
+        if let Some(prev) = &req.conf.prev_result {
+            let (_, prev) = CniResult::from_json(prev)?;
+            let have: HashSet<IpAddr> = record.addresses.iter().map(|a| a.ip).collect();
+            for ip in &prev.ips {
+                if !have.contains(&ip.address.ip()) {
+                    return Err(Error::new(
+                        100,
+                        format!(
+                            "{} is not assigned to {h} (it holds {have:?})",
+                            ip.address.ip()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gc(&self, req: &Request) -> Result<(), Error> {
+        let node = Node::open(req)?;
+        let mut alloc = node.allocator()?;
+        node.replay(&mut alloc);
+        let valid: HashSet<(String, String)> = req
+            .conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
+            .collect();
+        let released = alloc.gc(&req.conf.name, |h| {
+            valid.contains(&(h.container.clone(), h.ifname.clone()))
+        });
+        node.save(&mut alloc);
+        released.map(|_| ()).map_err(Error::from)
+    }
+
+    fn status(&self, req: &Request) -> Result<(), Error> {
+        let node = Node::open(req)?;
+        let mut alloc = node.allocator().map_err(|e| Error {
+            code: code::PLUGIN_NOT_AVAILABLE,
+            ..e
+        })?;
+        pool(&node.conf, &req.conf.name, &mut alloc)
+            .map(|_| ())
+            .map_err(|e| Error {
+                code: code::PLUGIN_NOT_AVAILABLE,
+                ..e
+            })
+    }
+}
+
+/// Keeps a release the store could not take; DEL succeeds.
+fn journal(node: &Node, h: &HandleId, e: Error) -> Result<(), Error> {
+    let store = match node.store_name() {
+        Some(s) => s,
+        None => return Err(e),
+    };
+    let pending = Pending {
+        network: h.network.clone(),
+        container: h.container.clone(),
+        ifname: h.ifname.clone(),
+        store,
+    };
+    let path = node.journal_path(h);
+    let raw = serde_json::to_vec(&pending).map_err(|e| io("encode", &path, e))?;
+    fs::write(&path, raw).map_err(|e| io("write", &path, e))?;
+    warn!(handle = %h, error = %e.msg, "store unreachable: release journaled");
+    Ok(())
+}
+
+impl Node {
+    /// The store's description without connecting (for the journal).
+    fn store_name(&self) -> Option<String> {
+        match &self.conf.store {
+            Some(StoreConf::Etcd(etcd)) => {
+                Some(ipam::store::etcd::describe(&etcd.endpoints, &etcd.prefix))
+            }
+            // A local store is always reachable: nothing to journal.
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The cluster-wide IPAM against Debian's etcd (3 members, started by the
+//! harness) and against the local store: the same suite on both, plus the
+//! cluster faults on etcd.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipam::config::EtcdConf;
+use ipam::{Allocator, Error, EtcdStore, Family, HandleId, LocalStore, Pool, Store};
+use netns_harness::etcd::EtcdCluster;
+use netns_harness::scratch::Scratch;
+
+/// Opens a store as one node would.
+type Opener = Arc<dyn Fn() -> Box<dyn Store> + Send + Sync>;
+
+fn etcd_opener(endpoints: Vec<String>, prefix: &str) -> Opener {
+    let prefix = prefix.to_string();
+    Arc::new(move || {
+        let mut conf = EtcdConf::new(endpoints.clone(), &prefix);
+        // Generous: elections on a loaded 2-core machine take their time.
+        conf.timeout_seconds = Some(20.0);
+        Box::new(EtcdStore::connect(&conf).expect("connect to etcd")) as Box<dyn Store>
+    })
+}
+
+fn local_opener(dir: &Path) -> Opener {
+    let dir = dir.to_path_buf();
+    Arc::new(move || Box::new(LocalStore::open(&dir).expect("local store")) as Box<dyn Store>)
+}
+
+fn pool(json: serde_json::Value) -> Pool {
+    serde_json::from_value::<Pool>(json)
+        .expect("pool json")
+        .validated()
+        .expect("valid pool")
+}
+
+fn dual_pool(name: &str) -> Pool {
+    pool(serde_json::json!({
+        "name": name,
+        "ranges": [{"subnet": "10.200.0.0/16"}, {"subnet": "fd00:200::/64"}],
+    }))
+}
+
+/// What the concurrent run saw.
+struct Run {
+    assigned: BTreeMap<HandleId, Vec<IpAddr>>,
+    errors: Vec<String>,
+    conflicts: u64,
+}
+
+/// `nodes` nodes, each assigning `each` handles as fast as it can; `during`
+/// runs once `trigger` assignments have been made in all.
+fn concurrent(
+    open: &Opener,
+    pool: &Pool,
+    nodes: usize,
+    each: usize,
+    trigger: usize,
+    during: impl FnOnce(),
+) -> Run {
+    let done = Arc::new(AtomicUsize::new(0));
+    let assigned = Arc::new(Mutex::new(BTreeMap::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for n in 0..nodes {
+        let (open, pool) = (open.clone(), pool.clone());
+        let (done, assigned, errors, conflicts) = (
+            done.clone(),
+            assigned.clone(),
+            errors.clone(),
+            conflicts.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut alloc = Allocator::new(open(), &format!("node-{n}"));
+            for i in 0..each {
+                let h = HandleId::new(&pool.name, &format!("c-{n}-{i}"), "eth0");
+                match alloc.assign(&pool, &h, &[]) {
+                    Ok(rec) => {
+                        let ips = rec.addresses.iter().map(|a| a.ip).collect();
+                        assigned.lock().expect("lock").insert(h, ips);
+                    }
+                    Err(e) => errors.lock().expect("lock").push(format!("{h}: {e}")),
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            conflicts.fetch_add(alloc.stats().conflicts as usize, Ordering::SeqCst);
+        }));
+    }
+    while done.load(Ordering::SeqCst) < trigger {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    during();
+    for t in threads {
+        t.join().expect("node thread");
+    }
+    let assigned = std::mem::take(&mut *assigned.lock().expect("lock"));
+    let errors = std::mem::take(&mut *errors.lock().expect("lock"));
+    Run {
+        assigned,
+        errors,
+        conflicts: conflicts.load(Ordering::SeqCst) as u64,
+    }
+}
+
+/// Every address handed out once; the store holds exactly what was handed out.
+fn assert_distinct_and_recorded(open: &Opener, pool: &Pool, run: &Run, per_family: usize) {
+    for fam in [Family::V4, Family::V6] {
+        let ips: Vec<IpAddr> = run
+            .assigned
+            .values()
+            .flatten()
+            .copied()
+            .filter(|ip| Family::of(*ip) == fam)
+            .collect();
+        let distinct: HashSet<IpAddr> = ips.iter().copied().collect();
+        assert_eq!(ips.len(), per_family, "{fam}: addresses handed out");
+        assert_eq!(
+            distinct.len(),
+            ips.len(),
+            "{fam}: a duplicate was handed out"
+        );
+    }
+    let mut alloc = Allocator::new(open(), "auditor");
+    let held = alloc.allocated(pool).expect("read blocks");
+    let held_set: HashSet<IpAddr> = held.iter().map(|(ip, _)| *ip).collect();
+    assert_eq!(held.len(), held_set.len(), "two blocks hold one address");
+    let handed: HashSet<IpAddr> = run.assigned.values().flatten().copied().collect();
+    assert_eq!(held_set, handed, "blocks hold exactly what was handed out");
+    for (h, ips) in &run.assigned {
+        let rec = alloc.lookup(h).expect("lookup").expect("handle recorded");
+        let mut stored: Vec<IpAddr> = rec.addresses.iter().map(|a| a.ip).collect();
+        let mut want = ips.clone();
+        stored.sort();
+        want.sort();
+        assert_eq!(stored, want, "{h}");
+    }
+}
+
+/// Releases everything (spread over 4 nodes) and checks nothing is left.
+fn release_all_and_assert_empty(open: &Opener, pool: &Pool, run: &Run) {
+    let handles: Vec<HandleId> = run.assigned.keys().cloned().collect();
+    let chunks: Vec<Vec<HandleId>> = handles
+        .chunks(handles.len().div_ceil(4))
+        .map(|c| c.to_vec())
+        .collect();
+    let threads: Vec<_> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(n, chunk)| {
+            let open = open.clone();
+            std::thread::spawn(move || {
+                let mut alloc = Allocator::new(open(), &format!("node-{n}"));
+                for h in chunk {
+                    assert!(
+                        alloc.release(&h).expect("release").is_some(),
+                        "{h} had nothing"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("release thread");
+    }
+    let mut alloc = Allocator::new(open(), "auditor");
+    assert_eq!(
+        alloc.allocated(pool).expect("blocks"),
+        vec![],
+        "addresses left"
+    );
+    assert!(
+        alloc.handles(&pool.name).expect("handles").is_empty(),
+        "handles left"
+    );
+}
+
+fn eight_nodes_250_each(open: Opener) {
+    let pool = dual_pool("pods");
+    Allocator::new(open(), "admin")
+        .define_pool(&pool)
+        .expect("define");
+    let run = concurrent(&open, &pool, 8, 250, 0, || {});
+    assert!(
+        run.errors.is_empty(),
+        "errors: {:?}",
+        &run.errors[..run.errors.len().min(5)]
+    );
+    assert_distinct_and_recorded(&open, &pool, &run, 2000);
+    eprintln!("8 nodes x 250: cross-node conflicts {}", run.conflicts);
+    release_all_and_assert_empty(&open, &pool, &run);
+}
+
+/// Idempotence, GC, excludes and gateway, exhaustion, static requests, pool
+/// conflicts: the semantics both stores must share.
+fn semantics(open: Opener) {
+    let mut a = Allocator::new(open(), "node-a");
+    let mut b = Allocator::new(open(), "node-b");
+
+    // Repeated ADD: the same addresses.
+    let pods = dual_pool("pods");
+    a.define_pool(&pods).expect("define");
+    let h = HandleId::new("pods", "c1", "eth0");
+    let first = a.assign(&pods, &h, &[]).expect("assign");
+    assert_eq!(first.addresses.len(), 2, "one address per family");
+    let again = a.assign(&pods, &h, &[]).expect("assign again");
+    assert_eq!(first, again);
+    // Even from a node with a cold cache.
+    let mut a2 = Allocator::new(open(), "node-a");
+    assert_eq!(a2.assign(&pods, &h, &[]).expect("assign, cold"), first);
+
+    // GC frees exactly the stale ones, and only this node's.
+    let live = HandleId::new("pods", "c2", "eth0");
+    let stale = HandleId::new("pods", "c3", "eth0");
+    let other_node = HandleId::new("pods", "c4", "eth0");
+    a.assign(&pods, &live, &[]).expect("live");
+    a.assign(&pods, &stale, &[]).expect("stale");
+    b.assign(&pods, &other_node, &[]).expect("b's");
+    let keep: HashSet<HandleId> = [h.clone(), live.clone()].into();
+    let released = a.gc("pods", |x| keep.contains(x)).expect("gc");
+    assert_eq!(released, vec![stale.clone()]);
+    assert!(a.lookup(&stale).expect("lookup").is_none());
+    for x in [&h, &live, &other_node] {
+        assert!(a.lookup(x).expect("lookup").is_some(), "{x} survived GC");
+    }
+
+    // Excludes, gateway, network and broadcast never handed out; exhaustion named.
+    let small = pool(serde_json::json!({
+        "name": "small",
+        "ranges": [{"subnet": "10.9.0.0/28", "gateway": "10.9.0.14"}],
+        "exclude": ["10.9.0.4/31", "10.9.0.9"],
+    }));
+    a.define_pool(&small).expect("define small");
+    let mut got = Vec::new();
+    let err = loop {
+        let h = HandleId::new("small", &format!("s{}", got.len()), "eth0");
+        // Alternate nodes: the second borrows from the first's block.
+        let alloc = if got.len() % 2 == 0 { &mut a } else { &mut b };
+        match alloc.assign(&small, &h, &[]) {
+            Ok(rec) => got.push(rec.addresses[0].ip),
+            Err(e) => break e,
+        }
+        assert!(got.len() <= 16, "more addresses than the subnet holds");
+    };
+    let want: Vec<IpAddr> = [1, 2, 3, 6, 7, 8, 10, 11, 12, 13]
+        .iter()
+        .map(|o| IpAddr::from([10, 9, 0, *o]))
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, want, "exactly the usable addresses");
+    assert!(matches!(err, Error::Exhausted { .. }), "{err}");
+    assert!(err.to_string().contains("pool small"), "{err}");
+
+    // Static requests: given if free and usable, refused otherwise.
+    let s = HandleId::new("pods", "static", "eth0");
+    let want: Vec<IpAddr> = vec![
+        "10.200.77.7".parse().expect("ip"),
+        "fd00:200::7:7".parse().expect("ip"),
+    ];
+    let rec = b.assign(&pods, &s, &want).expect("static");
+    assert_eq!(rec.addresses.iter().map(|a| a.ip).collect::<Vec<_>>(), want);
+    let clash = a
+        .assign(&pods, &HandleId::new("pods", "clash", "eth0"), &want[..1])
+        .expect_err("taken");
+    assert!(
+        clash
+            .to_string()
+            .contains("already assigned to pods/static/eth0"),
+        "{clash}"
+    );
+    for bad in ["10.200.0.0", "10.201.0.5", "10.200.0.1"] {
+        let e = a
+            .assign(
+                &pods,
+                &HandleId::new("pods", "bad", "eth0"),
+                &[bad.parse().expect("ip")],
+            )
+            .expect_err(bad);
+        assert!(matches!(e, Error::Unavailable { .. }), "{bad}: {e}");
+    }
+
+    // Conflicting and malformed pools are refused.
+    let overlapping =
+        pool(serde_json::json!({"name": "other", "ranges": [{"subnet": "10.200.5.0/24"}]}));
+    let e = a.define_pool(&overlapping).expect_err("overlap");
+    assert!(
+        e.to_string()
+            .contains("overlaps 10.200.0.0/16 of pool pods"),
+        "{e}"
+    );
+    let redefined =
+        pool(serde_json::json!({"name": "pods", "ranges": [{"subnet": "10.210.0.0/16"}]}));
+    let e = b.define_pool(&redefined).expect_err("redefined");
+    assert!(e.to_string().contains("defines it differently"), "{e}");
+    let malformed: Result<Pool, _> =
+        serde_json::from_value::<Pool>(serde_json::json!({"name": "m", "ranges": [{"subnet": "10.0.0.0/24", "rangeStart": "10.0.1.1"}]}))
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.validated().map_err(|e| e.to_string()));
+    assert!(malformed.expect_err("malformed").contains("outside subnet"));
+
+    // Release frees; a second release finds nothing.
+    assert!(a.release(&h).expect("release").is_some());
+    assert!(a.release(&h).expect("release again").is_none());
+}
+
+#[test]
+fn etcd_eight_nodes_allocate_2000_distinct_addresses_per_family() {
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    eight_nodes_250_each(etcd_opener(etcd.endpoints(), "/t/eight/"));
+}
+
+#[test]
+fn local_store_eight_nodes_allocate_2000_distinct_addresses_per_family() {
+    let dir = Scratch::new("ipam-local").expect("scratch");
+    eight_nodes_250_each(local_opener(dir.path()));
+}
+
+#[test]
+fn etcd_semantics() {
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    semantics(etcd_opener(etcd.endpoints(), "/t/semantics/"));
+}
+
+#[test]
+fn local_store_semantics() {
+    let dir = Scratch::new("ipam-local").expect("scratch");
+    semantics(local_opener(dir.path()));
+}
+
+#[test]
+fn etcd_leader_stopped_mid_run_loses_nothing() {
+    let mut etcd = EtcdCluster::start(3).expect("etcd");
+    let open = etcd_opener(etcd.endpoints(), "/t/leader/");
+    let pool = dual_pool("pods");
+    Allocator::new(open(), "admin")
+        .define_pool(&pool)
+        .expect("define");
+    let leader = etcd.leader().expect("a leader");
+    let stopped = Mutex::new(None);
+    let run = concurrent(&open, &pool, 8, 250, 600, || {
+        etcd.stop_member(leader).expect("stop the leader");
+        *stopped.lock().expect("lock") = Some(std::time::Instant::now());
+    });
+    assert!(
+        stopped.lock().expect("lock").is_some(),
+        "the leader was stopped mid-run"
+    );
+    let new_leader = etcd.leader().expect("a new leader");
+    assert_ne!(new_leader, leader);
+    assert!(
+        run.errors.is_empty(),
+        "errors: {:?}",
+        &run.errors[..run.errors.len().min(5)]
+    );
+    assert_distinct_and_recorded(&open, &pool, &run, 2000);
+    release_all_and_assert_empty(&open, &pool, &run);
+}
