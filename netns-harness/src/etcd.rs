@@ -13,6 +13,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::scratch::Scratch;
+use crate::Netns;
 
 /// The etcd binary: `$ETCD_BIN`, else `etcd` on `PATH`.
 fn etcd_bin() -> String {
@@ -33,6 +34,8 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    /// The netns the members run in (its path, and a hook that enters it).
+    netns: Option<(PathBuf, cni::exec::Hook)>,
     _dir: Scratch,
 }
 
@@ -43,6 +46,19 @@ fn free_port() -> io::Result<u16> {
 impl EtcdCluster {
     /// Starts `size` members and waits until every one is healthy.
     pub fn start(size: usize) -> io::Result<EtcdCluster> {
+        EtcdCluster::start_with(size, None)
+    }
+
+    /// The same, with the members inside `ns` (a test node's netns, so that
+    /// plugins run there reach them on its loopback).
+    pub fn start_in(size: usize, ns: &Netns) -> io::Result<EtcdCluster> {
+        EtcdCluster::start_with(size, Some((ns.path().to_path_buf(), ns.enter_hook()?)))
+    }
+
+    fn start_with(
+        size: usize,
+        netns: Option<(PathBuf, cni::exec::Hook)>,
+    ) -> io::Result<EtcdCluster> {
         let dir = Scratch::new("etcd")?;
         // Hold every listener until all ports are chosen so none repeats.
         let mut held = Vec::new();
@@ -71,6 +87,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token,
+            netns,
             _dir: dir,
         };
         for i in 0..size {
@@ -90,7 +107,11 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(&m.log)?;
-        let child = Command::new(etcd_bin())
+        let mut cmd = Command::new(etcd_bin());
+        if let Some((_, enter)) = &self.netns {
+            enter(&mut cmd);
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -242,6 +263,22 @@ impl EtcdCluster {
     }
 
     fn http(&self, i: usize, method: &str, path: &str, body: &str) -> io::Result<String> {
+        let Some((ns, _)) = &self.netns else {
+            return self.http_here(i, method, path, body);
+        };
+        let file = std::fs::File::open(ns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                self.http_here(i, method, path, body)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("etcd probe thread panicked")))
+        })
+    }
+
+    fn http_here(&self, i: usize, method: &str, path: &str, body: &str) -> io::Result<String> {
         let port = self.members[i].client_port;
         let mut s = TcpStream::connect_timeout(
             &std::net::SocketAddr::from(([127, 0, 0, 1], port)),

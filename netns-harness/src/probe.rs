@@ -93,6 +93,15 @@ fn check_echo(sent: &[u8], got: &[u8], target: SocketAddr) -> io::Result<()> {
     }
 }
 
+/// ICMP echo, then TCP and UDP echo to `port` on `ip`, from `from`; the first
+/// that fails is named in the error.
+pub fn reach(from: &Netns, ip: IpAddr, port: u16, timeout: Duration) -> Result<(), String> {
+    let target = SocketAddr::new(ip, port);
+    ping(from, ip, timeout).map_err(|e| format!("ping {ip}: {e}"))?;
+    tcp(from, target, timeout).map_err(|e| format!("tcp {target}: {e}"))?;
+    udp(from, target, timeout).map_err(|e| format!("udp {target}: {e}"))
+}
+
 /// Connects from `ns` to `target`, sends a payload and expects it back.
 pub fn tcp(ns: &Netns, target: SocketAddr, timeout: Duration) -> io::Result<()> {
     ns.run(|| -> io::Result<()> {

@@ -74,6 +74,32 @@ impl<'a> Ipam<'a> {
             .map(|_| ())
     }
 
+    /// GC: the IPAM plugin releases what `cni.dev/valid-attachments` lacks.
+    /// An IPAM plugin that predates GC (it refuses the version or the
+    /// command) has nothing to collect: a warning, not a failure.
+    pub fn gc(&self) -> Result<(), Error> {
+        match self
+            .exec
+            .exec(&self.kind, Command::Gc, &self.inv, &self.req.stdin)
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.code == code::INCOMPATIBLE_VERSION || e.code == code::INVALID_ENVIRONMENT =>
+            {
+                tracing::warn!(ipam = %self.kind, error = %e.msg, "IPAM plugin cannot GC");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// STATUS of the IPAM plugin.
+    pub fn status(&self) -> Result<(), Error> {
+        self.exec
+            .exec(&self.kind, Command::Status, &self.inv, &self.req.stdin)
+            .map(|_| ())
+    }
+
     /// CHECK of the IPAM plugin itself.
     pub fn check(&self) -> Result<(), Error> {
         self.exec

@@ -52,4 +52,8 @@ impl Plugin for Macvlan {
     fn check(&self, req: &Request) -> Result<(), Error> {
         sublink::check(req, &conf(req)?)
     }
+    fn gc(&self, req: &Request) -> Result<(), Error> {
+        conf(req)?;
+        sublink::ipam_gc(req)
+    }
 }

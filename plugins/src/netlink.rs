@@ -180,6 +180,22 @@ impl Netns {
         })
     }
 
+    /// Every link of this namespace.
+    pub fn links(&self) -> Result<Vec<Link>, Error> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut links = self.handle.link().get().execute();
+            while let Some(msg) = links
+                .try_next()
+                .await
+                .map_err(|e| nl_err(format!("links of {}", self.path), e))?
+            {
+                out.push(link_of(&msg));
+            }
+            Ok(out)
+        })
+    }
+
     /// A link that must exist.
     pub fn expect_link(&self, name: &str) -> Result<Link, Error> {
         self.link(name)?

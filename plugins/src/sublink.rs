@@ -249,3 +249,12 @@ pub fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>, Error> {
         .map(str::to_string);
     from_rt.or(from_conf).map(|m| parse_mac(&m)).transpose()
 }
+
+/// GC: the links live in pod netns that are gone with their pods; what
+/// outlives them is IPAM's, so IPAM gets the GC.
+pub fn ipam_gc(req: &Request) -> Result<(), Error> {
+    match Ipam::of(req)? {
+        Some(ipam) => ipam.gc(),
+        None => Ok(()),
+    }
+}

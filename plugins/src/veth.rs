@@ -271,6 +271,44 @@ impl Plugin for Veth {
         cni::error::combine(released.err().into_iter().chain(detached.err()).collect())
     }
 
+    /// Removes this plugin's host links of attachments the runtime no longer
+    /// knows (only links carrying our mark), then lets IPAM do the same.
+    fn gc(&self, req: &Request) -> Result<(), Error> {
+        Conf::parse(req)?;
+        let valid: Vec<String> = req
+            .conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .map(|a| owner_alias(&a.container_id, &a.ifname))
+            .collect();
+        let host = Netns::host()?;
+        let mut errors = Vec::new();
+        for link in host.links()? {
+            let ours = link
+                .alias
+                .as_deref()
+                .is_some_and(|a| a.starts_with("plexus-veth ") && link.name.starts_with("plx"));
+            if ours && !link.alias.as_ref().is_some_and(|a| valid.contains(a)) {
+                if let Err(e) = host.del_link(link.index) {
+                    errors.push(e);
+                }
+            }
+        }
+        if let Some(ipam) = Ipam::of(req)? {
+            errors.extend(ipam.gc().err());
+        }
+        cni::error::combine(errors)
+    }
+
+    fn status(&self, req: &Request) -> Result<(), Error> {
+        Conf::parse(req)?;
+        match Ipam::of(req)? {
+            Some(ipam) => ipam.status(),
+            None => Ok(()),
+        }
+    }
+
     fn check(&self, req: &Request) -> Result<(), Error> {
         Conf::parse(req)?;
         let prev = req

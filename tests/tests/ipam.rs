@@ -361,3 +361,275 @@ fn etcd_leader_stopped_mid_run_loses_nothing() {
     assert_distinct_and_recorded(&open, &pool, &run, 2000);
     release_all_and_assert_empty(&open, &pool, &run);
 }
+
+// ---- plexus-ipam as a CNI plugin -------------------------------------------
+
+use cni::plugin::Command;
+use cni::NetConfList;
+use netns_harness::fixtures::addr_ip;
+use netns_harness::node::Node;
+use netns_harness::{kernel, probe};
+
+const T: Duration = Duration::from_secs(5);
+
+/// An `ipam` section for plexus-ipam on `store`, this node's state in `node`.
+fn ipam_section(
+    node: &Node,
+    store: serde_json::Value,
+    ranges: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "type": "plexus-ipam",
+        "ranges": ranges,
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        "store": store,
+        "nodeName": "node-1",
+        "stateDir": node.scratch.join("ipam-state"),
+    })
+}
+
+fn etcd_store(endpoints: &[String]) -> serde_json::Value {
+    serde_json::json!({"type": "etcd", "endpoints": endpoints, "prefix": "/plexus/ipam/"})
+}
+
+/// The network conf plexus-ipam sees, as stdin for a raw call.
+fn ipam_conf(name: &str, ipam: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "cniVersion": "1.0.0", "name": name, "type": "plexus-veth", "ipam": ipam,
+    }))
+    .expect("json")
+}
+
+fn ips_of(result: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(result).expect("result json");
+    let mut out: Vec<String> = v["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|i| i["address"].as_str().expect("address").to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Containers holding addresses of `network`, and addresses held in its
+/// pool, read from etcd inside the node's netns (where etcd runs).
+fn audit(node: &Node, etcd: &EtcdCluster, network: &str) -> (Vec<String>, usize) {
+    let endpoints = etcd.endpoints();
+    node.netns
+        .run(|| {
+            let conf = EtcdConf::new(endpoints, "/plexus/ipam/");
+            let mut a = Allocator::new(EtcdStore::connect(&conf).expect("connect"), "auditor");
+            let mut holders: Vec<String> = a
+                .handles(network)
+                .expect("handles")
+                .into_iter()
+                .map(|(h, _)| h.container)
+                .collect();
+            holders.sort();
+            let pool = a.pool(network).expect("pool stored");
+            (holders, a.allocated(&pool).expect("blocks").len())
+        })
+        .expect("run in the node netns")
+}
+
+#[test]
+fn plexus_ipam_is_a_drop_in_ipam_for_plexus_veth_on_etcd() {
+    let node = Node::new("ipam-veth");
+    let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+    let ipam = ipam_section(
+        &node,
+        etcd_store(&etcd.endpoints()),
+        serde_json::json!([[{"subnet": "10.66.0.0/16"}], [{"subnet": "fd00:66::/64"}]]),
+    );
+    let list = NetConfList::parse_value(&serde_json::json!({
+        "cniVersion": "1.1.0", "name": "k8s-pods",
+        "plugins": [{"type": "plexus-veth", "ipam": ipam}],
+    }))
+    .expect("conflist");
+    let (ns_a, pod_a) = node.pod("default");
+    let (ns_b, pod_b) = node.pod("default");
+    node.runtime.add(&list, &pod_a).expect("ADD a");
+    node.runtime.add(&list, &pod_b).expect("ADD b");
+    let server = probe::EchoServer::start(&ns_b).expect("server");
+    let targets = kernel::addrs(ns_b.name(), "eth0").expect("addrs");
+    assert_eq!(targets.len(), 2, "{targets:?}");
+    for cidr in &targets {
+        probe::reach(&ns_a, addr_ip(cidr), server.port(), T).unwrap_or_else(|e| panic!("{e}"));
+    }
+    drop(server);
+    node.runtime.check(&list, &pod_a).expect("CHECK");
+    node.runtime.status(&list).expect("STATUS");
+
+    // A repeated IPAM ADD for the same container and interface: the same addresses.
+    let stdin = ipam_conf("k8s-pods", &ipam);
+    let once = node
+        .runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod_a), &stdin)
+        .expect("ADD");
+    let twice = node
+        .runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod_a), &stdin)
+        .expect("ADD");
+    assert_eq!(ips_of(&once), ips_of(&twice));
+    let in_kernel: Vec<String> = kernel::addrs(ns_a.name(), "eth0").expect("addrs");
+    for ip in ips_of(&once) {
+        let host = ip.split('/').next().expect("ip");
+        assert!(
+            in_kernel.iter().any(|k| k.starts_with(&format!("{host}/"))),
+            "{ip} vs {in_kernel:?}"
+        );
+    }
+
+    // GC keeps pod a, releases pod b's addresses.
+    let valid = [cni::config::Attachment {
+        container_id: pod_a.container_id.clone(),
+        ifname: "eth0".into(),
+    }];
+    node.runtime.gc(&list, &valid).expect("GC");
+    assert_eq!(
+        audit(&node, &etcd, "k8s-pods"),
+        (vec![pod_a.container_id.clone()], 2)
+    );
+
+    node.runtime.del(&list, &pod_a).expect("DEL a");
+    node.runtime.del(&list, &pod_b).expect("DEL b");
+    assert_eq!(audit(&node, &etcd, "k8s-pods"), (vec![], 0));
+}
+
+#[test]
+fn plexus_ipam_with_etcd_down_fails_add_in_time_and_journals_del() {
+    let node = Node::new("ipam-down");
+    let mut etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+    let ranges = serde_json::json!([[{"subnet": "10.67.0.0/16"}]]);
+
+    // Nothing listens: ADD fails within the default 5 s, naming the endpoint.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        netns_harness::etcd::closed_port().expect("port")
+    );
+    let stdin = ipam_conf(
+        "net-down",
+        &ipam_section(
+            &node,
+            etcd_store(std::slice::from_ref(&dead)),
+            ranges.clone(),
+        ),
+    );
+    let (_ns, pod) = node.pod("default");
+    let started = std::time::Instant::now();
+    let err = node
+        .runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod), &stdin)
+        .expect_err("ADD with etcd down");
+    let took = started.elapsed();
+    assert!(took <= Duration::from_millis(5800), "ADD took {took:?}");
+    assert_eq!(err.code, cni::code::TRY_AGAIN_LATER, "{err:?}");
+    assert!(
+        err.msg.contains(&dead) && err.msg.contains("unreachable"),
+        "{}",
+        err.msg
+    );
+
+    // With a real etcd: assign, stop etcd, DEL succeeds and is journaled.
+    let stdin = ipam_conf(
+        "net-down",
+        &ipam_section(&node, etcd_store(&etcd.endpoints()), ranges),
+    );
+    let (_ns1, pod1) = node.pod("default");
+    node.runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod1), &stdin)
+        .expect("ADD");
+    etcd.stop_member(0).expect("stop etcd");
+    node.runtime
+        .raw("plexus-ipam", Command::Del, Some(&pod1), &stdin)
+        .expect("DEL succeeds with etcd down");
+    let journal: Vec<_> = std::fs::read_dir(node.scratch.join("ipam-state/journal"))
+        .expect("journal dir")
+        .flatten()
+        .collect();
+    assert_eq!(journal.len(), 1, "one release journaled");
+
+    // The next call that reaches etcd replays it.
+    etcd.restart_member(0).expect("restart etcd");
+    let (_ns2, pod2) = node.pod("default");
+    node.runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod2), &stdin)
+        .expect("ADD after restart");
+    assert_eq!(
+        audit(&node, &etcd, "net-down"),
+        (vec![pod2.container_id.clone()], 1),
+        "pod1's release was replayed"
+    );
+    assert_eq!(
+        std::fs::read_dir(node.scratch.join("ipam-state/journal"))
+            .expect("journal")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn plexus_ipam_refuses_bad_pools_and_names_the_full_one() {
+    let node = Node::new("ipam-bad");
+    let local = serde_json::json!({"type": "local", "path": node.scratch.join("store")});
+    let (_ns, pod) = node.pod("default");
+    for (ranges, why) in [
+        (
+            serde_json::json!([[{"subnet": "10.70.0.0/24", "gateway": "10.71.0.1"}]]),
+            "outside subnet",
+        ),
+        (
+            serde_json::json!([[{"subnet": "10.70.0.0/24"}, {"subnet": "fd00::/64"}]]),
+            "mixes IPv4 and IPv6",
+        ),
+        (serde_json::json!([[{"subnet": "not-a-cidr"}]]), "\"ipam\""),
+    ] {
+        let stdin = ipam_conf("bad", &ipam_section(&node, local.clone(), ranges));
+        let err = node
+            .runtime
+            .raw("plexus-ipam", Command::Add, Some(&pod), &stdin)
+            .expect_err(why);
+        assert_eq!(err.code, cni::code::INVALID_NETWORK_CONFIG, "{err:?}");
+        assert!(err.msg.contains(why), "{why}: {}", err.msg);
+    }
+    assert!(
+        !node.scratch.join("store/kv/handles").exists(),
+        "nothing was assigned"
+    );
+
+    // A /30 has one usable address: the second pod gets the named error.
+    let stdin = ipam_conf(
+        "tiny",
+        &ipam_section(
+            &node,
+            local,
+            serde_json::json!([[{"subnet": "10.72.0.0/30"}]]),
+        ),
+    );
+    let first = node
+        .runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod), &stdin)
+        .expect("ADD");
+    assert_eq!(ips_of(&first), vec!["10.72.0.2/30".to_string()]);
+    let (_ns2, pod2) = node.pod("default");
+    let err = node
+        .runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod2), &stdin)
+        .expect_err("full");
+    assert_eq!(err.code, ipam::code::EXHAUSTED);
+    assert!(
+        err.msg.contains("pool tiny has no free IPv4 address"),
+        "{}",
+        err.msg
+    );
+    node.runtime
+        .raw("plexus-ipam", Command::Del, Some(&pod), &stdin)
+        .expect("DEL");
+    node.runtime
+        .raw("plexus-ipam", Command::Del, Some(&pod), &stdin)
+        .expect("DEL again");
+    node.runtime
+        .raw("plexus-ipam", Command::Add, Some(&pod2), &stdin)
+        .expect("ADD after release");
+}

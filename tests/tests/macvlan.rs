@@ -1,6 +1,5 @@
 //! `plexus-macvlan` on the host kernel, with the reference plugin's fields.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -80,11 +79,7 @@ fn bridge_mode_dual_stack_between_two_pods() {
     let server = probe::EchoServer::start(&ns_b).expect("server");
     for cidr in kernel::addrs(ns_b.name(), "net1").expect("addrs") {
         let ip = addr_ip(&cidr);
-        probe::ping(&ns_a, ip, T).unwrap_or_else(|e| panic!("ping {ip}: {e}"));
-        probe::tcp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("tcp {ip}: {e}"));
-        probe::udp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("udp {ip}: {e}"));
+        probe::reach(&ns_a, ip, server.port(), T).unwrap_or_else(|e| panic!("{e}"));
     }
     drop(server);
 

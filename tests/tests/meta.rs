@@ -1,7 +1,6 @@
 //! The plexus meta-plugin with Debian's reference plugins as delegates, driven
 //! the way containerd drives it, checked against what the kernel holds.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use netns_harness::{kernel, probe};
@@ -125,10 +124,7 @@ fn cluster_network_and_two_secondaries_dual_stack() {
     for dev in ["eth0", "net1", "lan0"] {
         for target in kernel::addrs(ns_b.name(), dev).expect("addrs") {
             let ip = addr_ip(&target);
-            probe::ping(&ns_a, ip, T).unwrap_or_else(|e| panic!("ping {ip} over {dev}: {e}"));
-            let sa = SocketAddr::new(ip, server.port());
-            probe::tcp(&ns_a, sa, T).unwrap_or_else(|e| panic!("tcp {sa} over {dev}: {e}"));
-            probe::udp(&ns_a, sa, T).unwrap_or_else(|e| panic!("udp {sa} over {dev}: {e}"));
+            probe::reach(&ns_a, ip, server.port(), T).unwrap_or_else(|e| panic!("{e} over {dev}"));
         }
     }
     drop(server);

@@ -1,7 +1,6 @@
 //! `plexus-veth`, the Calico-style routed default network, checked against
 //! what the kernel holds on the pod side and the host side.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -181,11 +180,7 @@ fn pods_on_one_node_get_the_calico_model_and_reach_each_other() {
     let server = probe::EchoServer::start(&ns_b).expect("server");
     for cidr in kernel::addrs(ns_b.name(), "eth0").expect("addrs") {
         let ip = addr_ip(&cidr);
-        probe::ping(&ns_a, ip, T).unwrap_or_else(|e| panic!("ping {ip}: {e}"));
-        probe::tcp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("tcp {ip}: {e}"));
-        probe::udp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("udp {ip}: {e}"));
+        probe::reach(&ns_a, ip, server.port(), T).unwrap_or_else(|e| panic!("{e}"));
     }
     drop(server);
 
@@ -253,11 +248,7 @@ fn pods_on_two_nodes_reach_each_other_over_both_families() {
     assert_eq!(targets.len(), 2);
     for cidr in targets {
         let ip = addr_ip(&cidr);
-        probe::ping(&ns_a, ip, T).unwrap_or_else(|e| panic!("ping {ip} across nodes: {e}"));
-        probe::tcp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("tcp {ip}: {e}"));
-        probe::udp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("udp {ip}: {e}"));
+        probe::reach(&ns_a, ip, server.port(), T).unwrap_or_else(|e| panic!("{e} across nodes"));
     }
     drop(server);
     n1.runtime.del(&l1, &pod_a).expect("DEL a");

@@ -3,7 +3,6 @@
 //! (Debian's kernel under qemu) and runs itself inside, where every test below
 //! executes against that real kernel; its report and exit code come back out.
 
-use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::process::ExitCode;
@@ -138,11 +137,8 @@ fn two_pods_over_ipvlan(mode: &str, v4: &str, v6: &str) {
     let server = probe::EchoServer::start(&ns_b).expect("server");
     for cidr in kernel::addrs(ns_b.name(), "net1").expect("addrs") {
         let ip = addr_ip(&cidr);
-        probe::ping(&ns_a, ip, T).unwrap_or_else(|e| panic!("ping {ip} over ipvlan {mode}: {e}"));
-        probe::tcp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("tcp {ip}: {e}"));
-        probe::udp(&ns_a, SocketAddr::new(ip, server.port()), T)
-            .unwrap_or_else(|e| panic!("udp {ip}: {e}"));
+        probe::reach(&ns_a, ip, server.port(), T)
+            .unwrap_or_else(|e| panic!("{e} over ipvlan {mode}"));
     }
     drop(server);
     node.runtime.check(&list, &pod_a).expect("CHECK");
