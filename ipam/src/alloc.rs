@@ -33,7 +33,7 @@ pub struct PoolCache {
     /// Have this node's blocks been read from the store?
     #[serde(default)]
     pub loaded: bool,
-    /// This node's blocks: key → (revision, allocations).
+    /// This node's blocks: key → (revision, addresses in use).
     #[serde(default)]
     pub blocks: BTreeMap<String, (i64, Block)>,
 }
@@ -207,8 +207,8 @@ impl<S: Store> Allocator<S> {
         Ok(out)
     }
 
-    /// Addresses held in `pool`'s blocks, on every node: (ip, handle id).
-    pub fn allocated(&mut self, pool: &Pool) -> Result<Vec<(IpAddr, String)>, Error> {
+    /// Addresses held in `pool`'s blocks, on every node.
+    pub fn allocated(&mut self, pool: &Pool) -> Result<Vec<IpAddr>, Error> {
         let mut out = Vec::new();
         for kv in self
             .store
@@ -218,9 +218,7 @@ impl<S: Store> Allocator<S> {
                 continue;
             };
             let block: Block = decode(&kv.value, &kv.key)?;
-            for (ord, h) in block.allocations {
-                out.push((cidr.nth(u128::from(ord)), h));
-            }
+            out.extend(block.used().map(|ord| cidr.nth(u128::from(ord))));
         }
         Ok(out)
     }
@@ -260,7 +258,7 @@ impl<S: Store> Allocator<S> {
                 let wanted = requested.iter().find(|ip| Family::of(**ip) == *fam);
                 let pick = match wanted {
                     Some(ip) => self.pick_static(pool, handle, *ip),
-                    None => self.pick(pool, *fam, handle),
+                    None => self.pick(pool, *fam),
                 };
                 match pick {
                     Ok(p) => picks.push(p),
@@ -318,7 +316,6 @@ impl<S: Store> Allocator<S> {
     /// Frees what `handle` holds; `None` when it holds nothing.
     pub fn release(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
         let hkey = handle.key();
-        let id = handle.id();
         for _ in 0..MAX_ATTEMPTS {
             let Some(hkv) = self.store.get(&hkey)? else {
                 return Ok(None);
@@ -347,9 +344,7 @@ impl<S: Store> Allocator<S> {
                 if let Some((_, block)) = blocks.get_mut(&a.block) {
                     let cidr = a.block.rsplit('/').next().and_then(BlockCidr::parse_key);
                     if let Some(ord) = cidr.and_then(|c| c.ordinal(a.ip)) {
-                        if block.allocations.get(&ord) == Some(&id) {
-                            block.allocations.remove(&ord);
-                        }
+                        block.clear(ord);
                     }
                 }
             }
@@ -442,7 +437,7 @@ impl<S: Store> Allocator<S> {
     }
 
     /// A free address of `family` in one of this node's blocks.
-    fn free_in_own(&self, pool: &Pool, family: Family, handle: &HandleId) -> Option<Pick> {
+    fn free_in_own(&self, pool: &Pool, family: Family) -> Option<Pick> {
         let cache = self.cache.get(&pool.name)?;
         cache.blocks.iter().find_map(|(key, (rev, block))| {
             let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key)?;
@@ -451,7 +446,7 @@ impl<S: Store> Allocator<S> {
             }
             let (ord, ip) = block.free(pool, cidr)?;
             let mut block = block.clone();
-            block.allocations.insert(ord, handle.id());
+            block.set(ord);
             Some(Pick {
                 key: key.clone(),
                 rev: *rev,
@@ -464,9 +459,9 @@ impl<S: Store> Allocator<S> {
 
     /// A dynamic address: from this node's blocks, else a newly claimed
     /// block, else borrowed from another node's block.
-    fn pick(&mut self, pool: &Pool, family: Family, handle: &HandleId) -> Result<Pick, Error> {
+    fn pick(&mut self, pool: &Pool, family: Family) -> Result<Pick, Error> {
         self.load(pool, false)?;
-        if let Some(p) = self.free_in_own(pool, family, handle) {
+        if let Some(p) = self.free_in_own(pool, family) {
             return Ok(p);
         }
         for _ in 0..MAX_ATTEMPTS {
@@ -482,7 +477,7 @@ impl<S: Store> Allocator<S> {
                 // Claimed by an earlier run whose answer was lost, or by
                 // another process of this node.
                 self.load(pool, true)?;
-                if let Some(p) = self.free_in_own(pool, family, handle) {
+                if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
                 }
             }
@@ -490,7 +485,7 @@ impl<S: Store> Allocator<S> {
                 .blocks(family, spread(&self.node))
                 .find(|b| !claims.contains_key(b) && Block::default().free(pool, *b).is_some());
             let Some(cidr) = candidate else {
-                return self.borrow(pool, family, handle, &claims);
+                return self.borrow(pool, family, &claims);
             };
             let ckey = claim_key(&pool.name, cidr);
             let bkey = block_key(&pool.name, &self.node, cidr);
@@ -506,7 +501,7 @@ impl<S: Store> Allocator<S> {
             if out.succeeded {
                 self.stats.claims += 1;
                 self.remember(pool, bkey, out.revision, Block::default());
-                if let Some(p) = self.free_in_own(pool, family, handle) {
+                if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
                 }
             } else {
@@ -536,7 +531,6 @@ impl<S: Store> Allocator<S> {
         &mut self,
         pool: &Pool,
         family: Family,
-        handle: &HandleId,
         claims: &BTreeMap<BlockCidr, String>,
     ) -> Result<Pick, Error> {
         for (cidr, owner) in claims {
@@ -549,7 +543,7 @@ impl<S: Store> Allocator<S> {
             };
             let mut block: Block = decode(&kv.value, &key)?;
             if let Some((ord, ip)) = block.free(pool, *cidr) {
-                block.allocations.insert(ord, handle.id());
+                block.set(ord);
                 self.stats.borrows += 1;
                 return Ok(Pick {
                     key,
@@ -584,7 +578,6 @@ impl<S: Store> Allocator<S> {
                 reason: format!("not in block {}", cidr.key()),
             });
         };
-        let id = handle.id();
         for _ in 0..MAX_ATTEMPTS {
             let ckey = claim_key(&pool.name, cidr);
             let owner = match self.store.get(&ckey)? {
@@ -615,16 +608,19 @@ impl<S: Store> Allocator<S> {
                 )));
             };
             let mut block: Block = decode(&kv.value, &key)?;
-            match block.allocations.get(&ord) {
-                Some(holder) if holder != &id => {
+            if block.is_used(ord) {
+                // Ours only if this handle already holds it (a repeated ADD).
+                let mine = self
+                    .lookup(handle)?
+                    .is_some_and(|r| r.addresses.iter().any(|a| a.ip == ip));
+                if !mine {
                     return Err(Error::Unavailable {
                         ip,
-                        reason: format!("already assigned to {holder}"),
-                    })
+                        reason: format!("already assigned (block {})", cidr.key()),
+                    });
                 }
-                _ => {}
             }
-            block.allocations.insert(ord, id);
+            block.set(ord);
             return Ok(Pick {
                 own: owner == self.node,
                 key,

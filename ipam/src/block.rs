@@ -9,7 +9,6 @@
 //! A node reads and writes only its own `blocks/<pool>/<node>/` in the common
 //! case, so nodes do not contend; `claims/` is touched once per new block.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -98,21 +97,111 @@ pub struct HandleRecord {
     pub addresses: Vec<Assigned>,
 }
 
-/// A block's allocations.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A block's allocations: one bit per address, stored as hex words
+/// (`{"used": "…"}`), so that the value every assignment rewrites stays a
+/// few dozen bytes. Who holds an address is the handle's record, written in
+/// the same transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Block {
-    /// Ordinal → handle id.
-    #[serde(default)]
-    pub allocations: BTreeMap<u32, String>,
+    words: Vec<u64>,
 }
 
 impl Block {
+    pub fn is_used(&self, ordinal: u32) -> bool {
+        let (w, b) = (ordinal as usize / 64, ordinal % 64);
+        self.words.get(w).is_some_and(|word| word & (1 << b) != 0)
+    }
+
+    pub fn set(&mut self, ordinal: u32) {
+        let (w, b) = (ordinal as usize / 64, ordinal % 64);
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << b;
+    }
+
+    /// Clears `ordinal`; whether it was set.
+    pub fn clear(&mut self, ordinal: u32) -> bool {
+        let was = self.is_used(ordinal);
+        if let Some(word) = self.words.get_mut(ordinal as usize / 64) {
+            *word &= !(1u64 << (ordinal % 64));
+        }
+        while self.words.last() == Some(&0) {
+            self.words.pop();
+        }
+        was
+    }
+
+    /// The ordinals in use.
+    pub fn used(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, word)| {
+            (0..64u32)
+                .filter(move |b| word & (1u64 << b) != 0)
+                .map(move |b| w as u32 * 64 + b)
+        })
+    }
+
     /// The first address of `cidr` that `pool` allows and nobody holds.
     pub fn free(&self, pool: &Pool, cidr: BlockCidr) -> Option<(u32, IpAddr)> {
         let size = u32::try_from(cidr.size()).unwrap_or(u32::MAX);
         (0..size)
-            .filter(|o| !self.allocations.contains_key(o))
+            .filter(|o| !self.is_used(*o))
             .map(|o| (o, cidr.nth(u128::from(o))))
             .find(|(_, ip)| pool.usable(*ip))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct BlockWire {
+    #[serde(default)]
+    used: String,
+}
+
+impl Serialize for Block {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let used: String = self.words.iter().map(|w| format!("{w:016x}")).collect();
+        BlockWire { used }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Block {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Block, D::Error> {
+        let wire = BlockWire::deserialize(d)?;
+        if wire.used.len() % 16 != 0 || !wire.used.is_ascii() {
+            return Err(serde::de::Error::custom(
+                "\"used\" is not whole 64-bit hex words",
+            ));
+        }
+        let words = (0..wire.used.len() / 16)
+            .map(|i| u64::from_str_radix(&wire.used[i * 16..i * 16 + 16], 16))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(serde::de::Error::custom)?;
+        Ok(Block { words })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_round_trip_through_json() {
+        let mut b = Block::default();
+        for o in [0, 5, 63, 64, 200] {
+            b.set(o);
+        }
+        let raw = serde_json::to_string(&b).expect("encode");
+        let back: Block = serde_json::from_str(&raw).expect("decode");
+        assert_eq!(back, b);
+        assert_eq!(back.used().collect::<Vec<_>>(), vec![0, 5, 63, 64, 200]);
+        assert!(b.clone().clear(200) && !b.clone().clear(201));
+        let mut c = b.clone();
+        c.clear(200);
+        assert_eq!(
+            serde_json::to_string(&c).expect("encode").len(),
+            43,
+            "trailing zero words dropped"
+        );
+        assert!(serde_json::from_str::<Block>(r#"{"used":"xyz"}"#).is_err());
     }
 }

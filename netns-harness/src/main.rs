@@ -1,4 +1,5 @@
-//! `netns-harness demo`, `bench [cycles]` and `vm COMMAND…`.
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam` (only the IPAM part)
+//! and `vm COMMAND…`.
 
 use std::process::ExitCode;
 
@@ -42,8 +43,11 @@ fn main() -> ExitCode {
                 args[1]
             )),
         },
+        Some("bench-ipam") => netns_harness::bench_ipam::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
-        _ => Err("usage: netns-harness demo | bench [cycles] | vm COMMAND [ARGS…]".into()),
+        _ => Err(
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | vm COMMAND [ARGS…]".into(),
+        ),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -128,7 +128,7 @@ fn assert_distinct_and_recorded(open: &Opener, pool: &Pool, run: &Run, per_famil
     }
     let mut alloc = Allocator::new(open(), "auditor");
     let held = alloc.allocated(pool).expect("read blocks");
-    let held_set: HashSet<IpAddr> = held.iter().map(|(ip, _)| *ip).collect();
+    let held_set: HashSet<IpAddr> = held.iter().copied().collect();
     assert_eq!(held.len(), held_set.len(), "two blocks hold one address");
     let handed: HashSet<IpAddr> = run.assigned.values().flatten().copied().collect();
     assert_eq!(held_set, handed, "blocks hold exactly what was handed out");
@@ -171,7 +171,7 @@ fn release_all_and_assert_empty(open: &Opener, pool: &Pool, run: &Run) {
     let mut alloc = Allocator::new(open(), "auditor");
     assert_eq!(
         alloc.allocated(pool).expect("blocks"),
-        vec![],
+        Vec::<IpAddr>::new(),
         "addresses left"
     );
     assert!(
@@ -268,12 +268,7 @@ fn semantics(open: Opener) {
     let clash = a
         .assign(&pods, &HandleId::new("pods", "clash", "eth0"), &want[..1])
         .expect_err("taken");
-    assert!(
-        clash
-            .to_string()
-            .contains("already assigned to pods/static/eth0"),
-        "{clash}"
-    );
+    assert!(clash.to_string().contains("already assigned"), "{clash}");
     for bad in ["10.200.0.0", "10.201.0.5", "10.200.0.1"] {
         let e = a
             .assign(
