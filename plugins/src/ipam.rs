@@ -26,7 +26,8 @@ use tracing::warn;
 
 pub struct PlexusIpam;
 
-/// How long a call waits for the node lock before giving up.
+/// How long a call on the local store waits for the node lock; on etcd the
+/// store's timeout bounds the wait and the call together.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -73,10 +74,14 @@ impl Node {
             .write(true)
             .open(&lock_path)
             .map_err(|e| io("open", &lock_path, e))?;
+        let wait = match &conf.store {
+            Some(StoreConf::Etcd(etcd)) => etcd.timeout(),
+            _ => LOCK_WAIT,
+        };
         let lock = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(l) => break l,
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_WAIT => {
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < wait => {
                     file = f;
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -118,8 +123,12 @@ impl Node {
 
     /// The allocator for this node, its cache loaded.
     fn allocator(&self) -> Result<Allocator<Box<dyn Store>>, Error> {
-        let store = self.store()?;
+        Ok(self.try_allocator()?)
+    }
+
+    fn try_allocator(&self) -> Result<Allocator<Box<dyn Store>>, ipam::Error> {
         let node = self.conf.node()?;
+        let store = self.store()?;
         let cache: NodeCache = fs::read(self.cache_path(&store.describe()))
             .ok()
             .and_then(|raw| serde_json::from_slice(&raw).ok())
@@ -275,21 +284,16 @@ impl Plugin for PlexusIpam {
     fn del(&self, req: &Request) -> Result<(), Error> {
         let node = Node::open(req)?;
         let h = handle(req);
-        let mut alloc = match node.allocator() {
-            Ok(a) => a,
-            Err(e) => return journal(&node, &h, e),
-        };
-        let released = alloc.release(&h);
+        let released = node.try_allocator().and_then(|mut alloc| {
+            alloc.release(&h)?;
+            node.replay(&mut alloc);
+            node.save(&mut alloc);
+            Ok(())
+        });
         match released {
-            Ok(_) => {
-                node.replay(&mut alloc);
-                node.save(&mut alloc);
-                Ok(())
-            }
-            Err(ipam::Error::Unreachable { store, detail }) => {
-                let e: Error = ipam::Error::Unreachable { store, detail }.into();
-                journal(&node, &h, e)
-            }
+            Ok(()) => Ok(()),
+            // DEL succeeds: the release waits in the journal for the store.
+            Err(e @ ipam::Error::Unreachable { .. }) => journal(&node, &h, e.into()),
             Err(e) => Err(e.into()),
         }
     }
