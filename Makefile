@@ -8,6 +8,10 @@ DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containern
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+# Release binaries are linked statically (no dynamic loader work at each of
+# the runtime's execs); `--target` keeps that flag off build scripts and macros.
+TRIPLE    = $(shell rustc -vV | sed -n 's/^host: //p')
+RELEASE   = $(TARGET)/$(TRIPLE)/release
 
 .PHONY: all deps build build-release lint test demo bench install clean
 
@@ -27,7 +31,7 @@ build: deps
 	$(CARGO) build --workspace --bins
 
 build-release: deps
-	$(CARGO) build --release --workspace --bins
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TRIPLE) --workspace --bins
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -42,13 +46,13 @@ demo: build
 	PLEXUS_BIN=$(TARGET)/debug/plexus $(TARGET)/debug/netns-harness demo
 
 bench: build-release
-	PLEXUS_BIN=$(TARGET)/release/plexus $(TARGET)/release/netns-harness bench $(CYCLES)
+	PLEXUS_BIN=$(RELEASE)/plexus $(RELEASE)/netns-harness bench $(CYCLES)
 
 # The multi-call binary and one link per plugin name it answers to.
 PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-ipam
 
 install: build-release
-	install -D -m 0755 $(TARGET)/release/plexus $(DESTDIR)$(BINDIR)/plexus
+	install -D -m 0755 $(RELEASE)/plexus $(DESTDIR)$(BINDIR)/plexus
 	for n in $(PLUGIN_NAMES); do ln -sf plexus $(DESTDIR)$(BINDIR)/$$n; done
 
 clean:

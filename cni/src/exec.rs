@@ -165,6 +165,34 @@ impl Executor {
         inv: &Invocation,
         stdin: &[u8],
     ) -> Result<Vec<u8>, Error> {
+        self.start_program(program, command, inv, stdin)?.wait()
+    }
+
+    /// Whether `plugin_type` runs in-process.
+    pub fn is_builtin(&self, plugin_type: &str) -> bool {
+        self.builtin(plugin_type).is_some()
+    }
+
+    /// Starts the plugin binary of `plugin_type` (not a built-in) and hands
+    /// it `stdin`; the caller does other work, then waits for its answer.
+    pub fn start(
+        &self,
+        plugin_type: &str,
+        command: Command,
+        inv: &Invocation,
+        stdin: &[u8],
+    ) -> Result<Running, Error> {
+        let program = self.find(plugin_type)?;
+        self.start_program(&program, command, inv, stdin)
+    }
+
+    fn start_program(
+        &self,
+        program: &Path,
+        command: Command,
+        inv: &Invocation,
+        stdin: &[u8],
+    ) -> Result<Running, Error> {
         let mut p = Process::new(program);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("CNI_") {
@@ -185,29 +213,15 @@ impl Executor {
         if let Some(hook) = &self.hook {
             hook(&mut p);
         }
-        let what = || format!("{} {}", program.display(), command.as_str());
+        let what = format!("{} {}", program.display(), command.as_str());
         let mut child = p.spawn().map_err(|e| {
-            Error::new(code::IO_FAILURE, format!("exec {}", what())).with_details(e.to_string())
+            Error::new(code::IO_FAILURE, format!("exec {what}")).with_details(e.to_string())
         })?;
         if let Some(mut input) = child.stdin.take() {
             // A plugin may exit without reading stdin; a broken pipe is not our failure.
             let _ = input.write_all(stdin);
         }
-        let out = child.wait_with_output().map_err(|e| {
-            Error::new(code::IO_FAILURE, format!("wait for {}", what())).with_details(e.to_string())
-        })?;
-        if out.status.success() {
-            return Ok(out.stdout);
-        }
-        if let Ok(err) = serde_json::from_slice::<Error>(&out.stdout) {
-            return Err(err);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        Err(
-            Error::new(code::INTERNAL, format!("{} failed: {}", what(), out.status))
-                .with_details(format!("{}{}", stdout.trim(), stderr.trim())),
-        )
+        Ok(Running { child, what })
     }
 
     /// ADD of every plugin in order, each seeing the previous one's result.
@@ -333,4 +347,32 @@ impl Executor {
 
 fn to_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// A plugin process started by [`Executor::start`], its stdin written and closed.
+pub struct Running {
+    child: std::process::Child,
+    what: String,
+}
+
+impl Running {
+    /// Waits for the plugin: its stdout on success, its error otherwise.
+    pub fn wait(self) -> Result<Vec<u8>, Error> {
+        let what = self.what;
+        let out = self.child.wait_with_output().map_err(|e| {
+            Error::new(code::IO_FAILURE, format!("wait for {what}")).with_details(e.to_string())
+        })?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        if let Ok(err) = serde_json::from_slice::<Error>(&out.stdout) {
+            return Err(err);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Err(
+            Error::new(code::INTERNAL, format!("{what} failed: {}", out.status))
+                .with_details(format!("{}{}", stdout.trim(), stderr.trim())),
+        )
+    }
 }

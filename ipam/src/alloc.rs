@@ -487,30 +487,37 @@ impl<S: Store> Allocator<S> {
             let Some(cidr) = candidate else {
                 return self.borrow(pool, family, &claims);
             };
-            let ckey = claim_key(&pool.name, cidr);
-            let bkey = block_key(&pool.name, &self.node, cidr);
-            let out = self.store.txn(
-                Txn::default()
-                    .when(&ckey, 0)
-                    .when(&bkey, 0)
-                    .put(&ckey, self.node.as_bytes().to_vec())
-                    .put(&bkey, encode(&Block::default())?)
-                    .or_read(&ckey),
-            )?;
-            self.stats.txns += 1;
-            if out.succeeded {
-                self.stats.claims += 1;
-                self.remember(pool, bkey, out.revision, Block::default());
+            if self.claim(pool, cidr)? {
                 if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
                 }
-            } else {
-                self.stats.conflicts += 1;
             }
         }
         Err(Error::Contended {
             what: format!("claiming a block of pool {}", pool.name),
         })
+    }
+
+    /// Claims `cidr` for this node with an empty block; false when another
+    /// claim got there first.
+    fn claim(&mut self, pool: &Pool, cidr: BlockCidr) -> Result<bool, Error> {
+        let ckey = claim_key(&pool.name, cidr);
+        let bkey = block_key(&pool.name, &self.node, cidr);
+        let out = self.store.txn(
+            Txn::default()
+                .when(&ckey, 0)
+                .when(&bkey, 0)
+                .put(&ckey, self.node.as_bytes().to_vec())
+                .put(&bkey, encode(&Block::default())?),
+        )?;
+        self.stats.txns += 1;
+        if out.succeeded {
+            self.stats.claims += 1;
+            self.remember(pool, bkey, out.revision, Block::default());
+        } else {
+            self.stats.conflicts += 1;
+        }
+        Ok(out.succeeded)
     }
 
     /// Every claimed block of `pool` and its node.
@@ -583,21 +590,7 @@ impl<S: Store> Allocator<S> {
             let owner = match self.store.get(&ckey)? {
                 Some(kv) => String::from_utf8_lossy(&kv.value).into_owned(),
                 None => {
-                    let bkey = block_key(&pool.name, &self.node, cidr);
-                    let out = self.store.txn(
-                        Txn::default()
-                            .when(&ckey, 0)
-                            .when(&bkey, 0)
-                            .put(&ckey, self.node.as_bytes().to_vec())
-                            .put(&bkey, encode(&Block::default())?),
-                    )?;
-                    self.stats.txns += 1;
-                    if out.succeeded {
-                        self.stats.claims += 1;
-                        self.remember(pool, bkey, out.revision, Block::default());
-                    } else {
-                        self.stats.conflicts += 1;
-                    }
+                    self.claim(pool, cidr)?;
                     continue;
                 }
             };

@@ -57,7 +57,54 @@ impl<'a> Ipam<'a> {
         let raw = self
             .exec
             .exec(&self.kind, Command::Add, &self.inv, &self.req.stdin)?;
-        let (_, result) = CniResult::from_slice(&raw)?;
+        self.parse(&raw)
+    }
+
+    /// Runs the IPAM plugin's `command` while `work` runs: an exec'd
+    /// plugin is started first and waited for after `work`; a built-in one
+    /// runs on a second thread.
+    fn beside<T: Send>(
+        &self,
+        command: Command,
+        work: impl FnOnce() -> T + Send,
+    ) -> (T, Result<Vec<u8>, Error>) {
+        if self.exec.is_builtin(&self.kind) {
+            return std::thread::scope(|s| {
+                let ipam = s.spawn(|| {
+                    self.exec
+                        .exec(&self.kind, command, &self.inv, &self.req.stdin)
+                });
+                let mine = work();
+                let theirs = ipam
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::new(code::INTERNAL, "IPAM thread panicked")));
+                (mine, theirs)
+            });
+        }
+        let running = self
+            .exec
+            .start(&self.kind, command, &self.inv, &self.req.stdin);
+        let mine = work();
+        (mine, running.and_then(|r| r.wait()))
+    }
+
+    /// ADD while `work` runs (see [`Ipam::beside`]).
+    pub fn add_beside<T: Send>(
+        &self,
+        work: impl FnOnce() -> T + Send,
+    ) -> (T, Result<CniResult, Error>) {
+        let (mine, raw) = self.beside(Command::Add, work);
+        (mine, raw.and_then(|raw| self.parse(&raw)))
+    }
+
+    /// DEL while `work` runs (see [`Ipam::beside`]).
+    pub fn del_beside<T: Send>(&self, work: impl FnOnce() -> T + Send) -> (T, Result<(), Error>) {
+        let (mine, raw) = self.beside(Command::Del, work);
+        (mine, raw.map(|_| ()))
+    }
+
+    fn parse(&self, raw: &[u8]) -> Result<CniResult, Error> {
+        let (_, result) = CniResult::from_slice(raw)?;
         if result.ips.is_empty() {
             return Err(Error::new(
                 code::INTERNAL,

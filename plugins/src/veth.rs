@@ -213,21 +213,6 @@ fn address(pair: &Pair, req: &Request, conf: &Conf, ipam: &CniResult) -> Result<
     Ok(result)
 }
 
-/// Runs `there` on a second thread while `here` runs on this one.
-fn beside<H, T: Send>(
-    there: impl FnOnce() -> Result<T, Error> + Send,
-    here: impl FnOnce() -> H,
-) -> (H, Result<T, Error>) {
-    std::thread::scope(|s| {
-        let other = s.spawn(there);
-        let mine = here();
-        let theirs = other
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(code::INTERNAL, "IPAM thread panicked")));
-        (mine, theirs)
-    })
-}
-
 fn route(dst: IpNetwork, gw: IpAddr) -> Route {
     Route::new(dst, Some(gw))
 }
@@ -249,8 +234,8 @@ impl Plugin for Veth {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         let conf = Conf::parse(req)?;
         let ipam = Ipam::required(req, "plexus-veth")?;
-        // IPAM (an exec'd plugin) and the link work do not depend on each other.
-        let (pair, addresses) = beside(|| ipam.add(), || make_pair(req, &conf));
+        // IPAM and the link work do not depend on each other.
+        let (pair, addresses) = ipam.add_beside(|| make_pair(req, &conf));
         let attached = pair.and_then(|pair| addresses.and_then(|a| address(&pair, req, &conf, &a)));
         attached.inspect_err(|_| {
             if let Err(e) = detach(req) {
@@ -267,7 +252,7 @@ impl Plugin for Veth {
         let ipam = Ipam::required(req, "plexus-veth")?;
         // Releasing never waits for the link: a missing netns or link must
         // not keep an address, and the kernel's link teardown is the slow part.
-        let (detached, released) = beside(|| ipam.del(), || detach(req));
+        let (detached, released) = ipam.del_beside(|| detach(req));
         cni::error::combine(released.err().into_iter().chain(detached.err()).collect())
     }
 
