@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,106 @@ pub struct EtcdCluster {
     token: String,
     /// The netns the members run in (its path, and a hook that enters it).
     netns: Option<(PathBuf, cni::exec::Hook)>,
+    /// Client URLs over TLS with client-certificate authentication.
+    tls: Option<Tls>,
     _dir: Scratch,
+}
+
+/// A CA, and a certificate and key it signed (PEM files).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn openssl(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("openssl").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "openssl {}: {}",
+            args.first().copied().unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Tls {
+    /// A test CA in `dir` and two P-256 certificates it signs: one for etcd
+    /// (server and client use, for 127.0.0.1) and one for a client.
+    pub fn generate(dir: &Path) -> io::Result<(Tls, Tls)> {
+        let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
+        ca.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_pem,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=plexus-test-ca",
+        ]);
+        openssl(&ca)?;
+        let mut issued = Vec::new();
+        for (name, usage) in [("etcd", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+            let (key, csr, pem, ext) = (
+                p(&format!("{name}.key")),
+                p(&format!("{name}.csr")),
+                p(&format!("{name}.pem")),
+                p(&format!("{name}.ext")),
+            );
+            std::fs::write(
+                &ext,
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )?;
+            let mut req = vec!["req"];
+            req.extend(ec);
+            let subj = format!("/CN={name}");
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(&req)?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ])?;
+            issued.push(Tls {
+                ca: PathBuf::from(&ca_pem),
+                cert: PathBuf::from(pem),
+                key: PathBuf::from(key),
+            });
+        }
+        let client = issued
+            .pop()
+            .ok_or_else(|| io::Error::other("no client cert"))?;
+        let server = issued
+            .pop()
+            .ok_or_else(|| io::Error::other("no server cert"))?;
+        Ok((server, client))
+    }
 }
 
 fn free_port() -> io::Result<u16> {
@@ -46,18 +145,29 @@ fn free_port() -> io::Result<u16> {
 impl EtcdCluster {
     /// Starts `size` members and waits until every one is healthy.
     pub fn start(size: usize) -> io::Result<EtcdCluster> {
-        EtcdCluster::start_with(size, None)
+        EtcdCluster::start_with(size, None, None)
+    }
+
+    /// The same, serving clients over TLS only to clients with a
+    /// certificate `server.ca` signed; `server` is etcd's own certificate.
+    pub fn start_tls(size: usize, server: Tls) -> io::Result<EtcdCluster> {
+        EtcdCluster::start_with(size, None, Some(server))
     }
 
     /// The same, with the members inside `ns` (a test node's netns, so that
     /// plugins run there reach them on its loopback).
     pub fn start_in(size: usize, ns: &Netns) -> io::Result<EtcdCluster> {
-        EtcdCluster::start_with(size, Some((ns.path().to_path_buf(), ns.enter_hook()?)))
+        EtcdCluster::start_with(
+            size,
+            Some((ns.path().to_path_buf(), ns.enter_hook()?)),
+            None,
+        )
     }
 
     fn start_with(
         size: usize,
         netns: Option<(PathBuf, cni::exec::Hook)>,
+        tls: Option<Tls>,
     ) -> io::Result<EtcdCluster> {
         let dir = Scratch::new("etcd")?;
         // Hold every listener until all ports are chosen so none repeats.
@@ -88,6 +198,7 @@ impl EtcdCluster {
             initial_cluster,
             token,
             netns,
+            tls,
             _dir: dir,
         };
         for i in 0..size {
@@ -101,7 +212,7 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> io::Result<()> {
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.url(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -110,6 +221,15 @@ impl EtcdCluster {
         let mut cmd = Command::new(etcd_bin());
         if let Some((_, enter)) = &self.netns {
             enter(&mut cmd);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
         }
         let child = cmd
             .args(["--name", &m.name])
@@ -140,12 +260,46 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// Client endpoints, `http://127.0.0.1:<port>`, one per member.
+    /// Client endpoints, `http://127.0.0.1:<port>` (`https` with TLS), one per member.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
+        (0..self.members.len()).map(|i| self.url(i)).collect()
+    }
+
+    fn url(&self, i: usize) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Runs Debian's `etcdctl` against member `i` (with etcd's own
+    /// certificate under TLS); its stdout.
+    pub fn etcdctl(&self, i: usize, args: &[&str]) -> io::Result<String> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url(i)));
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.cert.display()))
+                .arg(format!("--key={}", tls.key.display()));
+        }
+        if let Some((_, enter)) = &self.netns {
+            enter(&mut cmd);
+        }
+        let out = cmd.args(args).output()?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(io::Error::other(format!(
+                "etcdctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    /// Turns on etcd's authentication with a `root` user of `password`.
+    pub fn enable_auth(&self, password: &str) -> io::Result<()> {
+        self.etcdctl(0, &["user", "add", &format!("root:{password}")])?;
+        self.etcdctl(0, &["auth", "enable"]).map(|_| ())
     }
 
     /// Number of members.
@@ -183,10 +337,14 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, i: usize, timeout: Duration) -> io::Result<()> {
         let start = Instant::now();
         loop {
-            if let Ok(body) = self.http(i, "GET", "/health", "") {
-                if body.contains("\"health\":\"true\"") {
-                    return Ok(());
-                }
+            let healthy = if self.tls.is_some() {
+                self.etcdctl(i, &["endpoint", "health"]).is_ok()
+            } else {
+                self.http(i, "GET", "/health", "")
+                    .is_ok_and(|b| b.contains("\"health\":\"true\""))
+            };
+            if healthy {
+                return Ok(());
             }
             if start.elapsed() > timeout {
                 let log = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();

@@ -628,3 +628,45 @@ fn plexus_ipam_refuses_bad_pools_and_names_the_full_one() {
         .raw("plexus-ipam", Command::Add, Some(&pod2), &stdin)
         .expect("ADD after release");
 }
+
+#[test]
+fn etcd_store_speaks_tls_with_client_certificates_and_user_password() {
+    let dir = Scratch::new("etcd-tls").expect("scratch");
+    let (server, client) = netns_harness::etcd::Tls::generate(dir.path()).expect("certificates");
+    let etcd = EtcdCluster::start_tls(1, server).expect("etcd over TLS");
+    let mut conf = EtcdConf::new(etcd.endpoints(), "/t/tls/");
+    conf.ca_file = Some(client.ca.to_string_lossy().into_owned());
+    conf.cert_file = Some(client.cert.to_string_lossy().into_owned());
+    conf.key_file = Some(client.key.to_string_lossy().into_owned());
+    conf.timeout_seconds = Some(3.0);
+    let pool = dual_pool("tls");
+    let h = HandleId::new("tls", "c1", "eth0");
+    let mut a = Allocator::new(EtcdStore::connect(&conf).expect("connect over TLS"), "n1");
+    a.define_pool(&pool).expect("define over TLS");
+    let rec = a.assign(&pool, &h, &[]).expect("assign over TLS");
+
+    // Without a client certificate etcd refuses the connection.
+    let mut bare = conf.clone();
+    bare.cert_file = None;
+    bare.key_file = None;
+    let refused = EtcdStore::connect(&bare).and_then(|s| Allocator::new(s, "n2").lookup(&h));
+    assert!(
+        matches!(refused, Err(Error::Unreachable { .. })),
+        "no client certificate: {refused:?}"
+    );
+
+    // With authentication on, the user and password are what counts.
+    etcd.enable_auth("s3cret").expect("enable auth");
+    let mut user = conf.clone();
+    user.username = Some("root".into());
+    user.password = Some("s3cret".into());
+    let mut b = Allocator::new(EtcdStore::connect(&user).expect("connect as root"), "n2");
+    assert_eq!(b.lookup(&h).expect("lookup as root"), Some(rec));
+    let mut wrong = user.clone();
+    wrong.password = Some("guess".into());
+    let denied = EtcdStore::connect(&wrong).and_then(|s| Allocator::new(s, "n3").lookup(&h));
+    assert!(
+        matches!(&denied, Err(Error::Config(m)) if m.contains("authentication failed")),
+        "wrong password: {denied:?}"
+    );
+}
