@@ -670,3 +670,76 @@ fn etcd_store_speaks_tls_with_client_certificates_and_user_password() {
         "wrong password: {denied:?}"
     );
 }
+
+#[test]
+fn plexus_ipam_named_pools_and_static_requests() {
+    let node = Node::new("ipam-named");
+    let local = serde_json::json!({"type": "local", "path": node.scratch.join("store")});
+    let add = |network: &str, ipam: &serde_json::Value, extra: serde_json::Value| {
+        let (ns, pod) = node.pod("default");
+        let mut conf = serde_json::json!({
+            "cniVersion": "1.0.0", "name": network, "type": "plexus-veth", "ipam": ipam,
+        });
+        if let (Some(c), Some(x)) = (conf.as_object_mut(), extra.as_object()) {
+            c.extend(x.clone());
+        }
+        let stdin = serde_json::to_vec(&conf).expect("json");
+        let out = node
+            .runtime
+            .raw("plexus-ipam", Command::Add, Some(&pod), &stdin);
+        drop(ns);
+        out
+    };
+
+    // One network defines pool "shared"; another uses it by name alone.
+    let mut defining = ipam_section(
+        &node,
+        local.clone(),
+        serde_json::json!([[{"subnet": "10.73.0.0/24"}]]),
+    );
+    defining["pool"] = serde_json::json!("shared");
+    let a = ips_of(&add("net-a", &defining, serde_json::json!({})).expect("ADD net-a"));
+    let named = serde_json::json!({
+        "type": "plexus-ipam", "pool": "shared", "store": local,
+        "nodeName": "node-1", "stateDir": node.scratch.join("ipam-state"),
+    });
+    let b = ips_of(&add("net-b", &named, serde_json::json!({})).expect("ADD net-b"));
+    assert!(
+        b[0].starts_with("10.73.0.") && b[0].ends_with("/24") && a != b,
+        "{a:?} {b:?}"
+    );
+
+    let mut unknown = named.clone();
+    unknown["pool"] = serde_json::json!("nope");
+    let err = add("net-c", &unknown, serde_json::json!({})).expect_err("unknown pool");
+    assert_eq!(err.code, cni::code::INVALID_NETWORK_CONFIG);
+    assert!(err.msg.contains("pool nope is not defined"), "{}", err.msg);
+
+    // Static requests: the `ips` capability and `args.cni.ips`.
+    let by_cap = add(
+        "net-b",
+        &named,
+        serde_json::json!({"runtimeConfig": {"ips": ["10.73.0.77/24"]}}),
+    );
+    assert_eq!(
+        ips_of(&by_cap.expect("ips capability")),
+        vec!["10.73.0.77/24".to_string()]
+    );
+    let by_args = add(
+        "net-b",
+        &named,
+        serde_json::json!({"args": {"cni": {"ips": ["10.73.0.78"]}}}),
+    );
+    assert_eq!(
+        ips_of(&by_args.expect("args.cni.ips")),
+        vec!["10.73.0.78/24".to_string()]
+    );
+    let taken = add(
+        "net-b",
+        &named,
+        serde_json::json!({"runtimeConfig": {"ips": ["10.73.0.77"]}}),
+    )
+    .expect_err("taken");
+    assert_eq!(taken.code, ipam::code::UNAVAILABLE);
+    assert!(taken.msg.contains("already assigned"), "{}", taken.msg);
+}
