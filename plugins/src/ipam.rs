@@ -341,18 +341,21 @@ impl Plugin for PlexusIpam {
         released.map(|_| ()).map_err(Error::from)
     }
 
+    /// Ready when the store answers and the pool is usable: a read of the
+    /// pool's key, never only the node's cache.
     fn status(&self, req: &Request) -> Result<(), Error> {
-        let node = Node::open(req)?;
-        let mut alloc = node.allocator().map_err(|e| Error {
+        let unavailable = |e: Error| Error {
             code: code::PLUGIN_NOT_AVAILABLE,
             ..e
-        })?;
-        pool(&node.conf, &req.conf.name, &mut alloc)
+        };
+        let node = Node::open(req)?;
+        let mut alloc = node.allocator().map_err(unavailable)?;
+        let pool = pool(&node.conf, &req.conf.name, &mut alloc).map_err(unavailable)?;
+        alloc
+            .store()
+            .get(&ipam::block::pool_key(&pool.name))
             .map(|_| ())
-            .map_err(|e| Error {
-                code: code::PLUGIN_NOT_AVAILABLE,
-                ..e
-            })
+            .map_err(|e| unavailable(e.into()))
     }
 }
 

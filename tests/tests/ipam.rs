@@ -539,6 +539,14 @@ fn plexus_ipam_with_etcd_down_fails_add_in_time_and_journals_del() {
     node.runtime
         .raw("plexus-ipam", Command::Del, Some(&pod1), &stdin)
         .expect("DEL succeeds with etcd down");
+    let mut status_conf: serde_json::Value = serde_json::from_slice(&stdin).expect("json");
+    status_conf["cniVersion"] = serde_json::json!("1.1.0");
+    let status_conf = serde_json::to_vec(&status_conf).expect("json");
+    let status = node
+        .runtime
+        .raw("plexus-ipam", Command::Status, None, &status_conf)
+        .expect_err("STATUS with etcd down");
+    assert_eq!(status.code, cni::code::PLUGIN_NOT_AVAILABLE, "{status:?}");
     let journal: Vec<_> = std::fs::read_dir(node.scratch.join("ipam-state/journal"))
         .expect("journal dir")
         .flatten()
@@ -551,6 +559,9 @@ fn plexus_ipam_with_etcd_down_fails_add_in_time_and_journals_del() {
     node.runtime
         .raw("plexus-ipam", Command::Add, Some(&pod2), &stdin)
         .expect("ADD after restart");
+    node.runtime
+        .raw("plexus-ipam", Command::Status, None, &status_conf)
+        .expect("STATUS with etcd back");
     assert_eq!(
         audit(&node, &etcd, "net-down"),
         (vec![pod2.container_id.clone()], 1),
