@@ -1,11 +1,18 @@
-//! `make demo`: two pods on one node, each with the cluster network and a
-//! MACVLAN secondary network from a definition file, probed over both, then
-//! removed, with proof that nothing is left.
+//! `make demo`: two pods on one node, each with the cluster network (the
+//! built-in routed veth, addresses from the cluster IPAM on a real etcd) and
+//! a MACVLAN secondary network from a definition file (Debian's reference
+//! plugins as delegates), probed over both, then removed, with proof that
+//! nothing is left.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::fixtures::{addr_ip, macvlan, nad, ptp};
+use ipam::config::EtcdConf;
+use ipam::{Allocator, EtcdStore};
+use serde_json::json;
+
+use crate::etcd::EtcdCluster;
+use crate::fixtures::{addr_ip, macvlan, nad};
 use crate::node::{Node, UPLINK};
 use crate::{kernel, probe, Netns};
 
@@ -18,7 +25,8 @@ fn step<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Res<T> {
 /// Runs the demo; prints what it does; an error says which step failed.
 pub fn run() -> Res<()> {
     println!(
-        "== Plexus demo: the plexus meta-plugin with Debian's reference plugins as delegates\n"
+        "== Plexus demo: the plexus meta-plugin, its built-in routed veth and cluster IPAM, \
+         and Debian's reference plugins as delegates\n"
     );
     let node = step("create node", Node::try_new("demo"))?;
     let ipam = node.ipam_dir();
@@ -26,17 +34,30 @@ pub fn run() -> Res<()> {
         "node      netns {} (stands in for the host), uplink {UPLINK}",
         node.ns()
     );
-    let cluster = ptp(
-        "k8s-pods",
-        "1.0.0",
-        &["10.244.0.0/24", "fd00:10:244::/64"],
-        &ipam,
+    let etcd = step("start etcd", EtcdCluster::start_in(1, &node.netns))?;
+    let endpoints = etcd.endpoints();
+    println!(
+        "etcd      {} (Debian's etcd, inside the node netns)",
+        endpoints.join(", ")
     );
+    let cluster = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pods", "type": "plexus-veth",
+        "ipam": {
+            "type": "plexus-ipam",
+            "ranges": [[{"subnet": "10.244.0.0/16"}], [{"subnet": "fd00:10:244::/64"}]],
+            "store": {"type": "etcd", "endpoints": endpoints},
+            "nodeName": "demo-node",
+            "stateDir": node.scratch.join("plexus-ipam"),
+        },
+    });
     let data = macvlan("1.0.0", &["192.168.100.0/24", "fd00:100::/64"], &ipam);
     node.define("data-net.yaml", &nad("data-net", None, &data));
     let list = node.plexus_list("1.0.0", cluster);
-    println!("cluster   k8s-pods = ptp + host-local, 10.244.0.0/24 and fd00:10:244::/64");
-    println!("secondary data-net = macvlan bridge on {UPLINK} + host-local, 192.168.100.0/24 and fd00:100::/64");
+    println!(
+        "cluster   k8s-pods = plexus-veth (built in, Calico's routed model) + plexus-ipam on etcd,\n          \
+         10.244.0.0/16 and fd00:10:244::/64 cut into /26 and /122 blocks per node"
+    );
+    println!("secondary data-net = macvlan bridge on {UPLINK} + host-local (reference plugins), 192.168.100.0/24 and fd00:100::/64");
     println!(
         "          from {}\n",
         node.conf_dir().join("data-net.yaml").display()
@@ -73,7 +94,7 @@ pub fn run() -> Res<()> {
             step(&format!("tcp {sa}"), probe::tcp(&pods[0].1, sa, t))?;
             step(&format!("udp {sa}"), probe::udp(&pods[0].1, sa, t))?;
             println!(
-                "    {dev:5} {ip:<22} icmp {:>6.2} ms   tcp echo ok   udp echo ok",
+                "    {dev:5} {ip:<36} icmp {:>6.2} ms   tcp echo ok   udp echo ok",
                 rtt.as_secs_f64() * 1e3
             );
         }
@@ -97,6 +118,18 @@ pub fn run() -> Res<()> {
     }
     let after = node.snapshot();
     let leases = node.leases();
+    let held = step(
+        "read the IPAM in etcd",
+        node.netns
+            .run(|| -> Result<(usize, usize), ipam::Error> {
+                let conf = EtcdConf::new(endpoints.clone(), ipam::config::DEFAULT_PREFIX);
+                let mut a = Allocator::new(EtcdStore::connect(&conf)?, "demo-audit");
+                let pool = a.pool("k8s-pods")?;
+                Ok((a.handles("k8s-pods")?.len(), a.allocated(&pool)?.len()))
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+    )?;
     let records = node.records();
     let netns_left: Vec<&String> = names.iter().filter(|n| Netns::exists(n)).collect();
     println!("\nleft behind on the node:");
@@ -105,11 +138,21 @@ pub fn run() -> Res<()> {
         if after == before { "none" } else { "SOME" }
     );
     println!("    host-local leases:                {}", leases.len());
+    println!(
+        "    plexus-ipam handles, addresses:   {}, {}",
+        held.0, held.1
+    );
     println!("    plexus attachment records:        {}", records.len());
     println!("    pod netns:                        {}", netns_left.len());
-    if after != before || !leases.is_empty() || !records.is_empty() || !netns_left.is_empty() {
+    if after != before
+        || !leases.is_empty()
+        || !records.is_empty()
+        || !netns_left.is_empty()
+        || held != (0, 0)
+    {
         return Err(format!(
-            "leftovers: node diff {:?}, leases {leases:?}, records {records:?}, netns {netns_left:?}",
+            "leftovers: node diff {:?}, leases {leases:?}, records {records:?}, netns {netns_left:?}, \
+             IPAM handles and addresses {held:?}",
             after.iter().filter(|l| !before.contains(l)).collect::<Vec<_>>()
         ));
     }
