@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cni::NetConfList;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::fixtures::ptp;
+use crate::fixtures::{plexus_veth, ptp};
 use crate::node::Node;
 use crate::runtime::Runtime;
 
@@ -27,12 +27,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn veth(name: &str, subnets: &[&str], ipam: &Path) -> Value {
-    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
-    json!({"cniVersion": "1.0.0", "name": name, "type": "plexus-veth",
-           "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam}})
 }
 
 struct Variant {
@@ -205,7 +199,7 @@ pub fn run(cycles: usize) -> Result<(), String> {
         ),
         Variant::new(
             "plexus (plexus-veth + host-local)",
-            node.plexus_list("1.0.0", veth("veth4", &["10.202.0.0/24"], &ipam)),
+            node.plexus_list("1.0.0", plexus_veth("veth4", &["10.202.0.0/24"], &ipam)),
             "plexus",
         ),
     ];
@@ -226,7 +220,7 @@ pub fn run(cycles: usize) -> Result<(), String> {
             "plexus (plexus-veth + host-local)",
             node.plexus_list(
                 "1.0.0",
-                veth("veth6", &["10.204.0.0/24", "fd00:204::/64"], &ipam),
+                plexus_veth("veth6", &["10.204.0.0/24", "fd00:204::/64"], &ipam),
             ),
             "plexus",
         ),

@@ -21,6 +21,17 @@ pub fn ptp(name: &str, version: &str, subnets: &[&str], ipam_dir: &Path) -> Valu
     })
 }
 
+/// The built-in `plexus-veth` + `host-local` over the given subnets.
+pub fn plexus_veth(name: &str, subnets: &[&str], ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+    json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "type": "plexus-veth",
+        "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam_dir}
+    })
+}
+
 /// A NetworkAttachmentDefinition in YAML.
 pub fn nad(name: &str, namespace: Option<&str>, config: &Value) -> String {
     let ns = namespace

@@ -176,14 +176,16 @@ pub fn configure(ns: &Netns, index: u32, ipam: &CniResult) -> Result<Vec<Route>,
     Ok(routes)
 }
 
-/// The addresses and routes of `prev` that the kernel no longer holds on
-/// link `index`, described; empty when everything is there.
-pub fn missing(
+/// What of `prev`'s addresses and routes the kernel no longer holds on link
+/// `index`, as one sentence for a drift error (`"eth0 lacks …"`); `None`
+/// when everything is there.
+pub fn lacks(
     ns: &Netns,
     index: u32,
+    ifname: &str,
     prev: &CniResult,
     iface: usize,
-) -> Result<Vec<String>, Error> {
+) -> Result<Option<String>, Error> {
     let have = ns.addresses(index)?;
     let mut out = Vec::new();
     for ip in prev
@@ -195,8 +197,17 @@ pub fn missing(
             out.push(format!("address {} (has {have:?})", ip.address));
         }
     }
+    // One dump per family the routes need, not one per route.
+    let dump = |v6: bool| -> Result<Vec<_>, Error> {
+        if prev.routes.iter().any(|r| r.dst.is_ipv6() == v6) {
+            ns.routes(v6)
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    let (v4, v6) = (dump(false)?, dump(true)?);
     for r in &prev.routes {
-        let routes = ns.routes(r.dst.is_ipv6())?;
+        let routes = if r.dst.is_ipv6() { &v6 } else { &v4 };
         if !routes
             .iter()
             .any(|k| k.dst == r.dst && k.gw == r.gw && k.oif == Some(index))
@@ -204,5 +215,5 @@ pub fn missing(
             out.push(format!("route {} via {:?}", r.dst, r.gw));
         }
     }
-    Ok(out)
+    Ok((!out.is_empty()).then(|| format!("{ifname} lacks {}", out.join(", "))))
 }

@@ -2,15 +2,15 @@
 //! the reference plugin's config fields (`master`, `mode`, `mtu`,
 //! `linkInContainer`, `ipam`).
 
-use cni::plugin::{Plugin, Request};
-use cni::{code, CniResult, Error};
+use cni::plugin::Request;
+use cni::{code, Error};
 use serde_json::Value;
 
 use crate::netlink::SubLink;
-use crate::sublink::{self, Conf};
+use crate::sublink::{self, Conf, SubLinkPlugin};
 
 /// The plugin.
-pub struct Ipvlan;
+pub const IPVLAN: SubLinkPlugin = SubLinkPlugin(conf);
 
 fn conf(req: &Request) -> Result<Conf, Error> {
     let (master, mtu, link_in_container) = sublink::common(req)?;
@@ -39,20 +39,4 @@ fn conf(req: &Request) -> Result<Conf, Error> {
         kernel_kind: "ipvlan",
         mac: None,
     })
-}
-
-impl Plugin for Ipvlan {
-    fn add(&self, req: &Request) -> Result<CniResult, Error> {
-        sublink::add(req, &conf(req)?)
-    }
-    fn del(&self, req: &Request) -> Result<(), Error> {
-        sublink::del(req, &conf(req)?)
-    }
-    fn check(&self, req: &Request) -> Result<(), Error> {
-        sublink::check(req, &conf(req)?)
-    }
-    fn gc(&self, req: &Request) -> Result<(), Error> {
-        conf(req)?;
-        sublink::ipam_gc(req)
-    }
 }

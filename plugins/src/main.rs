@@ -26,8 +26,8 @@ pub const PLUGINS: [&str; 5] = [
 pub fn executor(cni_path: &str) -> cni::exec::Executor {
     cni::exec::Executor::new(cni_path)
         .with_builtin("plexus-veth", Arc::new(veth::Veth))
-        .with_builtin("plexus-ipvlan", Arc::new(ipvlan::Ipvlan))
-        .with_builtin("plexus-macvlan", Arc::new(macvlan::Macvlan))
+        .with_builtin("plexus-ipvlan", Arc::new(ipvlan::IPVLAN))
+        .with_builtin("plexus-macvlan", Arc::new(macvlan::MACVLAN))
         .with_builtin("plexus-ipam", Arc::new(ipam::PlexusIpam))
 }
 
@@ -40,8 +40,8 @@ fn main() -> ExitCode {
     match name.as_str() {
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
-        "plexus-ipvlan" => cni::plugin::run(&ipvlan::Ipvlan, "Plexus IPVLAN plugin"),
-        "plexus-macvlan" => cni::plugin::run(&macvlan::Macvlan, "Plexus MACVLAN plugin"),
+        "plexus-ipvlan" => cni::plugin::run(&ipvlan::IPVLAN, "Plexus IPVLAN plugin"),
+        "plexus-macvlan" => cni::plugin::run(&macvlan::MACVLAN, "Plexus MACVLAN plugin"),
         "plexus-ipam" => cni::plugin::run(&ipam::PlexusIpam, "Plexus cluster-wide IPAM"),
         other => {
             eprintln!(

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use cni::plugin::Request;
+use cni::plugin::{Plugin, Request};
 use cni::result::Interface;
 use cni::{code, CniResult, Error};
 use serde_json::Value;
@@ -223,13 +223,8 @@ pub fn check(req: &Request, conf: &Conf) -> Result<(), Error> {
             req.ifname, link.mode
         )));
     }
-    let missing = ipam_call::missing(&pod, link.index, &prev, 0)?;
-    if !missing.is_empty() {
-        return Err(drift(format!(
-            "{} lacks {}",
-            req.ifname,
-            missing.join(", ")
-        )));
+    if let Some(lack) = ipam_call::lacks(&pod, link.index, &req.ifname, &prev, 0)? {
+        return Err(drift(lack));
     }
     Ok(())
 }
@@ -250,11 +245,27 @@ pub fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>, Error> {
     from_rt.or(from_conf).map(|m| parse_mac(&m)).transpose()
 }
 
-/// GC: the links live in pod netns that are gone with their pods; what
-/// outlives them is IPAM's, so IPAM gets the GC.
-pub fn ipam_gc(req: &Request) -> Result<(), Error> {
-    match Ipam::of(req)? {
-        Some(ipam) => ipam.gc(),
-        None => Ok(()),
+/// A sub-link plugin (`plexus-macvlan`, `plexus-ipvlan`): its config
+/// reader picks the kind; everything else is shared.
+pub struct SubLinkPlugin(pub fn(&Request) -> Result<Conf, Error>);
+
+impl Plugin for SubLinkPlugin {
+    fn add(&self, req: &Request) -> Result<CniResult, Error> {
+        add(req, &(self.0)(req)?)
+    }
+    fn del(&self, req: &Request) -> Result<(), Error> {
+        del(req, &(self.0)(req)?)
+    }
+    fn check(&self, req: &Request) -> Result<(), Error> {
+        check(req, &(self.0)(req)?)
+    }
+    /// The links live in pod netns that go with their pods; what outlives
+    /// them is IPAM's, so IPAM gets the GC.
+    fn gc(&self, req: &Request) -> Result<(), Error> {
+        (self.0)(req)?;
+        match Ipam::of(req)? {
+            Some(ipam) => ipam.gc(),
+            None => Ok(()),
+        }
     }
 }

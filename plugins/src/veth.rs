@@ -320,13 +320,8 @@ impl Plugin for Veth {
                 req.ifname, pod_link.kind
             )));
         }
-        let missing = ipam_call::missing(&pod, pod_link.index, &prev, 1)?;
-        if !missing.is_empty() {
-            return Err(drift(format!(
-                "{} lacks {}",
-                req.ifname,
-                missing.join(", ")
-            )));
+        if let Some(lack) = ipam_call::lacks(&pod, pod_link.index, &req.ifname, &prev, 1)? {
+            return Err(drift(lack));
         }
         for ip in prev.ips.iter().filter(|i| i.interface == Some(1)) {
             let host_routes = host.routes(ip.address.is_ipv6())?;

@@ -11,14 +11,9 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(5);
 
 fn veth_net(name: &str, subnets: &[&str], ipam: &Path) -> Value {
-    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
-    json!({
-        "cniVersion": "1.0.0",
-        "name": name,
-        "type": "plexus-veth",
-        "mtu": 1450,
-        "ipam": {"type": "host-local", "ranges": ranges, "dataDir": ipam}
-    })
+    let mut net = plexus_veth(name, subnets, ipam);
+    net["mtu"] = json!(1450);
+    net
 }
 
 fn read_sysctl(ns: &Netns, key: &str) -> String {

@@ -101,11 +101,7 @@ fn plexus_ipvlan(mode: &str, subnets: &[&str], ipam: &Path) -> Value {
 }
 
 fn cluster(node: &Node, subnet: &str) -> cni::NetConfList {
-    node.plexus_list(
-        "1.0.0",
-        json!({"cniVersion": "1.0.0", "name": "k8s", "type": "plexus-veth",
-               "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": node.ipam_dir()}}),
-    )
+    node.plexus_list("1.0.0", plexus_veth("k8s", &[subnet], &node.ipam_dir()))
 }
 
 fn two_pods_over_ipvlan(mode: &str, v4: &str, v6: &str) {
