@@ -148,8 +148,11 @@ mod tests {
 
     #[test]
     fn put_get_list_remove() {
-        let dir = std::env::temp_dir().join(format!("cni-cache-test-{}", std::process::id()));
-        let cache = Cache::new(&dir);
+        let dir = tempfile::Builder::new()
+            .prefix("cni-cache-test-")
+            .tempdir()
+            .unwrap();
+        let cache = Cache::new(dir.path());
         let mut e = CacheEntry::new("net", "c1", "eth0", b"{\"a\":1}");
         e.result = Some(serde_json::json!({"cniVersion": "1.0.0"}));
         e.extra.insert("plexus".into(), serde_json::json!({"k": 2}));
@@ -167,6 +170,5 @@ mod tests {
         cache.remove("net", "c1", "eth0").unwrap();
         cache.remove("net", "c1", "eth0").unwrap();
         assert!(cache.get("net", "c1", "eth0").is_none());
-        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -303,7 +303,7 @@ fn display_key(key: &Key) -> String {
 
 /// `spec.config` must be a CNI config or conflist; a missing `name` is the
 /// definition's name.
-fn parse_config(config: &str, name: &str) -> Result<NetConfList, String> {
+pub(crate) fn parse_config(config: &str, name: &str) -> Result<NetConfList, String> {
     if config.trim().is_empty() {
         return Err("spec.config is empty".into());
     }
@@ -325,16 +325,15 @@ fn parse_config(config: &str, name: &str) -> Result<NetConfList, String> {
 mod tests {
     use super::*;
 
-    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "plexus-conf-test-{}-{}",
-            std::process::id(),
-            files.len() * 1000 + files.first().map_or(0, |f| f.1.len())
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+    /// A temporary directory of this test's own, removed when dropped
+    /// (also when the test fails).
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("plexus-conf-test-")
+            .tempdir()
+            .unwrap();
         for (name, text) in files {
-            std::fs::write(dir.join(name), text).unwrap();
+            std::fs::write(dir.path().join(name), text).unwrap();
         }
         dir
     }
@@ -365,7 +364,7 @@ spec:
             ("20-blue.json", json),
             ("README", "x"),
         ]);
-        let defs = Definitions::load_dir(&dir, &[]).unwrap();
+        let defs = Definitions::load_dir(dir.path(), &[]).unwrap();
         assert_eq!(defs.iter().count(), 3);
         let mv = defs.resolve(None, "mv", "red").unwrap();
         assert_eq!(mv.scope, Scope::Cluster);
@@ -384,7 +383,6 @@ spec:
             Err(Error::NotFound { .. })
         ));
         assert!(defs.resolve(None, "blue-net", "blue").is_ok());
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -395,7 +393,7 @@ spec:
             ("b.yaml", bad_config),
             ("c.yaml", ": : :\n\t-"),
         ]);
-        let defs = Definitions::load_dir(&dir, &[]).unwrap();
+        let defs = Definitions::load_dir(dir.path(), &[]).unwrap();
         assert!(defs.resolve(None, "mv", "default").is_ok());
         let e = defs.resolve(None, "bad", "default").unwrap_err();
         assert!(matches!(e, Error::Invalid { .. }), "{e}");
@@ -404,7 +402,6 @@ spec:
         assert_eq!(e.code, code::INVALID_NETWORK_CONFIG);
         assert!(e.details.contains("c.yaml"), "{e}");
         assert_eq!(defs.problems().len(), 2);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -412,10 +409,9 @@ spec:
         let dup =
             "metadata: {name: mv}\nspec: {config: '{\"cniVersion\":\"1.0.0\",\"type\":\"x\"}'}\n";
         let dir = dir_with(&[("a.yaml", MACVLAN), ("b.yaml", dup)]);
-        let defs = Definitions::load_dir(&dir, &["red".to_string()]).unwrap();
+        let defs = Definitions::load_dir(dir.path(), &["red".to_string()]).unwrap();
         assert!(defs.resolve(None, "private", "blue").is_ok());
         let e = defs.resolve(None, "mv", "x").unwrap_err();
         assert!(e.to_string().contains("defined twice"), "{e}");
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -169,6 +169,23 @@ impl EtcdCluster {
         netns: Option<(PathBuf, cni::exec::Hook)>,
         tls: Option<Tls>,
     ) -> io::Result<EtcdCluster> {
+        // A port is free when chosen and taken when etcd binds it; another
+        // test process may take it in between. Try again with new ports then.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match EtcdCluster::try_start(size, netns.clone(), tls.clone()) {
+                Err(e) if tries < 4 && e.to_string().contains("address already in use") => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn try_start(
+        size: usize,
+        netns: Option<(PathBuf, cni::exec::Hook)>,
+        tls: Option<Tls>,
+    ) -> io::Result<EtcdCluster> {
         let dir = Scratch::new("etcd")?;
         // Hold every listener until all ports are chosen so none repeats.
         let mut held = Vec::new();
@@ -328,6 +345,19 @@ impl EtcdCluster {
         self.wait_healthy(i, Duration::from_secs(30))
     }
 
+    /// Whether member `i`'s process has ended although it was not stopped.
+    fn exited(&self, i: usize) -> bool {
+        let pid = self.members[i].child.as_ref().map(Child::id);
+        pid.is_some_and(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Field 3 of stat, after the command in parentheses: Z once it died.
+            match stat.rsplit_once(')') {
+                Some((_, rest)) => rest.trim_start().starts_with('Z'),
+                None => true,
+            }
+        })
+    }
+
     /// Whether member `i` runs.
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
@@ -346,12 +376,15 @@ impl EtcdCluster {
             if healthy {
                 return Ok(());
             }
-            if start.elapsed() > timeout {
+            if start.elapsed() > timeout || self.exited(i) {
                 let log = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
                 let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join("\n");
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("etcd member {i} not healthy after {timeout:?}; log tail:\n{tail}"),
+                    format!(
+                        "etcd member {i} not healthy after {:?}; log tail:\n{tail}",
+                        start.elapsed()
+                    ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -43,6 +43,7 @@ fn prepare_run_dir() -> io::Result<()> {
 impl Netns {
     /// Creates a new, empty network namespace named `name`.
     pub fn create(name: &str) -> io::Result<Netns> {
+        crate::scratch::sweep_stale();
         prepare_run_dir()?;
         let path = Path::new(RUN_DIR).join(name);
         OpenOptions::new()
