@@ -19,6 +19,8 @@ pub enum Scope {
     Cluster,
     /// Only pods of this namespace.
     Tenant(String),
+    /// A ClusterNetwork: pods of the namespaces listed (`*`: every one).
+    Allowed(Vec<String>),
 }
 
 /// One network, ready to hand to its delegates.
@@ -49,6 +51,12 @@ pub enum Error {
     Forbidden {
         reference: String,
         owner: String,
+        pod_namespace: String,
+    },
+    #[error("cluster network {reference:?} allows namespaces {allowed:?}; pods of {pod_namespace:?} may not use it")]
+    NotAllowed {
+        reference: String,
+        allowed: Vec<String>,
         pod_namespace: String,
     },
     #[error("network definition in {source_file}: {reason}")]
@@ -144,6 +152,54 @@ impl Definitions {
             defs.load_file(&file, cluster_namespaces);
         }
         Ok(defs)
+    }
+
+    /// The definitions a pod of one namespace can see in the central API:
+    /// `nads` (NetworkAttachmentDefinition objects) and `cluster_networks`
+    /// (ClusterNetwork objects), as stored; `source` names where they were
+    /// read, for messages. A ClusterNetwork is found by its bare name.
+    pub fn from_api(nads: &[Value], cluster_networks: &[Value], source: &str) -> Definitions {
+        let mut defs = Definitions::default();
+        let file = Path::new(source);
+        for obj in nads {
+            defs.add_object(obj.clone(), file, &[]);
+        }
+        for obj in cluster_networks {
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let key: Key = (None, name.clone());
+            let spec = crate::api::ClusterNetworkSpec::deserialize(
+                obj.get("spec").unwrap_or(&Value::Null),
+            );
+            let parsed = spec
+                .map_err(|e| format!("spec: {e}"))
+                .and_then(|s| parse_config(&s.config, &name).map(|l| (s, l)));
+            match parsed {
+                Ok((spec, list)) => {
+                    defs.ok.insert(
+                        key,
+                        Definition {
+                            name,
+                            namespace: None,
+                            scope: Scope::Allowed(spec.allowed_namespaces),
+                            list,
+                            source: file.to_path_buf(),
+                        },
+                    );
+                }
+                Err(reason) => {
+                    let err = Error::Invalid {
+                        source_file: source.to_string(),
+                        reason: format!("clusternetwork {name}: {reason}"),
+                    };
+                    defs.bad.insert(key, err);
+                }
+            }
+        }
+        defs
     }
 
     fn load_file(&mut self, file: &Path, cluster_namespaces: &[String]) {
@@ -257,6 +313,13 @@ impl Definitions {
                         owner: owner.clone(),
                         pod_namespace: pod_namespace.to_string(),
                     }),
+                    Scope::Allowed(allowed) if !crate::api::allows(allowed, pod_namespace) => {
+                        Err(Error::NotAllowed {
+                            reference,
+                            allowed: allowed.clone(),
+                            pod_namespace: pod_namespace.to_string(),
+                        })
+                    }
                     _ => Ok(def),
                 };
             }
@@ -402,6 +465,33 @@ spec:
         assert_eq!(e.code, code::INVALID_NETWORK_CONFIG);
         assert!(e.details.contains("c.yaml"), "{e}");
         assert_eq!(defs.problems().len(), 2);
+    }
+
+    #[test]
+    fn api_objects_with_allowed_namespaces() {
+        let nad: Value = serde_json::json!({"apiVersion": "k8s.cni.cncf.io/v1",
+            "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": "data", "namespace": "red"},
+            "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"macvlan\"}"}});
+        let cnet: Value = serde_json::json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork",
+            "metadata": {"name": "fast"},
+            "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"plexus-ipvlan\"}",
+                     "allowedNamespaces": ["red"]}});
+        let broken: Value =
+            serde_json::json!({"metadata": {"name": "bad"}, "spec": {"config": "{"}});
+        let defs = Definitions::from_api(&[nad], &[cnet, broken], "etcd");
+        assert_eq!(defs.resolve(None, "data", "red").unwrap().list.name, "data");
+        assert_eq!(defs.resolve(None, "fast", "red").unwrap().list.name, "fast");
+        let e = defs.resolve(None, "fast", "blue").unwrap_err();
+        assert!(matches!(e, Error::NotAllowed { .. }), "{e}");
+        assert!(matches!(
+            defs.resolve(Some("red"), "data", "blue"),
+            Err(Error::Forbidden { .. })
+        ));
+        assert!(matches!(
+            defs.resolve(None, "bad", "red"),
+            Err(Error::Invalid { .. })
+        ));
     }
 
     #[test]

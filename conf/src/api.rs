@@ -1,0 +1,266 @@
+//! The central API's kinds as etcd holds them: names, keys, and the object
+//! shape (Kubernetes' `apiVersion`/`kind`/`metadata`/`spec`). `plexusd` serves
+//! them; nodes read definitions and write attachments under the same keys.
+//!
+//! Key layout, under [`PREFIX`]: `<plural>/<namespace>/<name>` for namespaced
+//! kinds, `<plural>/<name>` for cluster-scoped ones. The value is the object
+//! without `metadata.resourceVersion`, which is the key's etcd modification
+//! revision. An IPPool is also written, in the same transaction, as the pool
+//! `plexus-ipam` reads (`/plexus/ipam/pools/<name>`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Where the API's objects live in etcd.
+pub const PREFIX: &str = "/plexus/api/";
+
+/// One kind of object: its API group, names and scope.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The resource name in URLs and keys.
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    /// Written by nodes only; people read it.
+    pub node_written: bool,
+}
+
+/// Multus' NetworkAttachmentDefinition: a tenant's network.
+pub const NAD: Kind = Kind {
+    group: "k8s.cni.cncf.io",
+    version: "v1",
+    kind: "NetworkAttachmentDefinition",
+    plural: "network-attachment-definitions",
+    singular: "network-attachment-definition",
+    namespaced: true,
+    short_names: &["net-attach-def"],
+    node_written: false,
+};
+
+/// An admin-owned network, usable from the namespaces it lists.
+pub const CLUSTER_NETWORK: Kind = Kind {
+    group: "plexus.io",
+    version: "v1",
+    kind: "ClusterNetwork",
+    plural: "clusternetworks",
+    singular: "clusternetwork",
+    namespaced: false,
+    short_names: &["cnet"],
+    node_written: false,
+};
+
+/// An address pool `plexus-ipam` draws from.
+pub const IP_POOL: Kind = Kind {
+    group: "plexus.io",
+    version: "v1",
+    kind: "IPPool",
+    plural: "ippools",
+    singular: "ippool",
+    namespaced: false,
+    short_names: &["pool"],
+    node_written: false,
+};
+
+/// One interface of one pod on one network, as its node attached it.
+pub const ATTACHMENT: Kind = Kind {
+    group: "plexus.io",
+    version: "v1",
+    kind: "Attachment",
+    plural: "attachments",
+    singular: "attachment",
+    namespaced: true,
+    short_names: &["att"],
+    node_written: true,
+};
+
+/// Every kind the API serves.
+pub const KINDS: [&Kind; 4] = [&NAD, &CLUSTER_NETWORK, &IP_POOL, &ATTACHMENT];
+
+impl Kind {
+    /// `group/version`.
+    pub fn api_version(&self) -> String {
+        format!("{}/{}", self.group, self.version)
+    }
+
+    /// The key prefix of every object of this kind (in `namespace`, if given).
+    pub fn prefix(&self, namespace: Option<&str>) -> String {
+        match namespace.filter(|_| self.namespaced) {
+            Some(ns) => format!("{PREFIX}{}/{ns}/", self.plural),
+            None => format!("{PREFIX}{}/", self.plural),
+        }
+    }
+
+    /// The key of one object.
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        format!("{}{name}", self.prefix(namespace))
+    }
+
+    /// The namespace and name a key of this kind names.
+    pub fn parse_key<'a>(&self, key: &'a str) -> Option<(Option<&'a str>, &'a str)> {
+        let rest = key.strip_prefix(&self.prefix(None))?;
+        if self.namespaced {
+            let (ns, name) = rest.split_once('/')?;
+            Some((Some(ns), name))
+        } else {
+            Some((None, rest))
+        }
+    }
+
+    /// The kind served at `/apis/<group>/<version>/<plural>`.
+    pub fn by_resource(group: &str, version: &str, plural: &str) -> Option<&'static Kind> {
+        KINDS
+            .into_iter()
+            .find(|k| k.group == group && k.version == version && k.plural == plural)
+    }
+
+    /// The kind an object's `apiVersion` and `kind` name.
+    pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static Kind> {
+        KINDS
+            .into_iter()
+            .find(|k| k.kind == kind && k.api_version() == api_version)
+    }
+}
+
+/// A DNS-1123 label: what namespaces and object names must be.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters (pod names).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// What an Attachment records: written by the node on ADD, removed on DEL and GC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttachmentSpec {
+    pub pod: String,
+    pub node: String,
+    pub container_id: String,
+    pub interface: String,
+    /// `namespace/name` of a NetworkAttachmentDefinition, or a ClusterNetwork's name.
+    pub network: String,
+    /// The network's kind: `NetworkAttachmentDefinition` or `ClusterNetwork`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network_kind: String,
+    /// Addresses with prefix, as the CNI result gave them.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    /// The `plexus-ipam` pool the addresses came from, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
+}
+
+/// An attachment's object name: `<pod>-<ifname>-<first 8 of the container id>`,
+/// unique per sandbox and interface, readable in a listing.
+pub fn attachment_name(pod: &str, ifname: &str, container_id: &str) -> String {
+    let short: String = container_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let ifname: String = ifname
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut pod = pod.to_ascii_lowercase();
+    pod.truncate(253 - ifname.len() - short.len() - 2);
+    format!("{pod}-{ifname}-{short}")
+}
+
+/// The Attachment object a node writes.
+pub fn attachment_object(namespace: &str, spec: &AttachmentSpec, created: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": ATTACHMENT.api_version(),
+        "kind": ATTACHMENT.kind,
+        "metadata": {
+            "name": attachment_name(&spec.pod, &spec.interface, &spec.container_id),
+            "namespace": namespace,
+            "creationTimestamp": created,
+            "labels": {"plexus.io/node": spec.node},
+        },
+        "spec": spec,
+    })
+}
+
+/// A ClusterNetwork's `spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterNetworkSpec {
+    pub config: String,
+    /// Namespaces whose pods may use it; `*` is every namespace.
+    #[serde(default)]
+    pub allowed_namespaces: Vec<String>,
+}
+
+/// A NetworkAttachmentDefinition's `spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NadSpec {
+    #[serde(default)]
+    pub config: String,
+}
+
+/// Whether `namespace` is in an `allowedNamespaces` list.
+pub fn allows(allowed: &[String], namespace: &str) -> bool {
+    allowed.iter().any(|a| a == "*" || a == namespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_per_scope() {
+        let k = NAD.key(Some("red"), "data");
+        assert_eq!(k, "/plexus/api/network-attachment-definitions/red/data");
+        assert_eq!(NAD.parse_key(&k), Some((Some("red"), "data")));
+        let k = IP_POOL.key(Some("ignored"), "pods");
+        assert_eq!(k, "/plexus/api/ippools/pods");
+        assert_eq!(IP_POOL.parse_key(&k), Some((None, "pods")));
+        assert_eq!(
+            Kind::by_resource("plexus.io", "v1", "clusternetworks"),
+            Some(&CLUSTER_NETWORK)
+        );
+        assert_eq!(
+            Kind::by_kind("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"),
+            Some(&NAD)
+        );
+        assert_eq!(Kind::by_kind("plexus.io/v2", "IPPool"), None);
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "data-net", "n0", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("web-0.svc"));
+        let n = attachment_name("Web-0", "net1", "ABCDEF0123456789");
+        assert_eq!(n, "web-0-net1-abcdef01");
+        assert!(is_dns_subdomain(&n));
+        assert!(allows(&["*".into()], "x") && !allows(&["a".into()], "b"));
+    }
+}

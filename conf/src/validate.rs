@@ -1,0 +1,518 @@
+//! Validation of an API object before anything is stored: the object shape,
+//! names, unknown fields, the embedded CNI config and the built-in plugins'
+//! fields, pools. Every fault carries the field path Kubernetes would name.
+
+use std::net::IpAddr;
+
+use ipam::pool::{BlockSizes, Range, RouteDef};
+use ipam::Pool;
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::api::{self, Kind};
+
+/// One fault: the field path (`spec.config`, `metadata.name`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn fault(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The plugin types the built-in plugins and Debian's reference plugins
+/// answer to: what every Plexus node has in its `CNI_PATH`.
+pub const NODE_TYPES: &[&str] = &[
+    "plexus",
+    "plexus-veth",
+    "plexus-macvlan",
+    "plexus-ipvlan",
+    "plexus-ipam",
+    "bandwidth",
+    "bridge",
+    "dhcp",
+    "firewall",
+    "host-device",
+    "host-local",
+    "ipvlan",
+    "loopback",
+    "macvlan",
+    "portmap",
+    "ptp",
+    "sbr",
+    "static",
+    "tap",
+    "tuning",
+    "vlan",
+    "vrf",
+    "dummy",
+];
+
+/// What a valid object brings with it, for the checks that need the store.
+#[derive(Debug, Default)]
+pub struct Valid {
+    /// An IPPool's pool, as `plexus-ipam` stores it.
+    pub pool: Option<Pool>,
+    /// Pools a network's config names (`"ipam": {"pool": …}`), with the path
+    /// of the field that names each.
+    pub pools_named: Vec<(String, String)>,
+}
+
+/// ObjectMeta fields a client may send; anything else in `metadata` is refused.
+const META_FIELDS: &[&str] = &[
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+    "generation",
+    "labels",
+    "annotations",
+    "managedFields",
+    "finalizers",
+    "ownerReferences",
+    "generateName",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+];
+
+/// Checks `obj` as an object of `kind` in `namespace` (the URL's), where
+/// `types` are the plugin types nodes have.
+pub fn validate(kind: &Kind, obj: &Value, types: &[String]) -> Result<Valid, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let Some(map) = obj.as_object() else {
+        return Err(vec![fault("", "the body is not a JSON object")]);
+    };
+    for (k, _) in map.iter() {
+        if !matches!(
+            k.as_str(),
+            "apiVersion" | "kind" | "metadata" | "spec" | "status"
+        ) {
+            errs.push(fault(k.as_str(), "unknown field"));
+        }
+    }
+    let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if api_version != kind.api_version() {
+        errs.push(fault(
+            "apiVersion",
+            format!("must be {:?}, not {api_version:?}", kind.api_version()),
+        ));
+    }
+    let k = map.get("kind").and_then(Value::as_str).unwrap_or("");
+    if k != kind.kind {
+        errs.push(fault("kind", format!("must be {:?}, not {k:?}", kind.kind)));
+    }
+    let name = check_metadata(kind, map.get("metadata"), &mut errs);
+    let mut valid = Valid::default();
+    let spec = map.get("spec").cloned().unwrap_or(Value::Null);
+    if spec.is_null() {
+        errs.push(fault("spec", "required"));
+    } else if *kind == api::NAD {
+        match api::NadSpec::deserialize(&spec) {
+            Ok(s) => check_config(&s.config, &name, types, &mut valid, &mut errs),
+            Err(e) => errs.push(fault("spec", e.to_string())),
+        }
+    } else if *kind == api::CLUSTER_NETWORK {
+        match api::ClusterNetworkSpec::deserialize(&spec) {
+            Ok(s) => {
+                check_config(&s.config, &name, types, &mut valid, &mut errs);
+                check_namespaces(&s.allowed_namespaces, &mut errs);
+            }
+            Err(e) => errs.push(fault("spec", e.to_string())),
+        }
+    } else if *kind == api::IP_POOL {
+        match PoolSpec::deserialize(&spec) {
+            Ok(s) => {
+                check_namespaces(&s.allowed_namespaces, &mut errs);
+                match s.into_pool(&name) {
+                    Ok(p) => valid.pool = Some(p),
+                    Err(e) => errs.push(e),
+                }
+            }
+            Err(e) => errs.push(fault("spec", e.to_string())),
+        }
+    } else if *kind == api::ATTACHMENT {
+        if let Err(e) = api::AttachmentSpec::deserialize(&spec) {
+            errs.push(fault("spec", e.to_string()));
+        }
+    }
+    if errs.is_empty() {
+        Ok(valid)
+    } else {
+        Err(errs)
+    }
+}
+
+fn check_metadata(kind: &Kind, meta: Option<&Value>, errs: &mut Vec<FieldError>) -> String {
+    let Some(meta) = meta.and_then(Value::as_object) else {
+        errs.push(fault("metadata", "required"));
+        return String::new();
+    };
+    for k in meta.keys() {
+        if !META_FIELDS.contains(&k.as_str()) {
+            errs.push(fault(format!("metadata.{k}"), "unknown field"));
+        }
+    }
+    let name = meta.get("name").and_then(Value::as_str).unwrap_or("");
+    let name_ok = if kind.node_written {
+        api::is_dns_subdomain(name)
+    } else {
+        api::is_dns_label(name)
+    };
+    if !name_ok {
+        errs.push(fault(
+            "metadata.name",
+            format!(
+                "{name:?} is not a DNS-1123 label (at most 63 lower-case letters, digits and '-', \
+                 starting and ending with a letter or digit)"
+            ),
+        ));
+    }
+    for field in ["labels", "annotations"] {
+        match meta.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) if m.values().all(Value::is_string) => {}
+            Some(_) => errs.push(fault(
+                format!("metadata.{field}"),
+                "must map strings to strings",
+            )),
+        }
+    }
+    name.to_string()
+}
+
+fn check_namespaces(list: &[String], errs: &mut Vec<FieldError>) {
+    for (i, ns) in list.iter().enumerate() {
+        if ns != "*" && !api::is_dns_label(ns) {
+            errs.push(fault(
+                format!("spec.allowedNamespaces[{i}]"),
+                format!("{ns:?} is not a namespace name"),
+            ));
+        }
+    }
+}
+
+/// `spec.config`: a CNI config or conflist whose every plugin type nodes
+/// have, with the built-in plugins' fields valid.
+fn check_config(
+    config: &str,
+    name: &str,
+    types: &[String],
+    valid: &mut Valid,
+    errs: &mut Vec<FieldError>,
+) {
+    let list = match crate::definition::parse_config(config, name) {
+        Ok(l) => l,
+        Err(e) => return errs.push(fault("spec.config", e)),
+    };
+    let path = |i: usize, field: &str| {
+        if list.plugins.len() == 1 && !config.contains("\"plugins\"") {
+            format!("spec.config.{field}")
+        } else {
+            format!("spec.config.plugins[{i}].{field}")
+        }
+    };
+    for (i, plugin) in list.plugins.iter().enumerate() {
+        let t = plugin.get("type").and_then(Value::as_str).unwrap_or("");
+        if !types.iter().any(|k| k == t) {
+            errs.push(fault(
+                path(i, "type"),
+                format!("no node has a CNI plugin of type {t:?}"),
+            ));
+            continue;
+        }
+        check_builtin(t, plugin, &|f| path(i, f), errs);
+        if let Some(ipam) = plugin.get("ipam") {
+            check_ipam(ipam, types, &path(i, "ipam"), valid, errs);
+        }
+    }
+}
+
+fn check_builtin(
+    t: &str,
+    extra: &Map<String, Value>,
+    path: &dyn Fn(&str) -> String,
+    errs: &mut Vec<FieldError>,
+) {
+    if !t.starts_with("plexus-") || t == "plexus-ipam" {
+        return;
+    }
+    if let Some(v) = extra.get("mtu").filter(|v| !v.is_null()) {
+        let ok = v
+            .as_u64()
+            .is_some_and(|m| m == 0 || (68..=65535).contains(&m));
+        if !ok {
+            errs.push(fault(
+                path("mtu"),
+                format!("{v} is not a number from 68 to 65535"),
+            ));
+        }
+    }
+    if t == "plexus-veth" {
+        return;
+    }
+    if let Some(v) = extra.get("master").filter(|v| !v.is_null()) {
+        let ok = v
+            .as_str()
+            .is_some_and(|m| !m.is_empty() && m.len() < 16 && !m.contains(['/', ' ']));
+        if !ok {
+            errs.push(fault(
+                path("master"),
+                format!("{v} is not an interface name"),
+            ));
+        }
+    }
+    if let Some(v) = extra.get("linkInContainer").filter(|v| !v.is_null()) {
+        if !v.is_boolean() {
+            errs.push(fault(path("linkInContainer"), "must be true or false"));
+        }
+    }
+    let modes: &[&str] = if t == "plexus-macvlan" {
+        &["bridge", "private", "vepa", "passthru"]
+    } else {
+        &["l2", "l3", "l3s"]
+    };
+    if let Some(v) = extra.get("mode").filter(|v| !v.is_null()) {
+        if !v.as_str().is_some_and(|m| modes.contains(&m)) {
+            errs.push(fault(
+                path("mode"),
+                format!("{v} is not one of {}", modes.join(", ")),
+            ));
+        }
+    }
+    if t == "plexus-macvlan" {
+        if let Some(v) = extra.get("mac").filter(|v| !v.is_null()) {
+            if !v.as_str().is_some_and(is_mac) {
+                errs.push(fault(path("mac"), format!("{v} is not a MAC address")));
+            }
+        }
+    }
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+}
+
+fn check_ipam(
+    ipam: &Value,
+    types: &[String],
+    path: &str,
+    valid: &mut Valid,
+    errs: &mut Vec<FieldError>,
+) {
+    let t = ipam.get("type").and_then(Value::as_str).unwrap_or("");
+    if !types.iter().any(|k| k == t) {
+        return errs.push(fault(
+            format!("{path}.type"),
+            format!("no node has an IPAM plugin of type {t:?}"),
+        ));
+    }
+    if t != "plexus-ipam" {
+        return;
+    }
+    match ipam::config::IpamConf::from_section(ipam) {
+        Err(e) => errs.push(fault(path, e.to_string())),
+        Ok(conf) => match &conf.pool {
+            Some(pool) if conf.ranges.is_empty() && conf.subnet.is_none() => valid
+                .pools_named
+                .push((pool.clone(), format!("{path}.pool"))),
+            _ => {
+                if let Err(e) = conf.defined_pool("check") {
+                    errs.push(fault(path, e.to_string()));
+                }
+            }
+        },
+    }
+}
+
+/// An IPPool's `spec`: CIDRs (or host-local's ranges), block sizes,
+/// excludes, routes, and the namespaces whose networks may draw from it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolSpec {
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(default)]
+    pub ranges: Vec<Range>,
+    #[serde(default)]
+    pub block_sizes: Option<BlockSizes>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteDef>,
+    #[serde(default)]
+    pub allowed_namespaces: Vec<String>,
+}
+
+fn cidr(s: &str) -> Option<IpNetwork> {
+    s.parse::<IpNetwork>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNetwork::from))
+}
+
+impl PoolSpec {
+    /// The pool `plexus-ipam` stores for it.
+    pub fn into_pool(self, name: &str) -> Result<Pool, FieldError> {
+        let mut ranges = self.ranges;
+        for (i, c) in self.cidrs.iter().enumerate() {
+            let subnet = cidr(c).filter(|n| n.to_string().contains('/') || c.contains('/'));
+            let Some(subnet) = subnet.filter(|_| c.contains('/')) else {
+                return Err(fault(
+                    format!("spec.cidrs[{i}]"),
+                    format!("{c:?} is not a CIDR"),
+                ));
+            };
+            ranges.push(Range {
+                subnet,
+                range_start: None,
+                range_end: None,
+                gateway: None,
+            });
+        }
+        if ranges.is_empty() {
+            return Err(fault("spec.cidrs", "a pool needs at least one CIDR"));
+        }
+        let mut exclude = Vec::new();
+        for (i, e) in self.exclude.iter().enumerate() {
+            match cidr(e) {
+                Some(n) => exclude.push(n),
+                None => {
+                    return Err(fault(
+                        format!("spec.exclude[{i}]"),
+                        format!("{e:?} is not an address or CIDR"),
+                    ))
+                }
+            }
+        }
+        Pool {
+            name: name.to_string(),
+            ranges,
+            block_sizes: self.block_sizes.unwrap_or_default(),
+            exclude,
+            routes: self.routes,
+        }
+        .validated()
+        .map_err(|e| fault("spec", e.to_string()))
+    }
+}
+
+/// The `allowedNamespaces` of a stored IPPool object.
+pub fn pool_allowed_namespaces(obj: &Value) -> Vec<String> {
+    obj.pointer("/spec/allowedNamespaces")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn types() -> Vec<String> {
+        NODE_TYPES.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn fields(r: Result<Valid, Vec<FieldError>>) -> Vec<String> {
+        r.err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    fn nad(name: &str, config: Value) -> Value {
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+               "metadata": {"name": name, "namespace": "red"},
+               "spec": {"config": config.to_string()}})
+    }
+
+    #[test]
+    fn networks() {
+        let ok = nad(
+            "data",
+            json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "master": "eth1",
+                   "mode": "bridge", "ipam": {"type": "plexus-ipam", "pool": "p1"}}),
+        );
+        let v = validate(&api::NAD, &ok, &types()).expect("valid");
+        assert_eq!(
+            v.pools_named,
+            vec![("p1".to_string(), "spec.config.ipam.pool".to_string())]
+        );
+        let bad = nad(
+            "Data_1",
+            json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "mode": "fast", "mtu": 9}),
+        );
+        assert_eq!(
+            fields(validate(&api::NAD, &bad, &types())),
+            ["metadata.name", "spec.config.mtu", "spec.config.mode"]
+        );
+        let nobody = nad("x", json!({"cniVersion": "1.0.0", "type": "weave"}));
+        assert_eq!(
+            fields(validate(&api::NAD, &nobody, &types())),
+            ["spec.config.type"]
+        );
+        let mut extra = nad("x", json!({"cniVersion": "1.0.0", "type": "bridge"}));
+        extra["spec"]["color"] = json!("red");
+        extra["metadata"]["colour"] = json!("red");
+        assert_eq!(
+            fields(validate(&api::NAD, &extra, &types())),
+            ["metadata.colour", "spec"]
+        );
+        let broken = nad("x", json!("{"));
+        assert_eq!(
+            fields(validate(&api::NAD, &broken, &types())),
+            ["spec.config"]
+        );
+    }
+
+    #[test]
+    fn pools() {
+        let pool = |spec: Value| {
+            json!({"apiVersion": "plexus.io/v1", "kind": "IPPool",
+                   "metadata": {"name": "p1"}, "spec": spec})
+        };
+        let v = validate(
+            &api::IP_POOL,
+            &pool(
+                json!({"cidrs": ["10.1.0.0/16", "fd00:1::/64"], "exclude": ["10.1.0.1"],
+                         "blockSizes": {"ipv4": 24, "ipv6": 120}, "allowedNamespaces": ["red"]}),
+            ),
+            &types(),
+        )
+        .expect("valid");
+        let p = v.pool.expect("pool");
+        assert_eq!(p.ranges.len(), 2);
+        assert_eq!(p.block_sizes.ipv4, 24);
+        for bad in [
+            json!({"cidrs": ["10.1.0.0/33"]}),
+            json!({"cidrs": ["10.1.0.1"]}),
+            json!({"cidrs": []}),
+            json!({"cidrs": ["10.0.0.0/8"], "exclude": ["x"]}),
+            json!({"cidrs": ["10.0.0.0/8"], "blockSizes": {"ipv4": 8}}),
+            json!({"cidrs": ["10.0.0.0/8", "10.1.0.0/16"]}),
+            json!({"cidrs": ["10.0.0.0/8"], "allowedNamespaces": ["Red"]}),
+        ] {
+            assert!(
+                validate(&api::IP_POOL, &pool(bad.clone()), &types()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
