@@ -1,0 +1,2 @@
+//! plexusctl
+fn main() {}

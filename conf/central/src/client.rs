@@ -1,0 +1,1 @@
+//! An HTTPS client of plexusd (and of any Kubernetes-style API server).

@@ -1,0 +1,6 @@
+//! The central API: `plexusd`, an HTTPS server in the Kubernetes API's
+//! conventions whose state lives in etcd, and `plexusctl`, its CLI.
+
+pub mod client;
+pub mod server;
+pub mod tls;
