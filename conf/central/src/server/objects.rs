@@ -1,0 +1,708 @@
+//! Create, read, update, patch and delete of the API's objects, each write
+//! validated before anything is stored and guarded against what is in use.
+
+use std::net::IpAddr;
+
+use etcd_client::{Compare, CompareOp};
+use ipam::block::{pool_blocks_prefix, Block};
+use ipam::pool::{overlaps, BlockCidr};
+use ipam::Pool;
+use serde_json::{json, Map, Value};
+
+use conf::api::{self, Kind};
+use conf::validate::{self, FieldError};
+
+use super::http::{now_rfc3339, uuid4, ApiError};
+use super::store::{delete_op, put_op, Stored};
+use super::App;
+
+/// The IPAM keys' prefix (`plexus-ipam`'s default).
+pub const IPAM_PREFIX: &str = ipam::config::DEFAULT_PREFIX;
+
+/// An object as served: the stored value with `metadata.resourceVersion`.
+pub fn served(s: &Stored) -> Value {
+    let mut v = s.value.clone();
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), json!(s.mod_rev.to_string()));
+    }
+    v
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+fn not_found(kind: &Kind, name: &str) -> ApiError {
+    ApiError::not_found(format!("{}.{} {name:?} not found", kind.plural, kind.group))
+        .about(kind.plural, name)
+}
+
+/// `GET` one object.
+pub async fn get(app: &App, kind: &Kind, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+    match app.store.get(&kind.key(ns, name)).await? {
+        Some(s) => Ok(served(&s)),
+        None => Err(not_found(kind, name)),
+    }
+}
+
+/// A label selector of equalities, inequalities and existence tests.
+pub fn selector_matches(selector: &str, obj: &Value) -> bool {
+    let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+    let label = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                label(k.trim()) != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                label(k.trim()) == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                label(k.trim()).is_none()
+            } else {
+                label(term).is_some()
+            }
+        })
+}
+
+/// A field selector: `metadata.name` and `metadata.namespace` equalities.
+pub fn fields_match(selector: &str, obj: &Value) -> bool {
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => {
+                let v = v.trim_start_matches('=');
+                match k.trim_end_matches('!') {
+                    "metadata.name" => (meta_str(obj, "name") == Some(v)) != k.ends_with('!'),
+                    "metadata.namespace" => {
+                        (meta_str(obj, "namespace") == Some(v)) != k.ends_with('!')
+                    }
+                    _ => true,
+                }
+            }
+            None => true,
+        })
+}
+
+/// `GET` a collection (one namespace, or all).
+pub async fn list(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    labels: Option<&str>,
+    fields: Option<&str>,
+) -> Result<Value, ApiError> {
+    let (items, rev) = app.store.list(&kind.prefix(ns)).await?;
+    let items: Vec<Value> = items
+        .iter()
+        .map(served)
+        .filter(|o| labels.is_none_or(|l| selector_matches(l, o)))
+        .filter(|o| fields.is_none_or(|f| fields_match(f, o)))
+        .collect();
+    Ok(json!({
+        "apiVersion": kind.api_version(),
+        "kind": format!("{}List", kind.kind),
+        "metadata": {"resourceVersion": rev.to_string()},
+        "items": items,
+    }))
+}
+
+/// Checks a body against the URL it was sent to and the kind's rules, and
+/// fills what the server owns (namespace, uid, timestamp).
+fn prepare(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    name: Option<&str>,
+    body: &mut Value,
+) -> Result<validate::Valid, ApiError> {
+    let Some(obj) = body.as_object_mut() else {
+        return Err(ApiError::bad_request("the body is not a JSON object"));
+    };
+    // kubectl may leave these for the server to fill.
+    obj.entry("apiVersion")
+        .or_insert_with(|| json!(kind.api_version()));
+    obj.entry("kind").or_insert_with(|| json!(kind.kind));
+    let meta = obj.entry("metadata").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else {
+        return Err(ApiError::bad_request("metadata is not an object"));
+    };
+    if kind.namespaced {
+        let url_ns = ns.unwrap_or("default");
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(n) if n != url_ns => {
+                return Err(ApiError::bad_request(format!(
+                    "the namespace of the object ({n}) does not match the namespace on the request ({url_ns})"
+                )))
+            }
+            _ => {
+                meta.insert("namespace".into(), json!(url_ns));
+            }
+        }
+    } else {
+        meta.remove("namespace");
+    }
+    if let Some(url_name) = name {
+        match meta.get("name").and_then(Value::as_str) {
+            Some(n) if n != url_name => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({url_name})"
+                )))
+            }
+            _ => {
+                meta.insert("name".into(), json!(url_name));
+            }
+        }
+    }
+    let obj_name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    validate::validate(kind, body, &app.types)
+        .map_err(|errs| ApiError::invalid(kind.kind, &obj_name, &errs))
+}
+
+/// Store-side checks of a network's config: every pool it names exists and
+/// lets its namespaces draw from it.
+async fn check_pools(
+    app: &App,
+    kind: &Kind,
+    body: &Value,
+    valid: &validate::Valid,
+) -> Result<(), Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let users: Vec<String> = if *kind == api::NAD {
+        meta_str(body, "namespace")
+            .map(|n| vec![n.to_string()])
+            .unwrap_or_default()
+    } else {
+        body.pointer("/spec/allowedNamespaces")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (pool, field) in &valid.pools_named {
+        match app.store.get(&api::IP_POOL.key(None, pool)).await {
+            Ok(Some(p)) => {
+                let allowed = validate::pool_allowed_namespaces(&p.value);
+                if allowed.is_empty() {
+                    continue;
+                }
+                for ns in &users {
+                    if !api::allows(&allowed, ns) {
+                        errs.push(FieldError {
+                            field: field.clone(),
+                            message: format!(
+                                "pool {pool:?} does not allow namespace {ns:?} (it allows {})",
+                                allowed.join(", ")
+                            ),
+                        });
+                    }
+                }
+            }
+            Ok(None) => errs.push(FieldError {
+                field: field.clone(),
+                message: format!("IPPool {pool:?} does not exist"),
+            }),
+            Err(e) => errs.push(FieldError {
+                field: field.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+/// Every address in use in `pool`'s blocks, and how many blocks are claimed.
+pub async fn pool_addresses(app: &App, pool: &str) -> Result<(Vec<IpAddr>, usize), ApiError> {
+    let prefix = format!("{IPAM_PREFIX}{}", pool_blocks_prefix(pool));
+    let mut used = Vec::new();
+    let mut blocks = 0;
+    for (key, value) in app.store.raw(&prefix).await? {
+        let Some(cidr) = key.rsplit('/').next().and_then(BlockCidr::parse_key) else {
+            continue;
+        };
+        blocks += 1;
+        if let Ok(b) = serde_json::from_slice::<Block>(&value) {
+            used.extend(b.used().map(|o| cidr.nth(u128::from(o))));
+        }
+    }
+    Ok((used, blocks))
+}
+
+/// Store-side checks of a pool: no overlap with another pool, and an update
+/// neither drops an address in use nor changes block sizes under claims.
+async fn check_pool(app: &App, pool: &Pool, old: Option<&Pool>) -> Result<(), Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let others = app
+        .store
+        .raw(&format!("{IPAM_PREFIX}pools/"))
+        .await
+        .map_err(|e| {
+            vec![FieldError {
+                field: "spec".into(),
+                message: e.to_string(),
+            }]
+        })?;
+    for (key, value) in others {
+        let Ok(other) = serde_json::from_slice::<Pool>(&value) else {
+            continue;
+        };
+        if other.name == pool.name {
+            continue;
+        }
+        for a in &pool.ranges {
+            for b in &other.ranges {
+                if overlaps(a.subnet, b.subnet) {
+                    errs.push(FieldError {
+                        field: "spec.cidrs".into(),
+                        message: format!(
+                            "{} overlaps {} of pool {:?} ({key})",
+                            a.subnet, b.subnet, other.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(old) = old {
+        let (used, blocks) = pool_addresses(app, &pool.name).await.map_err(|e| {
+            vec![FieldError {
+                field: "spec".into(),
+                message: e.message,
+            }]
+        })?;
+        let lost: Vec<String> = used
+            .iter()
+            .filter(|ip| !pool.usable(**ip))
+            .map(IpAddr::to_string)
+            .collect();
+        if !lost.is_empty() {
+            errs.push(FieldError {
+                field: "spec.cidrs".into(),
+                message: format!(
+                    "the pool would no longer hold {} address(es) in use: {}",
+                    lost.len(),
+                    lost.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        if blocks > 0 && old.block_sizes != pool.block_sizes {
+            errs.push(FieldError {
+                field: "spec.blockSizes".into(),
+                message: format!("cannot change while {blocks} block(s) are claimed"),
+            });
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+/// The writes beside an IPPool object: the pool `plexus-ipam` reads.
+fn pool_ops(valid: &validate::Valid) -> Vec<etcd_client::TxnOp> {
+    valid
+        .pool
+        .iter()
+        .filter_map(|p| {
+            let key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(&p.name));
+            serde_json::to_vec(p).ok().map(|v| put_op(&key, v))
+        })
+        .collect()
+}
+
+async fn store_checks(
+    app: &App,
+    kind: &Kind,
+    body: &Value,
+    valid: &validate::Valid,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
+    let name = meta_str(body, "name").unwrap_or("");
+    let res = if let Some(pool) = &valid.pool {
+        let old_pool = old
+            .and_then(|o| o.get("spec"))
+            .and_then(|s| serde_json::from_value::<validate::PoolSpec>(s.clone()).ok())
+            .and_then(|s| s.into_pool(name).ok());
+        check_pool(app, pool, old_pool.as_ref()).await
+    } else {
+        check_pools(app, kind, body, valid).await
+    };
+    res.map_err(|errs| ApiError::invalid(kind.kind, name, &errs))
+}
+
+/// `POST` to a collection.
+pub async fn create(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    mut body: Value,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    let valid = prepare(app, kind, ns, None, &mut body)?;
+    store_checks(app, kind, &body, &valid, None).await?;
+    let name = meta_str(&body, "name").unwrap_or("").to_string();
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.insert("uid".into(), json!(uuid4()));
+        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        meta.insert("generation".into(), json!(1));
+    }
+    let key = kind.key(ns, &name);
+    if dry_run {
+        return Ok(body);
+    }
+    let mut guards = Vec::new();
+    if let Some(p) = &valid.pool {
+        // A pool a network defined inline already holds this name.
+        let ipam_key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(&p.name));
+        guards.push(Compare::create_revision(ipam_key, CompareOp::Equal, 0));
+    }
+    let rev = app
+        .store
+        .put(&key, &body, 0, pool_ops(&valid), guards)
+        .await
+        .map_err(|e| match e {
+            super::store::StoreError::Exists(_) => ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{}.{} {name:?} already exists", kind.plural, kind.group),
+            )
+            .about(kind.plural, &name),
+            super::store::StoreError::Conflict { .. } => ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("a pool named {name:?} is already defined by a network's ipam config"),
+            )
+            .about(kind.plural, &name),
+            other => other.into(),
+        })?;
+    Ok(served(&Stored {
+        key,
+        value: body,
+        mod_rev: rev,
+    }))
+}
+
+/// `PUT` of a whole object: its `metadata.resourceVersion` must be current.
+pub async fn update(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    name: &str,
+    mut body: Value,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    let key = kind.key(ns, name);
+    let Some(current) = app.store.get(&key).await? else {
+        return Err(not_found(kind, name));
+    };
+    let rv = meta_str(&body, "resourceVersion").map(str::to_string);
+    let expected = match rv.as_deref() {
+        None | Some("") => {
+            return Err(ApiError::invalid(
+                kind.kind,
+                name,
+                &[FieldError {
+                    field: "metadata.resourceVersion".into(),
+                    message: "must be specified for an update".into(),
+                }],
+            ))
+        }
+        Some(rv) => rv.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("metadata.resourceVersion {rv:?} is not a revision"))
+        })?,
+    };
+    let valid = prepare(app, kind, ns, Some(name), &mut body)?;
+    store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
+    replace(app, kind, &key, body, &current, expected, &valid, dry_run).await
+}
+
+/// Writes `body` over `current` (if still at `expected`), keeping what the
+/// server owns.
+#[allow(clippy::too_many_arguments)]
+async fn replace(
+    app: &App,
+    kind: &Kind,
+    key: &str,
+    mut body: Value,
+    current: &Stored,
+    expected: i64,
+    valid: &validate::Valid,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    let name = meta_str(&body, "name").unwrap_or("").to_string();
+    if expected != current.mod_rev {
+        return Err(ApiError::conflict(format!(
+            "Operation cannot be fulfilled on {}.{} {name:?}: the object has been modified; \
+             please apply your changes to the latest version and try again",
+            kind.plural, kind.group
+        ))
+        .about(kind.plural, &name));
+    }
+    let old_meta = current.value.get("metadata").cloned().unwrap_or(json!({}));
+    let spec_changed = body.get("spec") != current.value.get("spec");
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        for owned in ["uid", "creationTimestamp"] {
+            if let Some(v) = old_meta.get(owned) {
+                meta.insert(owned.into(), v.clone());
+            }
+        }
+        let gen = old_meta
+            .get("generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        meta.insert(
+            "generation".into(),
+            json!(if spec_changed { gen + 1 } else { gen }),
+        );
+    }
+    if dry_run {
+        return Ok(body);
+    }
+    let rev = app
+        .store
+        .put(key, &body, expected, pool_ops(valid), Vec::new())
+        .await
+        .map_err(|e| ApiError::from(e).about(kind.plural, &name))?;
+    Ok(served(&Stored {
+        key: key.to_string(),
+        value: body,
+        mod_rev: rev,
+    }))
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// `PATCH`: a merge patch, or a server-side apply (created when absent).
+pub async fn patch(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    name: &str,
+    content_type: &str,
+    raw: &[u8],
+    dry_run: bool,
+) -> Result<(Value, bool), ApiError> {
+    let apply = content_type.starts_with("application/apply-patch");
+    let patch: Value = if apply {
+        serde_yaml_ng::from_slice(raw)
+            .map_err(|e| ApiError::bad_request(format!("the body does not parse as YAML: {e}")))?
+    } else if content_type.starts_with("application/merge-patch+json") {
+        serde_json::from_slice(raw)
+            .map_err(|e| ApiError::bad_request(format!("the body does not parse as JSON: {e}")))?
+    } else {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the patch type {content_type:?} is not supported: use application/merge-patch+json or application/apply-patch+yaml"
+            ),
+        ));
+    };
+    let key = kind.key(ns, name);
+    let Some(current) = app.store.get(&key).await? else {
+        if apply {
+            return create(app, kind, ns, patch, dry_run)
+                .await
+                .map(|v| (v, true));
+        }
+        return Err(not_found(kind, name));
+    };
+    let mut body = served(&current);
+    merge_patch(&mut body, &patch);
+    let expected = match meta_str(&patch, "resourceVersion") {
+        Some(rv) => rv.parse::<i64>().unwrap_or(-1),
+        None => current.mod_rev,
+    };
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), json!(expected.to_string()));
+    }
+    let valid = prepare(app, kind, ns, Some(name), &mut body)?;
+    store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
+    replace(app, kind, &key, body, &current, expected, &valid, dry_run)
+        .await
+        .map(|v| (v, false))
+}
+
+/// Who holds a network or pool: `namespace/pod` of each attachment that names it.
+async fn holders(app: &App, kind: &Kind, ns: Option<&str>, name: &str) -> Result<Vec<String>, ApiError> {
+    let (atts, _) = app.store.list(&api::ATTACHMENT.prefix(None)).await?;
+    let network = match ns {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    };
+    let mut pods: Vec<String> = atts
+        .iter()
+        .filter_map(|a| {
+            let spec: api::AttachmentSpec =
+                serde_json::from_value(a.value.get("spec")?.clone()).ok()?;
+            let hit = if *kind == api::IP_POOL {
+                spec.pool == name
+            } else if *kind == api::CLUSTER_NETWORK {
+                spec.network == network && spec.network_kind != api::NAD.kind
+            } else {
+                spec.network == network
+            };
+            let pod_ns = meta_str(&a.value, "namespace").unwrap_or("");
+            hit.then(|| format!("{pod_ns}/{}", spec.pod))
+        })
+        .collect();
+    pods.sort();
+    pods.dedup();
+    Ok(pods)
+}
+
+/// Networks whose config names `pool`.
+async fn networks_naming(app: &App, pool: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for kind in [&api::NAD, &api::CLUSTER_NETWORK] {
+        let (objs, _) = app.store.list(&kind.prefix(None)).await?;
+        for o in objs {
+            let config = o
+                .value
+                .pointer("/spec/config")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let v: Value = serde_json::from_str(config).unwrap_or(Value::Null);
+            let plugins = v
+                .get("plugins")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_else(|| vec![v.clone()]);
+            if plugins
+                .iter()
+                .any(|p| p.pointer("/ipam/pool").and_then(Value::as_str) == Some(pool))
+            {
+                let ns = meta_str(&o.value, "namespace");
+                let n = meta_str(&o.value, "name").unwrap_or("");
+                out.push(match ns {
+                    Some(ns) => format!("{}/{ns}/{n}", kind.singular),
+                    None => format!("{}/{n}", kind.singular),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `DELETE`: refused (409) while pods are attached to the network or hold
+/// addresses of the pool.
+pub async fn delete(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    name: &str,
+    precondition: Option<i64>,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    let key = kind.key(ns, name);
+    let Some(current) = app.store.get(&key).await? else {
+        return Err(not_found(kind, name));
+    };
+    if !kind.node_written {
+        let pods = holders(app, kind, ns, name).await?;
+        if !pods.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "{} {name:?} is in use by {} pod(s): {}",
+                kind.kind,
+                pods.len(),
+                pods.join(", ")
+            ))
+            .about(kind.plural, name));
+        }
+    }
+    let mut also = Vec::new();
+    if *kind == api::IP_POOL {
+        let (used, _) = pool_addresses(app, name).await?;
+        if !used.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "IPPool {name:?} still has {} address(es) in use",
+                used.len()
+            ))
+            .about(kind.plural, name));
+        }
+        let nets = networks_naming(app, name).await?;
+        if !nets.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "IPPool {name:?} is named by {}",
+                nets.join(", ")
+            ))
+            .about(kind.plural, name));
+        }
+        also.push(delete_op(&format!(
+            "{IPAM_PREFIX}{}",
+            ipam::block::pool_key(name)
+        )));
+    }
+    let expected = precondition.unwrap_or(current.mod_rev);
+    if dry_run {
+        return Ok(served(&current));
+    }
+    app.store
+        .delete(&key, expected, also)
+        .await
+        .map_err(|e| ApiError::from(e).about(kind.plural, name))?;
+    Ok(served(&current))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        merge_patch(&mut t, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(t, json!({"a": "z", "c": {"d": "e"}}));
+        let mut t = json!({"a": [1]});
+        merge_patch(&mut t, &json!({"a": [2, 3], "b": {"x": 1}}));
+        assert_eq!(t, json!({"a": [2, 3], "b": {"x": 1}}));
+    }
+
+    #[test]
+    fn selectors() {
+        let o = json!({"metadata": {"name": "a", "namespace": "red",
+                                    "labels": {"plexus.io/node": "n1", "tier": "x"}}});
+        assert!(selector_matches("plexus.io/node=n1", &o));
+        assert!(selector_matches("plexus.io/node==n1,tier", &o));
+        assert!(!selector_matches("plexus.io/node=n2", &o));
+        assert!(selector_matches("tier!=y,!gone", &o));
+        assert!(fields_match("metadata.name=a", &o));
+        assert!(!fields_match("metadata.namespace=blue", &o));
+        assert!(fields_match("metadata.namespace!=blue", &o));
+    }
+}
