@@ -25,6 +25,8 @@ deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@command -v kubectl >/dev/null || { echo "installing: kubernetes-client (kubectl)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends kubernetes-client; }
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup)"; exit 1; }
 
 build: deps
@@ -51,8 +53,12 @@ bench: build-release
 # The multi-call binary and one link per plugin name it answers to.
 PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-ipam
 
+SBINDIR  ?= /usr/local/bin
+
 install: build-release
 	install -D -m 0755 $(RELEASE)/plexus $(DESTDIR)$(BINDIR)/plexus
+	install -D -m 0755 $(RELEASE)/plexusd $(DESTDIR)$(SBINDIR)/plexusd
+	install -D -m 0755 $(RELEASE)/plexusctl $(DESTDIR)$(SBINDIR)/plexusctl
 	for n in $(PLUGIN_NAMES); do ln -sf plexus $(DESTDIR)$(BINDIR)/$$n; done
 
 clean:

@@ -10,6 +10,7 @@ pub mod fixtures;
 pub mod kernel;
 pub mod netns;
 pub mod node;
+pub mod plexusd;
 pub mod probe;
 pub mod runtime;
 pub mod scratch;

@@ -2,5 +2,6 @@
 //! conventions whose state lives in etcd, and `plexusctl`, its CLI.
 
 pub mod client;
+pub mod ctl;
 pub mod server;
 pub mod tls;

@@ -135,10 +135,7 @@ impl Tokens {
             }
             let f = csv_fields(line);
             if f.len() < 3 || f[0].is_empty() || f[1].is_empty() {
-                return Err(format!(
-                    "line {}: want token,user,uid[,\"groups\"]",
-                    i + 1
-                ));
+                return Err(format!("line {}: want token,user,uid[,\"groups\"]", i + 1));
             }
             let groups = f
                 .get(3)
@@ -217,7 +214,12 @@ mod tests {
         assert!(allowed(&node, Verb::Create, &api::ATTACHMENT, Some("red")));
         assert!(!allowed(&node, Verb::Create, &api::NAD, Some("red")));
         assert!(allowed(&alice, Verb::Delete, &api::IP_POOL, None));
-        assert!(!allowed(&alice, Verb::Create, &api::ATTACHMENT, Some("red")));
+        assert!(!allowed(
+            &alice,
+            Verb::Create,
+            &api::ATTACHMENT,
+            Some("red")
+        ));
         let eve = t.authenticate(b"none").expect("eve");
         assert!(!allowed(&eve, Verb::Get, &api::NAD, Some("red")));
         assert!(Tokens::parse("just-a-token\n").is_err());

@@ -177,6 +177,8 @@ pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
         paths.insert(format!("{collection}/{{name}}"), operations(k, false));
         schemas.insert(schema_name(k), object_schema(k));
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Plexus", "version": version},
-                "paths": paths, "components": {"schemas": schemas}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Plexus", "version": version},
+                "paths": paths, "components": {"schemas": schemas}}),
+    )
 }

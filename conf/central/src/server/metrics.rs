@@ -109,7 +109,11 @@ pub async fn render(app: &App) -> String {
             *per.entry(net).or_default() += 1;
         }
         for (net, n) in per {
-            let _ = writeln!(out, "plexus_attachments{{network=\"{}\"}} {n}", escape(&net));
+            let _ = writeln!(
+                out,
+                "plexus_attachments{{network=\"{}\"}} {n}",
+                escape(&net)
+            );
         }
     }
     let pools = app
@@ -128,11 +132,19 @@ pub async fn render(app: &App) -> String {
         };
         let p = escape(name);
         for (f, fam) in ["ipv4", "ipv6"].iter().enumerate() {
-            let _ = writeln!(size, "plexus_ipam_pool_size{{pool=\"{p}\",family=\"{fam}\"}} {}", u.size[f]);
+            let _ = writeln!(
+                size,
+                "plexus_ipam_pool_size{{pool=\"{p}\",family=\"{fam}\"}} {}",
+                u.size[f]
+            );
         }
         for (node, n) in &u.nodes {
             let node = escape(node);
-            let _ = writeln!(blocks, "plexus_ipam_blocks{{pool=\"{p}\",node=\"{node}\"}} {}", n.blocks.len());
+            let _ = writeln!(
+                blocks,
+                "plexus_ipam_blocks{{pool=\"{p}\",node=\"{node}\"}} {}",
+                n.blocks.len()
+            );
             for (f, fam) in ["ipv4", "ipv6"].iter().enumerate() {
                 let l = format!("pool=\"{p}\",node=\"{node}\",family=\"{fam}\"");
                 let _ = writeln!(used, "plexus_ipam_addresses_in_use{{{l}}} {}", n.in_use[f]);
@@ -142,9 +154,21 @@ pub async fn render(app: &App) -> String {
     }
     for (name, help, body) in [
         ("plexus_ipam_pool_size", "Usable addresses of a pool.", size),
-        ("plexus_ipam_blocks", "Blocks a node has claimed in a pool.", blocks),
-        ("plexus_ipam_addresses_in_use", "Addresses in use in a node's blocks.", used),
-        ("plexus_ipam_addresses_free", "Free addresses in a node's blocks.", free),
+        (
+            "plexus_ipam_blocks",
+            "Blocks a node has claimed in a pool.",
+            blocks,
+        ),
+        (
+            "plexus_ipam_addresses_in_use",
+            "Addresses in use in a node's blocks.",
+            used,
+        ),
+        (
+            "plexus_ipam_addresses_free",
+            "Free addresses in a node's blocks.",
+            free,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         out.push_str(&body);

@@ -80,9 +80,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         request_timeout: config.request_timeout,
     });
     let acceptor = match &config.tls {
-        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::tls::server_config(cert, key)?,
-        )),
+        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            cert, key,
+        )?)),
         None => None,
     };
     let listener = TcpListener::bind(config.bind)
@@ -145,16 +145,14 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -173,7 +171,11 @@ fn bearer(req: &Request<Incoming>) -> Option<&[u8]> {
 async fn body_bytes(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
     let limited = Limited::new(body, app.max_body);
     match tokio::time::timeout(app.request_timeout, limited.collect()).await {
-        Err(_) => Err(ApiError::new(408, "Timeout", "the request body was not sent in time")),
+        Err(_) => Err(ApiError::new(
+            408,
+            "Timeout",
+            "the request body was not sent in time",
+        )),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             413,
             "RequestEntityTooLarge",
@@ -228,7 +230,9 @@ fn route<'a>(segs: &[&'a str]) -> Result<Route<'a>, ApiError> {
         ["openapi", "v3", "apis", g, v] => {
             Route::Discovery(discovery::openapi_doc(g, v).ok_or_else(nf)?)
         }
-        ["openapi", "v3", "api", v] => Route::Discovery(discovery::openapi_doc("", v).ok_or_else(nf)?),
+        ["openapi", "v3", "api", v] => {
+            Route::Discovery(discovery::openapi_doc("", v).ok_or_else(nf)?)
+        }
         ["apis", g, v, "namespaces", ns, plural] => Route::Objects {
             kind: kind_of(g, v, plural)?,
             ns: Some(ns),
@@ -276,7 +280,11 @@ async fn dispatch(
     route: Route<'_>,
 ) -> (&'static str, &'static str, Response<Body>) {
     if matches!(route, Route::Health) {
-        return ("", "get", http::text(StatusCode::OK, "text/plain", "ok".into()));
+        return (
+            "",
+            "get",
+            http::text(StatusCode::OK, "text/plain", "ok".into()),
+        );
     }
     let Some(user) = bearer(&req).and_then(|t| app.tokens.authenticate(t)) else {
         return ("", "", ApiError::unauthorized().response());
@@ -315,10 +323,18 @@ async fn dispatch(
             };
             ("metrics", "get", r)
         }
-        Route::Version => ("", "get", Ok(http::json(StatusCode::OK, &discovery::version()))),
+        Route::Version => (
+            "",
+            "get",
+            Ok(http::json(StatusCode::OK, &discovery::version())),
+        ),
         Route::Discovery(doc) => ("", "get", Ok(http::json(StatusCode::OK, &doc))),
         Route::Namespace(ns) => ("namespaces", "get", namespaces(app, ns).await),
-        Route::Health => ("", "get", Ok(http::text(StatusCode::OK, "text/plain", "ok".into()))),
+        Route::Health => (
+            "",
+            "get",
+            Ok(http::text(StatusCode::OK, "text/plain", "ok".into())),
+        ),
     };
     (resource, verb, r.unwrap_or_else(|e| e.response()))
 }
@@ -373,7 +389,9 @@ async fn objects_request(
     }
     if let Some(ns) = ns {
         if !conf::api::is_dns_label(ns) {
-            return Err(ApiError::bad_request(format!("{ns:?} is not a namespace name")));
+            return Err(ApiError::bad_request(format!(
+                "{ns:?} is not a namespace name"
+            )));
         }
     }
     if !auth::allowed(user, verb, kind, ns) {
@@ -453,13 +471,11 @@ async fn objects_request(
             }
             Verb::Delete => {
                 let raw = body_bytes(app, req.into_body()).await?;
-                let precondition = serde_json::from_slice::<Value>(&raw)
-                    .ok()
-                    .and_then(|v| {
-                        v.pointer("/preconditions/resourceVersion")
-                            .and_then(Value::as_str)
-                            .and_then(|r| r.parse::<i64>().ok())
-                    });
+                let precondition = serde_json::from_slice::<Value>(&raw).ok().and_then(|v| {
+                    v.pointer("/preconditions/resourceVersion")
+                        .and_then(Value::as_str)
+                        .and_then(|r| r.parse::<i64>().ok())
+                });
                 out(
                     StatusCode::OK,
                     objects::delete(app, kind, ns, name_s, precondition, dry_run).await?,
@@ -475,7 +491,10 @@ async fn objects_request(
         Err(_) => Err(ApiError::new(
             504,
             "Timeout",
-            format!("the request did not finish within {:?}", app.request_timeout),
+            format!(
+                "the request did not finish within {:?}",
+                app.request_timeout
+            ),
         )),
     }
 }

@@ -559,7 +559,12 @@ pub async fn patch(
 }
 
 /// Who holds a network or pool: `namespace/pod` of each attachment that names it.
-async fn holders(app: &App, kind: &Kind, ns: Option<&str>, name: &str) -> Result<Vec<String>, ApiError> {
+async fn holders(
+    app: &App,
+    kind: &Kind,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Vec<String>, ApiError> {
     let (atts, _) = app.store.list(&api::ATTACHMENT.prefix(None)).await?;
     let network = match ns {
         Some(ns) => format!("{ns}/{name}"),

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions,
-    Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use serde_json::Value;
 
@@ -200,7 +200,11 @@ impl Store {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(after + 1);
-        Ok(self.client.watch_client().watch(prefix, Some(options)).await?)
+        Ok(self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await?)
     }
 }
 

@@ -72,8 +72,8 @@ pub async fn read(app: &App, name: &str) -> Result<Usage, ApiError> {
     let Some((_, value)) = raw.into_iter().find(|(k, _)| *k == key) else {
         return Err(ApiError::not_found(format!("pool {name:?} not found")));
     };
-    let pool: Pool = serde_json::from_slice(&value)
-        .map_err(|e| ApiError::internal(format!("{key}: {e}")))?;
+    let pool: Pool =
+        serde_json::from_slice(&value).map_err(|e| ApiError::internal(format!("{key}: {e}")))?;
     let prefix = format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name));
     let mut nodes: BTreeMap<String, NodeUsage> = BTreeMap::new();
     let mut in_use = [0u64; 2];

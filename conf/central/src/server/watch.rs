@@ -98,7 +98,9 @@ pub async fn start(
             for ev in resp.events() {
                 let (kind, kv) = match ev.event_type() {
                     EventType::Put => {
-                        let created = ev.kv().is_some_and(|kv| kv.create_revision() == kv.mod_revision());
+                        let created = ev
+                            .kv()
+                            .is_some_and(|kv| kv.create_revision() == kv.mod_revision());
                         (if created { "ADDED" } else { "MODIFIED" }, ev.kv())
                     }
                     EventType::Delete => ("DELETED", ev.prev_kv().or(ev.kv())),

@@ -1,0 +1,603 @@
+//! The central API: a real `plexusd` with TLS on loopback against a real
+//! 3-member etcd (Debian's), certificates made by the test, driven by its
+//! own client and by Debian-packaged-style `kubectl` (the one on `PATH`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::Method;
+use plexus_central::client::{Client, Response};
+use serde_json::{json, Value};
+
+use netns_harness::etcd::{EtcdCluster, Tls};
+use netns_harness::plexusd::Plexusd;
+use netns_harness::scratch::Scratch;
+
+const ADMIN: &str = "admin-token-0123456789";
+const TENANT: &str = "tenant-red-token-0123";
+const NODE: &str = "node-token-0123456789";
+const VIEWER: &str = "viewer-token-01234567";
+const NOBODY: &str = "nobody-token-01234567";
+
+/// etcd, plexusd and a client as the admin.
+struct Api {
+    _scratch: Scratch,
+    etcd: EtcdCluster,
+    plexusd: Plexusd,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn start(tag: &str) -> Api {
+        let scratch = Scratch::new(tag).expect("scratch");
+        let (server, _client) = Tls::generate(scratch.path()).expect("certificates");
+        let etcd = EtcdCluster::start(3).expect("etcd");
+        let plexusd = Plexusd::start(
+            &scratch,
+            &etcd.endpoints(),
+            &server,
+            &[
+                (ADMIN, "alice", &["plexus:admins"]),
+                (TENANT, "bob", &["plexus:tenant:red"]),
+                (NODE, "node-1", &["plexus:nodes"]),
+                (VIEWER, "vic", &["plexus:viewers"]),
+                (NOBODY, "eve", &[]),
+            ],
+            &["--max-request-bytes", "65536"],
+        )
+        .expect("plexusd");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Api {
+            _scratch: scratch,
+            etcd,
+            plexusd,
+            rt,
+        }
+    }
+
+    fn client(&self, token: Option<&str>) -> Client {
+        Client::new(&self.plexusd.url(), token, Some(&self.plexusd.ca))
+            .expect("client")
+            .with_timeouts(Duration::from_secs(10), Duration::from_secs(30))
+    }
+
+    /// One request: `(status, body as JSON)`.
+    fn call(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let client = self.client(token);
+        let r: Response = self
+            .rt
+            .block_on(client.send(
+                method.clone(),
+                path,
+                body.map(|b| (content_type, Bytes::from(b))),
+            ))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (r.status, r.json().unwrap_or(Value::Null))
+    }
+
+    fn json(&self, token: &str, method: Method, path: &str, body: &Value) -> (u16, Value) {
+        let raw = serde_json::to_vec(body).expect("encode");
+        self.call(Some(token), method, path, "application/json", Some(raw))
+    }
+
+    fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        self.call(Some(token), Method::GET, path, "application/json", None)
+    }
+
+    /// The etcd revision a list sees: unchanged when nothing was stored.
+    fn revision(&self) -> String {
+        let (code, v) = self.get(ADMIN, "/apis/plexus.io/v1/ippools");
+        assert_eq!(code, 200, "{v}");
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("resourceVersion")
+            .to_string()
+    }
+}
+
+const NADS: &str = "/apis/k8s.cni.cncf.io/v1/namespaces";
+const POOLS: &str = "/apis/plexus.io/v1/ippools";
+const CNETS: &str = "/apis/plexus.io/v1/clusternetworks";
+
+fn nad(ns: &str, name: &str, config: Value) -> Value {
+    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"config": config.to_string()}})
+}
+
+fn macvlan(pool: Option<&str>) -> Value {
+    let ipam = match pool {
+        Some(p) => json!({"type": "plexus-ipam", "pool": p}),
+        None => json!({"type": "host-local", "subnet": "10.9.0.0/24"}),
+    };
+    json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "master": "eth1", "mode": "bridge",
+           "ipam": ipam})
+}
+
+fn pool(name: &str, cidrs: &[&str]) -> Value {
+    json!({"apiVersion": "plexus.io/v1", "kind": "IPPool", "metadata": {"name": name},
+           "spec": {"cidrs": cidrs}})
+}
+
+fn cnet(name: &str, allowed: &[&str]) -> Value {
+    json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork", "metadata": {"name": name},
+           "spec": {"config": macvlan(None).to_string(), "allowedNamespaces": allowed}})
+}
+
+fn attachment(ns: &str, name: &str, network: &str, pool: &str) -> Value {
+    json!({"apiVersion": "plexus.io/v1", "kind": "Attachment",
+           "metadata": {"name": name, "namespace": ns, "labels": {"plexus.io/node": "node-1"}},
+           "spec": {"pod": name, "node": "node-1", "containerId": "c0ffee", "interface": "net1",
+                    "network": network, "addresses": ["10.20.0.5/24"], "pool": pool}})
+}
+
+#[test]
+fn authorization_matrix_every_role_resource_and_verb() {
+    let api = Api::start("authz");
+    // What each role may do, written out rather than derived from the server's code.
+    let resources: [(&str, &str, Value, Value); 5] = [
+        (
+            "nad-red",
+            "/apis/k8s.cni.cncf.io/v1/namespaces/red/network-attachment-definitions",
+            nad("red", "NAME", macvlan(None)),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+        (
+            "nad-blue",
+            "/apis/k8s.cni.cncf.io/v1/namespaces/blue/network-attachment-definitions",
+            nad("blue", "NAME", macvlan(None)),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+        (
+            "clusternetwork",
+            CNETS,
+            cnet("NAME", &["red"]),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+        (
+            "ippool",
+            POOLS,
+            json!({"apiVersion": "plexus.io/v1", "kind": "IPPool", "metadata": {"name": "NAME"},
+                   "spec": {"cidrs": ["CIDR"]}}),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+        (
+            "attachment-red",
+            "/apis/plexus.io/v1/namespaces/red/attachments",
+            attachment("red", "NAME", "red/x", ""),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+    ];
+    let verbs = [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ];
+    let reads = ["get", "list", "watch"];
+    let all: Vec<&str> = verbs.to_vec();
+    let mut may: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for (res, ..) in &resources {
+        let admin = if res.starts_with("attachment") {
+            reads.to_vec()
+        } else {
+            all.clone()
+        };
+        may.insert(("admin", res), admin);
+        may.insert(("viewer", res), reads.to_vec());
+        may.insert(
+            ("node", res),
+            if res.starts_with("attachment") {
+                all.clone()
+            } else {
+                reads.to_vec()
+            },
+        );
+        let tenant = match *res {
+            "nad-red" => all.clone(),
+            "attachment-red" => reads.to_vec(),
+            _ => vec![],
+        };
+        may.insert(("tenant", res), tenant);
+        may.insert(("nobody", res), vec![]);
+    }
+    let roles = [
+        ("admin", Some(ADMIN)),
+        ("tenant", Some(TENANT)),
+        ("node", Some(NODE)),
+        ("viewer", Some(VIEWER)),
+        ("nobody", Some(NOBODY)),
+        ("bad-token", Some("not-a-token")),
+        ("no-token", None),
+    ];
+    let mut n = 0;
+    let mut checked = 0;
+    for (res, collection, template, patch) in &resources {
+        for (role, token) in roles {
+            for verb in verbs {
+                n += 1;
+                // A fresh object per request, made by whoever may make it.
+                let name = format!("o{n}");
+                let cidr = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
+                let mut obj = template.clone();
+                obj["metadata"]["name"] = json!(name);
+                if let Some(c) = obj.pointer_mut("/spec/cidrs/0") {
+                    *c = json!(cidr);
+                }
+                let maker = if res.starts_with("attachment") {
+                    NODE
+                } else {
+                    ADMIN
+                };
+                let (code, made) = api.json(maker, Method::POST, collection, &obj);
+                assert_eq!(code, 201, "seed {res}: {made}");
+                let path = format!("{collection}/{name}");
+                let (method, target, ctype, body) = match verb {
+                    "get" => (Method::GET, path.clone(), "application/json", None),
+                    "list" => (
+                        Method::GET,
+                        collection.to_string(),
+                        "application/json",
+                        None,
+                    ),
+                    "watch" => (
+                        Method::GET,
+                        format!("{collection}?watch=1&timeoutSeconds=0"),
+                        "application/json",
+                        None,
+                    ),
+                    "create" => {
+                        let mut o = obj.clone();
+                        o["metadata"]["name"] = json!(format!("{name}c"));
+                        if let Some(c) = o.pointer_mut("/spec/cidrs/0") {
+                            *c = json!(format!("10.{}.{}.0/24", 200 + n / 250, n % 250));
+                        }
+                        (
+                            Method::POST,
+                            collection.to_string(),
+                            "application/json",
+                            Some(o),
+                        )
+                    }
+                    "update" => {
+                        let mut o = made.clone();
+                        o["metadata"]["labels"] = json!({"updated": "yes"});
+                        (Method::PUT, path.clone(), "application/json", Some(o))
+                    }
+                    "patch" => (
+                        Method::PATCH,
+                        path.clone(),
+                        "application/merge-patch+json",
+                        Some(patch.clone()),
+                    ),
+                    _ => (Method::DELETE, path.clone(), "application/json", None),
+                };
+                let raw = body.map(|b| serde_json::to_vec(&b).expect("encode"));
+                let (code, answer) = api.call(token, method, &target, ctype, raw);
+                let expected = match role {
+                    "bad-token" | "no-token" => 401,
+                    r if may[&(r, *res)].contains(&verb) => 200,
+                    _ => 403,
+                };
+                if expected == 200 {
+                    assert!(
+                        (200..300).contains(&code),
+                        "{role} {verb} {res}: want success, got {code}: {answer}"
+                    );
+                } else {
+                    assert_eq!(code, expected, "{role} {verb} {res}: {answer}");
+                    assert_eq!(answer["kind"], "Status", "{answer}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, resources.len() * roles.len() * verbs.len());
+}
+
+#[test]
+fn stale_writes_conflict_and_what_is_in_use_stays() {
+    let api = Api::start("conflict");
+    let coll = format!("{NADS}/red/network-attachment-definitions");
+    let (code, made) = api.json(
+        ADMIN,
+        Method::POST,
+        &coll,
+        &nad("red", "data", macvlan(None)),
+    );
+    assert_eq!(code, 201, "{made}");
+    // Two updates from the same read, at the same time: one wins.
+    let path = format!("{coll}/data");
+    let bodies: Vec<Vec<u8>> = ["a", "b"]
+        .iter()
+        .map(|v| {
+            let mut o = made.clone();
+            o["metadata"]["labels"] = json!({"writer": v});
+            serde_json::to_vec(&o).expect("encode")
+        })
+        .collect();
+    let client = api.client(Some(ADMIN));
+    let codes: Vec<u16> = api.rt.block_on(async {
+        let (a, b) = tokio::join!(
+            client.send(
+                Method::PUT,
+                &path,
+                Some(("application/json", Bytes::from(bodies[0].clone())))
+            ),
+            client.send(
+                Method::PUT,
+                &path,
+                Some(("application/json", Bytes::from(bodies[1].clone())))
+            )
+        );
+        vec![a.expect("a").status, b.expect("b").status]
+    });
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![200, 409], "{codes:?}");
+    // A stale delete precondition is refused too.
+    let stale = json!({"preconditions": {"resourceVersion": made["metadata"]["resourceVersion"]}});
+    let (code, v) = api.json(ADMIN, Method::DELETE, &path, &stale);
+    assert_eq!(code, 409, "{v}");
+
+    // In use: a pool named by a network, a network with an attachment.
+    let (code, v) = api.json(ADMIN, Method::POST, POOLS, &pool("p1", &["10.20.0.0/16"]));
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = api.json(
+        ADMIN,
+        Method::POST,
+        &coll,
+        &nad("red", "pooled", macvlan(Some("p1"))),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = api.json(
+        NODE,
+        Method::POST,
+        "/apis/plexus.io/v1/namespaces/red/attachments",
+        &attachment("red", "web-0", "red/pooled", "p1"),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = api.call(
+        Some(ADMIN),
+        Method::DELETE,
+        &format!("{coll}/pooled"),
+        "application/json",
+        None,
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("red/web-0"),
+        "{v}"
+    );
+    let (code, v) = api.call(
+        Some(ADMIN),
+        Method::DELETE,
+        &format!("{POOLS}/p1"),
+        "application/json",
+        None,
+    );
+    assert_eq!(code, 409, "{v}");
+    // A network naming a pool that does not exist is refused before storing.
+    let (code, v) = api.json(
+        ADMIN,
+        Method::POST,
+        &coll,
+        &nad("red", "nopool", macvlan(Some("p9"))),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(
+        v["details"]["causes"][0]["field"], "spec.config.ipam.pool",
+        "{v}"
+    );
+    // Once the pod is gone, both go.
+    let (code, v) = api.call(
+        Some(NODE),
+        Method::DELETE,
+        "/apis/plexus.io/v1/namespaces/red/attachments/web-0",
+        "application/json",
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    for path in [format!("{coll}/pooled"), format!("{POOLS}/p1")] {
+        let (code, v) = api.call(Some(ADMIN), Method::DELETE, &path, "application/json", None);
+        assert_eq!(code, 200, "{path}: {v}");
+    }
+    let (code, _) = api.get(ADMIN, &format!("{POOLS}/p1"));
+    assert_eq!(code, 404);
+    // The pool plexus-ipam reads went with it.
+    assert_eq!(api.etcd.get(0, "/plexus/ipam/pools/p1").expect("etcd"), "");
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
+    let api = Api::start("badinput");
+    let (code, v) = api.json(
+        ADMIN,
+        Method::POST,
+        POOLS,
+        &pool("taken", &["10.30.0.0/16"]),
+    );
+    assert_eq!(code, 201, "{v}");
+    let coll = format!("{NADS}/red/network-attachment-definitions");
+    let mut unknown = nad("red", "x", macvlan(None));
+    unknown["spec"]["colour"] = json!("red");
+    let mut unknown_top = nad("red", "x", macvlan(None));
+    unknown_top["status2"] = json!({});
+    let cases: Vec<(&str, &str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            &coll,
+            "application/json",
+            b"{\"apiVersion\": ".to_vec(),
+            400,
+            "JSON",
+        ),
+        (
+            "malformed YAML",
+            &coll,
+            "application/yaml",
+            b"metadata: [unclosed\n  - :".to_vec(),
+            400,
+            "YAML",
+        ),
+        (
+            "unknown spec field",
+            &coll,
+            "application/json",
+            serde_json::to_vec(&unknown).unwrap_or_default(),
+            422,
+            "colour",
+        ),
+        (
+            "unknown top field",
+            &coll,
+            "application/json",
+            serde_json::to_vec(&unknown_top).unwrap_or_default(),
+            422,
+            "status2",
+        ),
+        (
+            "invalid CIDR",
+            POOLS,
+            "application/json",
+            serde_json::to_vec(&pool("bad", &["10.0.0.0/33"])).unwrap_or_default(),
+            422,
+            "10.0.0.0/33",
+        ),
+        (
+            "overlapping CIDR",
+            POOLS,
+            "application/json",
+            serde_json::to_vec(&pool("over", &["10.30.128.0/20"])).unwrap_or_default(),
+            422,
+            "overlaps",
+        ),
+        (
+            "type no node has",
+            &coll,
+            "application/json",
+            serde_json::to_vec(&nad(
+                "red",
+                "weave",
+                json!({"cniVersion": "1.0.0", "type": "weave-net"}),
+            ))
+            .unwrap_or_default(),
+            422,
+            "weave-net",
+        ),
+        (
+            "not a DNS label",
+            &coll,
+            "application/json",
+            serde_json::to_vec(&nad("red", "Data_Net", macvlan(None))).unwrap_or_default(),
+            422,
+            "DNS-1123",
+        ),
+        (
+            "oversized body",
+            &coll,
+            "application/json",
+            {
+                let mut big = nad("red", "big", macvlan(None));
+                big["metadata"]["annotations"] = json!({"x": "y".repeat(70_000)});
+                serde_json::to_vec(&big).unwrap_or_default()
+            },
+            413,
+            "larger than",
+        ),
+        (
+            "namespace mismatch",
+            &coll,
+            "application/json",
+            serde_json::to_vec(&nad("blue", "x", macvlan(None))).unwrap_or_default(),
+            400,
+            "namespace",
+        ),
+    ];
+    for (what, path, ctype, body, want, says) in cases {
+        let before = api.revision();
+        let (code, v) = api.call(Some(ADMIN), Method::POST, path, ctype, Some(body));
+        assert_eq!(code, want, "{what}: {v}");
+        assert_eq!(v["kind"], "Status", "{what}: {v}");
+        let msg = v.to_string();
+        assert!(
+            msg.contains(says),
+            "{what}: message should say {says:?}: {msg}"
+        );
+        assert_eq!(api.revision(), before, "{what}: something was stored");
+    }
+    // kubectl shows the server's field errors as they are.
+    let dir = api.plexusd.dir().to_path_buf();
+    let file = dir.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata:\n  name: bad\n  namespace: red\nspec:\n  config: '{\"cniVersion\":\"1.0.0\",\"type\":\"plexus-macvlan\",\"mode\":\"fast\"}'\n",
+    )
+    .expect("write");
+    let out = api
+        .plexusd
+        .kubectl(ADMIN, &["apply", "-f", &file.display().to_string()])
+        .expect("kubectl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.config.mode"),
+        "{err}"
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_member_loss_and_restarts() {
+    let mut api = Api::start("durable");
+    let coll = format!("{NADS}/red/network-attachment-definitions");
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        if i == 15 {
+            let leader = api.etcd.leader().expect("leader");
+            api.etcd.stop_member(leader).expect("stop leader");
+        }
+        if i == 30 {
+            api.plexusd.restart().expect("restart plexusd");
+        }
+        if i == 45 {
+            for m in 0..3 {
+                if !api.etcd.is_running(m) {
+                    api.etcd.restart_member(m).expect("member back");
+                }
+            }
+        }
+        let name = format!("net-{i}");
+        let client = api.client(Some(ADMIN));
+        let body =
+            Bytes::from(serde_json::to_vec(&nad("red", &name, macvlan(None))).expect("encode"));
+        match api
+            .rt
+            .block_on(client.send(Method::POST, &coll, Some(("application/json", body))))
+        {
+            Ok(r) if r.status == 201 => acknowledged.push(name),
+            _ => refused += 1,
+        }
+    }
+    assert!(acknowledged.len() >= 40, "{refused} refused of 60");
+    api.plexusd.kill();
+    api.plexusd.restart().expect("restart");
+    let (code, list) = api.get(ADMIN, &coll);
+    assert_eq!(code, 200, "{list}");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    for n in &acknowledged {
+        assert!(names.contains(&n.as_str()), "acknowledged {n} is lost");
+    }
+}
