@@ -235,5 +235,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
     if !node.leases().is_empty() {
         return Err(format!("leases left after the bench: {:?}", node.leases()));
     }
-    crate::bench_ipam::run()
+    crate::bench_ipam::run()?;
+    crate::bench_api::run()
 }

@@ -3,6 +3,7 @@
 //! connectivity probes and an etcd fixture.
 
 pub mod bench;
+pub mod bench_api;
 pub mod bench_ipam;
 pub mod demo;
 pub mod etcd;

@@ -1,4 +1,5 @@
-//! `netns-harness demo`, `bench [cycles]`, `bench-ipam` (only the IPAM part)
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam` and `bench-api` (only
+//! the IPAM or central API part)
 //! and `vm COMMAND…`.
 
 use std::process::ExitCode;
@@ -44,9 +45,10 @@ fn main() -> ExitCode {
             )),
         },
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
+        Some("bench-api") => netns_harness::bench_api::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-api | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

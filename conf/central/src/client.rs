@@ -155,18 +155,19 @@ impl Client {
         &self.url
     }
 
-    /// Sends one request (`path` absolute, with any query; the body with its
-    /// content type) and returns the answer as is.
-    pub async fn send(
+    fn addr(&self) -> String {
+        match self.host.contains(':') {
+            true => format!("[{}]:{}", self.host, self.port),
+            false => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    fn request(
         &self,
         method: Method,
         path: &str,
         body: Option<(&str, Bytes)>,
-    ) -> Result<Response, Error> {
-        let addr = match self.host.contains(':') {
-            true => format!("[{}]:{}", self.host, self.port),
-            false => format!("{}:{}", self.host, self.port),
-        };
+    ) -> Result<hyper::Request<Full<Bytes>>, Error> {
         let uri = format!("{}{path}", self.base);
         let mut req = hyper::Request::builder()
             .method(method)
@@ -184,24 +185,45 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| Error::Config(format!("request {uri}: {e}")))?;
+        req.body(Full::new(body))
+            .map_err(|e| Error::Config(format!("request {uri}: {e}")))
+    }
+
+    /// Sends one request (`path` absolute, with any query; the body with its
+    /// content type) on a connection of its own and returns the answer as is.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<Response, Error> {
+        let addr = self.addr();
+        let req = self.request(method, path, body)?;
         let timed_out = |what| Error::Timeout {
             what,
             addr: addr.clone(),
             after: self.request_timeout,
         };
-        tokio::time::timeout(self.request_timeout, self.exchange(&addr, req))
-            .await
-            .map_err(|_| timed_out("request"))?
+        tokio::time::timeout(self.request_timeout, async {
+            let mut sender = self.handshake(&addr).await?;
+            exchange(&mut sender, req, &addr).await
+        })
+        .await
+        .map_err(|_| timed_out("request"))?
     }
 
-    async fn exchange(
-        &self,
-        addr: &str,
-        req: hyper::Request<Full<Bytes>>,
-    ) -> Result<Response, Error> {
+    /// A kept-alive connection for many requests in turn.
+    pub async fn session(&self) -> Result<Session, Error> {
+        let addr = self.addr();
+        let sender = self.handshake(&addr).await?;
+        Ok(Session {
+            client: self.clone(),
+            sender,
+            addr,
+        })
+    }
+
+    async fn handshake(&self, addr: &str) -> Result<Sender, Error> {
         let connect = async {
             let fail = |e: std::io::Error| Error::Connect {
                 addr: addr.to_string(),
@@ -232,8 +254,8 @@ impl Client {
                 after: self.connect_timeout,
             })??;
         match stream {
-            Stream::Plain(s) => round_trip(s, req, addr).await,
-            Stream::Tls(s) => round_trip(*s, req, addr).await,
+            Stream::Plain(s) => open(s, addr).await,
+            Stream::Tls(s) => open(*s, addr).await,
         }
     }
 
@@ -398,21 +420,55 @@ enum Stream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-async fn round_trip<S>(
-    io: S,
-    req: hyper::Request<Full<Bytes>>,
-    addr: &str,
-) -> Result<Response, Error>
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// One kept-alive connection of a [`Client`].
+pub struct Session {
+    client: Client,
+    sender: Sender,
+    addr: String,
+}
+
+impl Session {
+    /// Sends one request on this connection and returns the answer as is.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<Response, Error> {
+        let req = self.client.request(method, path, body)?;
+        let after = self.client.request_timeout;
+        tokio::time::timeout(after, exchange(&mut self.sender, req, &self.addr))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "request",
+                addr: self.addr.clone(),
+                after,
+            })?
+    }
+}
+
+async fn open<S>(io: S, addr: &str) -> Result<Sender, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Error::Http(format!("HTTP handshake with {addr}: {e}")))?;
+    // The connection task ends once the sender is dropped.
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn exchange(
+    sender: &mut Sender,
+    req: hyper::Request<Full<Bytes>>,
+    addr: &str,
+) -> Result<Response, Error> {
     let what = format!("{} {}", req.method(), req.uri());
     let fail = |e: &dyn std::fmt::Display| Error::Http(format!("{what} on {addr}: {e}"));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| fail(&e))?;
-    // The connection task ends once the sender is dropped below.
-    tokio::spawn(conn);
+    sender.ready().await.map_err(|e| fail(&e))?;
     let resp = sender.send_request(req).await.map_err(|e| fail(&e))?;
     let status = resp.status().as_u16();
     let body = Limited::new(resp.into_body(), MAX_BODY)

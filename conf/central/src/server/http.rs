@@ -29,6 +29,15 @@ pub fn json(code: StatusCode, v: &Value) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(full("")))
 }
 
+/// A JSON response already encoded.
+pub fn bytes(code: StatusCode, body: Vec<u8>) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("Content-Type", "application/json")
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full("")))
+}
+
 /// A text response (metrics, health).
 pub fn text(code: StatusCode, content_type: &str, body: String) -> Response<Body> {
     Response::builder()

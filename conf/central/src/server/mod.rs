@@ -409,7 +409,16 @@ async fn objects_request(
     let out = |code: StatusCode, v: Value| Ok(http::json(code, &v));
     let call = async {
         match verb {
-            Verb::Get => out(StatusCode::OK, objects::get(app, kind, ns, name_s).await?),
+            Verb::Get => Ok(http::bytes(
+                StatusCode::OK,
+                objects::get_bytes(app, kind, ns, name_s).await?,
+            )),
+            Verb::List if !q.contains_key("labelSelector") && !q.contains_key("fieldSelector") => {
+                Ok(http::bytes(
+                    StatusCode::OK,
+                    objects::list_bytes(app, kind, ns).await?,
+                ))
+            }
             Verb::List => out(
                 StatusCode::OK,
                 objects::list(

@@ -120,6 +120,32 @@ impl Store {
         Ok((resp.kvs().iter().filter_map(decode).collect(), rev))
     }
 
+    /// Every value under `prefix` as stored, with its modification revision,
+    /// and the revision the read saw.
+    pub async fn list_bytes(&self, prefix: &str) -> Result<(Vec<(Vec<u8>, i64)>, i64), StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+            .collect();
+        Ok((items, rev))
+    }
+
+    /// One value as stored, with its modification revision.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let resp = self.client.kv_client().get(key, None).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
     /// Raw values under `prefix` (IPAM keys), with the read's revision.
     pub async fn raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let resp = self
