@@ -735,6 +735,16 @@ pub async fn delete(
             "{IPAM_PREFIX}{}",
             ipam::block::pool_key(name)
         )));
+        // Its blocks and claims hold no address: a pool made again under
+        // this name starts clean.
+        also.push(super::store::delete_prefix_op(&format!(
+            "{IPAM_PREFIX}{}",
+            ipam::block::claim_prefix(name)
+        )));
+        also.push(super::store::delete_prefix_op(&format!(
+            "{IPAM_PREFIX}{}",
+            pool_blocks_prefix(name)
+        )));
     }
     let expected = precondition.unwrap_or(current.mod_rev);
     if dry_run {

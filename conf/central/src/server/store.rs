@@ -239,6 +239,14 @@ pub fn put_op(key: &str, value: Vec<u8>) -> TxnOp {
     TxnOp::put(key, value, None)
 }
 
+/// A delete of every key under `prefix`.
+pub fn delete_prefix_op(prefix: &str) -> TxnOp {
+    TxnOp::delete(
+        prefix,
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+}
+
 /// A delete, for the IPAM keys removed beside an object.
 pub fn delete_op(key: &str) -> TxnOp {
     TxnOp::delete(key, None)
