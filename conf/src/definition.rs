@@ -307,21 +307,7 @@ impl Definitions {
         }
         for key in &candidates {
             if let Some(def) = self.ok.get(key) {
-                return match &def.scope {
-                    Scope::Tenant(owner) if owner != pod_namespace => Err(Error::Forbidden {
-                        reference,
-                        owner: owner.clone(),
-                        pod_namespace: pod_namespace.to_string(),
-                    }),
-                    Scope::Allowed(allowed) if !crate::api::allows(allowed, pod_namespace) => {
-                        Err(Error::NotAllowed {
-                            reference,
-                            allowed: allowed.clone(),
-                            pod_namespace: pod_namespace.to_string(),
-                        })
-                    }
-                    _ => Ok(def),
-                };
+                return permit(def, reference, pod_namespace);
             }
             if let Some(err) = self.bad.get(key) {
                 return Err(err.clone());
@@ -329,19 +315,41 @@ impl Definitions {
         }
         // A namespace-less reference may also name a network in a cluster namespace.
         if namespace.is_none() {
-            let mut cluster = self
-                .ok
-                .values()
-                .filter(|d| d.name == name && d.scope == Scope::Cluster);
-            if let Some(def) = cluster.next() {
+            if let Some(def) = self.in_cluster_namespace(name) {
                 return Ok(def);
             }
         }
-        Err(Error::NotFound {
+        Err(self.not_found(reference, pod_namespace))
+    }
+
+    /// Finds a cluster network by name (one without a namespace, a
+    /// ClusterNetwork, or one in a cluster namespace) for a pod of
+    /// `pod_namespace`. A tenant's network of the same name never stands in
+    /// for it: the node's default network is the admin's choice.
+    pub fn resolve_cluster(&self, name: &str, pod_namespace: &str) -> Result<&Definition, Error> {
+        let key: Key = (None, name.to_string());
+        if let Some(def) = self.ok.get(&key) {
+            return permit(def, name.to_string(), pod_namespace);
+        }
+        if let Some(err) = self.bad.get(&key) {
+            return Err(err.clone());
+        }
+        self.in_cluster_namespace(name)
+            .ok_or_else(|| self.not_found(name.to_string(), pod_namespace))
+    }
+
+    fn in_cluster_namespace(&self, name: &str) -> Option<&Definition> {
+        self.ok
+            .values()
+            .find(|d| d.name == name && d.scope == Scope::Cluster)
+    }
+
+    fn not_found(&self, reference: String, pod_namespace: &str) -> Error {
+        Error::NotFound {
             reference,
             pod_namespace: pod_namespace.to_string(),
             broken: self.unnamed.clone(),
-        })
+        }
     }
 
     /// Every usable definition.
@@ -354,6 +362,29 @@ impl Definitions {
         let mut p: Vec<String> = self.bad.values().map(|e| e.to_string()).collect();
         p.extend(self.unnamed.iter().cloned());
         p
+    }
+}
+
+/// `def` if its scope lets pods of `pod_namespace` use it.
+fn permit<'a>(
+    def: &'a Definition,
+    reference: String,
+    pod_namespace: &str,
+) -> Result<&'a Definition, Error> {
+    match &def.scope {
+        Scope::Tenant(owner) if owner != pod_namespace => Err(Error::Forbidden {
+            reference,
+            owner: owner.clone(),
+            pod_namespace: pod_namespace.to_string(),
+        }),
+        Scope::Allowed(allowed) if !crate::api::allows(allowed, pod_namespace) => {
+            Err(Error::NotAllowed {
+                reference,
+                allowed: allowed.clone(),
+                pod_namespace: pod_namespace.to_string(),
+            })
+        }
+        _ => Ok(def),
     }
 }
 
@@ -491,6 +522,25 @@ spec:
         assert!(matches!(
             defs.resolve(None, "bad", "red"),
             Err(Error::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_cluster_network_by_name_is_never_a_tenants() {
+        let nad = |ns: &str| {
+            serde_json::json!({"metadata": {"name": "pods", "namespace": ns},
+                "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"ptp\"}"}})
+        };
+        let cnet = serde_json::json!({"metadata": {"name": "pods"},
+            "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"plexus-veth\"}",
+                     "allowedNamespaces": ["*"]}});
+        let defs = Definitions::from_api(&[nad("red")], &[cnet], "etcd");
+        let def = defs.resolve_cluster("pods", "red").unwrap();
+        assert_eq!(def.list.plugin_type(0), "plexus-veth");
+        let tenant_only = Definitions::from_api(&[nad("red")], &[], "etcd");
+        assert!(matches!(
+            tenant_only.resolve_cluster("pods", "red"),
+            Err(Error::NotFound { .. })
         ));
     }
 

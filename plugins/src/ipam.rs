@@ -105,7 +105,7 @@ impl Node {
         Ok(match &self.conf.store {
             Some(StoreConf::Etcd(etcd)) => {
                 let deadline = self.started + etcd.timeout();
-                Box::new(EtcdStore::connect(etcd)?.with_deadline(deadline))
+                Box::new(EtcdStore::connect_shared(etcd)?.with_deadline(deadline))
             }
             Some(StoreConf::Local { path: Some(p) }) => Box::new(LocalStore::open(p)?),
             Some(StoreConf::Local { path: None }) | None => {

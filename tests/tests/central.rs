@@ -431,7 +431,9 @@ fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
     unknown["spec"]["colour"] = json!("red");
     let mut unknown_top = nad("red", "x", macvlan(None));
     unknown_top["status2"] = json!({});
-    let cases: Vec<(&str, &str, &str, Vec<u8>, u16, &str)> = vec![
+    // What, where, content type, body, the code wanted, a word the answer says.
+    type Case<'a> = (&'a str, &'a str, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             &coll,
@@ -600,4 +602,254 @@ fn acknowledged_writes_survive_member_loss_and_restarts() {
     for n in &acknowledged {
         assert!(names.contains(&n.as_str()), "acknowledged {n} is lost");
     }
+}
+
+/// Runs `f` on a thread inside `ns` with a runtime of its own (the API
+/// lives on the node's loopback there).
+fn in_netns<T: Send>(
+    ns: &netns_harness::Netns,
+    f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send,
+) -> T {
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        f(&rt)
+    })
+    .expect("enter node netns")
+}
+
+fn stdout_ok(what: &str, out: std::io::Result<std::process::Output>) -> String {
+    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A refused pod holds only `lo` and the node keeps no record of it.
+fn kept_nothing(
+    node: &netns_harness::node::Node,
+    ns: &netns_harness::Netns,
+    pod: &netns_harness::Pod,
+) {
+    let links = netns_harness::kernel::link_names(ns.name()).expect("links");
+    assert_eq!(links, vec!["lo".to_string()]);
+    let records = node.records();
+    assert!(
+        !records.iter().any(|r| r.contains(&pod.container_id)),
+        "{records:?}"
+    );
+}
+
+#[test]
+fn admins_and_tenants_define_pods_attach_and_nodes_record() {
+    use netns_harness::node::{Node, UPLINK};
+    let node = Node::new("central-e2e");
+    let etcd = EtcdCluster::start_in(3, &node.netns).expect("etcd in the node");
+    let (server, _) = Tls::generate(node.scratch.path()).expect("certificates");
+    let plexusd = Plexusd::start_in(
+        &node.scratch,
+        &etcd.endpoints(),
+        &server,
+        &[
+            (ADMIN, "alice", &["plexus:admins"]),
+            (TENANT, "bob", &["plexus:tenant:red"]),
+            (VIEWER, "vic", &["plexus:viewers"]),
+        ],
+        &[],
+        Some(&node.netns),
+    )
+    .expect("plexusd in the node");
+    let ipam = |pool: &str| {
+        json!({"type": "plexus-ipam", "pool": pool, "nodeName": "node-1",
+               "stateDir": node.scratch.join("ipam-state"),
+               "store": {"type": "etcd", "endpoints": etcd.endpoints()}})
+    };
+    // The admin: two pools and the cluster network, with plexusctl.
+    let pods_net = json!({"cniVersion": "1.0.0", "type": "plexus-veth", "ipam": ipam("pods-pool")});
+    let admin_yaml = format!(
+        "apiVersion: plexus.io/v1\nkind: IPPool\nmetadata: {{name: pods-pool}}\n\
+         spec: {{cidrs: [10.60.0.0/16, 'fd00:60::/64'], routes: [{{dst: 0.0.0.0/0}}, {{dst: '::/0'}}]}}\n\
+         ---\napiVersion: plexus.io/v1\nkind: IPPool\nmetadata: {{name: red-pool}}\n\
+         spec: {{cidrs: [192.168.60.0/24, 'fd00:61::/64'], allowedNamespaces: [red]}}\n\
+         ---\napiVersion: plexus.io/v1\nkind: ClusterNetwork\nmetadata: {{name: pods}}\n\
+         spec: {{allowedNamespaces: [red, blue], config: '{}'}}\n",
+        pods_net
+    );
+    let applied = stdout_ok(
+        "plexusctl apply",
+        plexusd.plexusctl(ADMIN, &["apply", "-f", "-"], Some(&admin_yaml)),
+    );
+    assert!(applied.contains("created"), "{applied}");
+    // The tenant: its network, with kubectl.
+    let data = json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "master": UPLINK,
+                      "mode": "bridge", "ipam": ipam("red-pool")});
+    let file = plexusd.dir().join("nad.yaml");
+    std::fs::write(
+        &file,
+        netns_harness::fixtures::nad("data", Some("red"), &data),
+    )
+    .expect("write");
+    let out = stdout_ok(
+        "kubectl apply",
+        plexusd.kubectl(TENANT, &["apply", "-f", &file.display().to_string()]),
+    );
+    assert!(out.contains("created"), "{out}");
+    // A tenant may not take a pool another namespace owns.
+    let mut stolen = data.clone();
+    stolen["ipam"]["pool"] = json!("red-pool");
+    let stolen_file = plexusd.dir().join("stolen.yaml");
+    std::fs::write(
+        &stolen_file,
+        netns_harness::fixtures::nad("data", Some("blue"), &stolen),
+    )
+    .expect("write");
+    let out = plexusd
+        .kubectl(ADMIN, &["apply", "-f", &stolen_file.display().to_string()])
+        .expect("kubectl");
+    assert!(!out.status.success(), "blue took red's pool");
+
+    let list = node.plexus_list("1.0.0", json!("pods"));
+    let mut list = list;
+    list.plugins[0].insert(
+        "api".into(),
+        json!({"endpoints": etcd.endpoints(), "timeoutSeconds": 5}),
+    );
+    list.plugins[0].insert("nodeName".into(), json!("node-1"));
+    list.plugins[0].remove("confDir");
+    let (ns_red, pod_red) = node.pod("red");
+    let pod_red = pod_red.networks("data");
+    let result = node.runtime.add(&list, &pod_red).expect("ADD red");
+    let ips: Vec<&str> = result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .filter_map(|i| i["address"].as_str())
+        .collect();
+    let within = |prefixes: &[&str]| {
+        ips.iter()
+            .filter(|ip| prefixes.iter().any(|p| ip.starts_with(p)))
+            .count()
+    };
+    assert_eq!(
+        within(&["10.60.", "fd00:60::"]),
+        2,
+        "eth0 from pods-pool: {ips:?}"
+    );
+    assert_eq!(
+        within(&["192.168.60.", "fd00:61::"]),
+        2,
+        "net1 from red-pool: {ips:?}"
+    );
+    let (ns_blue, pod_blue) = node.pod("blue");
+    node.runtime.add(&list, &pod_blue).expect("ADD blue");
+
+    // What is attached, seen through the API.
+    let atts = stdout_ok(
+        "plexusctl get attachments",
+        plexusd.plexusctl(
+            VIEWER,
+            &["get", "attachments", "-A", "--node", "node-1"],
+            None,
+        ),
+    );
+    assert!(
+        atts.contains(&pod_red.name) && atts.contains(&pod_blue.name),
+        "{atts}"
+    );
+    assert!(
+        atts.contains("red/data") && atts.contains("192.168.60."),
+        "{atts}"
+    );
+    let nads = stdout_ok(
+        "kubectl get",
+        plexusd.kubectl(VIEWER, &["get", "network-attachment-definitions", "-A"]),
+    );
+    assert!(nads.contains("red") && nads.contains("data"), "{nads}");
+    let usage = stdout_ok(
+        "plexusctl ipam usage",
+        plexusd.plexusctl(ADMIN, &["ipam", "usage", "red-pool", "-o", "json"], None),
+    );
+    let usage: Value = serde_json::from_str(&usage).expect("usage JSON");
+    assert_eq!(usage["inUse"], json!({"ipv4": 1, "ipv6": 1}), "{usage}");
+    let (url, ca) = (plexusd.url(), plexusd.ca.clone());
+    let metrics = in_netns(&node.netns, |rt| {
+        let c = Client::new(&url, Some(VIEWER), Some(&ca)).expect("client");
+        let r = rt
+            .block_on(c.send(Method::GET, "/metrics", None))
+            .expect("metrics");
+        String::from_utf8_lossy(&r.body).into_owned()
+    });
+    for line in [
+        "plexus_attachments{network=\"red/data\"} 1",
+        "plexus_attachments{network=\"pods\"} 2",
+        "plexus_ipam_addresses_in_use{pool=\"pods-pool\",node=\"node-1\",family=\"ipv6\"} 2",
+        "plexusd_requests_total{resource=\"ippools\",verb=\"create\",code=\"201\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    // In use: neither the network nor its pool may go.
+    let out = plexusd
+        .kubectl(TENANT, &["delete", "net-attach-def", "-n", "red", "data"])
+        .expect("kubectl");
+    assert!(!out.status.success(), "deleted a network in use");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&pod_red.name));
+
+    // Pods of a namespace the cluster network does not allow, or naming
+    // another tenant's network, get a clear error and keep nothing.
+    let (ns_green, pod_green) = node.pod("green");
+    let err = node
+        .runtime
+        .add(&list, &pod_green)
+        .expect_err("green is not allowed");
+    assert!(
+        err.msg.contains("pods") && err.msg.contains("green"),
+        "{}",
+        err.msg
+    );
+    kept_nothing(&node, &ns_green, &pod_green);
+    let (ns_b2, pod_b2) = node.pod("blue");
+    let err = node
+        .runtime
+        .add(&list, &pod_b2.clone().networks("red/data"))
+        .expect_err("blue may not use red's network");
+    assert_eq!(err.code, 7, "{err:?}");
+    assert!(err.msg.contains("red/data"), "{}", err.msg);
+    kept_nothing(&node, &ns_b2, &pod_b2);
+
+    // DEL removes the records; then the network and pools can go.
+    node.runtime.del(&list, &pod_red).expect("DEL red");
+    node.runtime.del(&list, &pod_blue).expect("DEL blue");
+    node.assert_released(&ns_red, "DEL");
+    node.assert_released(&ns_blue, "DEL");
+    let atts = plexusd
+        .plexusctl(VIEWER, &["get", "attachments", "-A", "-o", "json"], None)
+        .expect("plexusctl");
+    let atts: Value = serde_json::from_slice(&atts.stdout).expect("JSON list");
+    assert_eq!(atts["items"], json!([]), "{atts}");
+    stdout_ok(
+        "kubectl delete",
+        plexusd.kubectl(
+            TENANT,
+            &[
+                "delete",
+                "-f",
+                &plexusd.dir().join("nad.yaml").display().to_string(),
+                "--ignore-not-found",
+            ],
+        ),
+    );
+    stdout_ok(
+        "plexusctl delete",
+        plexusd.plexusctl(ADMIN, &["delete", "clusternetwork", "pods"], None),
+    );
+    stdout_ok(
+        "plexusctl delete",
+        plexusd.plexusctl(ADMIN, &["delete", "ippool", "pods-pool"], None),
+    );
 }

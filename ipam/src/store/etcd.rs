@@ -7,6 +7,7 @@
 //! model's transactions compare revisions, so one that did commit before its
 //! answer was lost fails the second time and the caller reads what it wrote.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -20,7 +21,8 @@ use crate::config::EtcdConf;
 use crate::Error;
 
 pub struct EtcdStore {
-    rt: tokio::runtime::Runtime,
+    /// Shared with the other stores of a shared connection.
+    rt: Arc<tokio::runtime::Runtime>,
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
@@ -103,7 +105,7 @@ impl EtcdStore {
             Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
         };
         Ok(EtcdStore {
-            rt,
+            rt: Arc::new(rt),
             client,
             prefix: conf.prefix.clone(),
             endpoints,
@@ -112,10 +114,85 @@ impl EtcdStore {
         })
     }
 
+    /// The same as [`EtcdStore::connect`], but reusing the connection an
+    /// earlier call of this process made with the same endpoints and
+    /// credentials (whatever its prefix and timeout: each store still bounds
+    /// its own calls): the meta-plugin and the in-process IPAM of one CNI
+    /// call then share one TCP (and TLS) handshake. Only for callers on one
+    /// thread at a time: the connection lives on one current-thread runtime.
+    pub fn connect_shared(conf: &EtcdConf) -> Result<EtcdStore, Error> {
+        /// Connections made so far, by what they were made with.
+        type Shared = Vec<(String, Arc<tokio::runtime::Runtime>, Client)>;
+        static SHARED: Mutex<Shared> = Mutex::new(Vec::new());
+        let how = format!(
+            "{:?}",
+            (
+                &conf.endpoints,
+                &conf.ca_file,
+                &conf.cert_file,
+                &conf.key_file,
+                &conf.username,
+                &conf.password,
+            )
+        );
+        let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, rt, client)) = shared.iter().find(|(h, ..)| *h == how) {
+            return Ok(EtcdStore {
+                rt: rt.clone(),
+                client: client.clone(),
+                prefix: conf.prefix.clone(),
+                endpoints: conf.endpoints.clone(),
+                timeout: conf.timeout(),
+                deadline: None,
+            });
+        }
+        let store = EtcdStore::connect(conf)?;
+        shared.push((how, store.rt.clone(), store.client.clone()));
+        Ok(store)
+    }
+
     /// No call returns later than `deadline`.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
         self
+    }
+
+    /// Every key under each of `prefixes` (each ending with `/`), read at one
+    /// revision in one round trip: a transaction of range reads.
+    ///
+    /// Serializable: the member asked answers from what it has applied,
+    /// without a quorum round, so it may be a moment behind the leader. For
+    /// data read far more often than it changes (the API's definitions),
+    /// where a moment late is harmless and a round trip per read is not.
+    pub fn ranges(&mut self, prefixes: &[&str]) -> Result<Vec<Vec<Kv>>, Error> {
+        let gets: Vec<TxnOp> = prefixes
+            .iter()
+            .map(|p| {
+                let options = GetOptions::new().with_prefix().with_serializable();
+                TxnOp::get(self.full(p), Some(options))
+            })
+            .collect();
+        let resp = self.retry("ranges", |mut c| {
+            let t = EtcdTxn::new().and_then(gets.clone());
+            async move { c.txn(t).await }
+        })?;
+        let out: Vec<Vec<Kv>> = resp
+            .op_responses()
+            .iter()
+            .filter_map(|op| match op {
+                TxnOpResponse::Get(g) => Some(g.kvs().iter().map(|kv| self.kv(kv)).collect()),
+                _ => None,
+            })
+            .collect();
+        if out.len() != prefixes.len() {
+            return Err(Error::Store(format!(
+                "{}: ranges: {} answers to {} reads",
+                self.describe(),
+                out.len(),
+                prefixes.len()
+            )));
+        }
+        Ok(out)
     }
 
     fn full(&self, key: &str) -> String {

@@ -1,6 +1,10 @@
 //! `plexus`, the meta-plugin: attaches the cluster network and the secondary
 //! networks a pod asks for, by running each network's plugins as delegates.
 
+mod api;
+mod attachments;
+mod copy;
+mod journal;
 mod node;
 mod plan;
 mod selection;
@@ -20,8 +24,10 @@ use ipnetwork::IpNetwork;
 use serde_json::Value;
 use tracing::{info, warn};
 
+use api::Api;
+use journal::Journal;
 pub use node::NodeConf;
-use plan::{Delegate, Record};
+use plan::{Delegate, Record, Source};
 
 const RECORD_KEY: &str = "plexus";
 
@@ -36,6 +42,8 @@ struct Call<'a> {
     pod_ns: String,
     exec: Executor,
     cache: Cache,
+    /// The central API, when definitions come from there.
+    api: Option<Api>,
 }
 
 impl<'a> Call<'a> {
@@ -47,11 +55,80 @@ impl<'a> Call<'a> {
         Ok(Call {
             exec: crate::executor(&req.path),
             cache: Cache::new(&node.cache_dir),
+            api: node.api.as_ref().map(|a| Api::new(a, &node.cache_dir)),
             req,
             node,
             args,
             pod_ns,
         })
+    }
+
+    /// Where definitions come from: the API, else `confDir`.
+    fn source<'s>(api: &'s mut Option<Api>, dir: &'s mut plan::Dir<'_>) -> &'s mut dyn Source {
+        match api {
+            Some(api) => api,
+            None => dir,
+        }
+    }
+
+    /// Every delegate this pod gets (see [`plan::build`]).
+    fn plan(&mut self, lenient: bool) -> Result<Vec<Delegate>, Error> {
+        let mut dir = plan::Dir(&self.node);
+        let source = Call::source(&mut self.api, &mut dir);
+        let rt = self.req.conf.runtime_config.as_ref();
+        plan::build(
+            &self.node,
+            source,
+            rt,
+            &self.pod_ns,
+            &self.req.ifname,
+            lenient,
+        )
+    }
+
+    fn journal(&self) -> Journal {
+        Journal::new(&self.node.cache_dir)
+    }
+
+    /// The pod as its Attachment records name it.
+    fn attachment_pod(&self) -> attachments::Pod<'_> {
+        attachments::Pod {
+            // Outside Kubernetes a sandbox has no pod name; its id stands in.
+            name: self
+                .args
+                .get("K8S_POD_NAME")
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&self.req.container_id),
+            namespace: &self.pod_ns,
+            container_id: &self.req.container_id,
+        }
+    }
+
+    /// The keys of the Attachment records these delegates get (none without
+    /// the API), known before anything is attached.
+    fn attachment_keys(&self, delegates: &[Delegate]) -> Vec<String> {
+        if self.api.is_none() {
+            return Vec::new();
+        }
+        let pod = self.attachment_pod();
+        delegates
+            .iter()
+            .map(|d| attachments::key(&pod, &d.ifname))
+            .collect()
+    }
+
+    /// The Attachment records of what ADD attached (none without the API).
+    fn attachment_records(&self, delegates: &[Delegate]) -> Vec<(String, String)> {
+        if self.api.is_none() {
+            return Vec::new();
+        }
+        match attachments::node_name(self.node.node_name.as_deref()) {
+            Ok(node) => attachments::records(&self.attachment_pod(), &node, delegates),
+            Err(e) => {
+                warn!(error = %e, "Attachment records not written");
+                Vec::new()
+            }
+        }
     }
 
     fn invocation(&self, d: &Delegate) -> Invocation {
@@ -126,7 +203,13 @@ impl<'a> Call<'a> {
                 &self.req.ifname,
             )
         } else {
-            self.save(entry, &Record { delegates: left })
+            self.save(
+                entry,
+                &Record {
+                    delegates: left,
+                    attachments: Vec::new(),
+                },
+            )
         };
         if let Err(err) = kept {
             undo_errors.push(err.to_string());
@@ -166,9 +249,8 @@ impl<'a> Call<'a> {
 
 impl Plugin for Meta {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
-        let call = Call::new(req)?;
-        let rt = req.conf.runtime_config.as_ref();
-        let mut delegates = plan::build(&call.node, rt, &call.pod_ns, &req.ifname, false)?;
+        let mut call = Call::new(req)?;
+        let mut delegates = call.plan(false)?;
         for d in &delegates {
             for i in 0..d.list.plugins.len() {
                 call.exec.available(d.list.plugin_type(i))?;
@@ -176,8 +258,11 @@ impl Plugin for Meta {
         }
         // Record the intent first: a crash half-way still leaves DEL a list.
         let mut entry = call.new_entry();
+        // The record names the Attachment records from the start: a DEL
+        // after a crash anywhere in between removes whatever was written.
         let mut record = Record {
             delegates: delegates.clone(),
+            attachments: call.attachment_keys(&delegates),
         };
         call.save(&mut entry, &record)?;
         let mut merged: Option<CniResult> = None;
@@ -214,21 +299,39 @@ impl Plugin for Meta {
         }
         entry.result = Some(merged.to_json(req.version));
         call.save(&mut entry, &record)?;
+        let records = call.attachment_records(&delegates);
+        let journal = call.journal();
+        if let Some(api) = &mut call.api {
+            attachments::publish(api, &journal, &req.container_id, &req.ifname, records);
+        }
         Ok(merged)
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let call = Call::new(req)?;
+        let mut call = Call::new(req)?;
         if let Some((_, record)) = call.record() {
             cni::error::combine(call.del_all(&record.delegates))?;
+            let journal = call.journal();
+            if let Some(api) = &mut call.api {
+                attachments::withdraw(
+                    api,
+                    &journal,
+                    &req.container_id,
+                    &req.ifname,
+                    &record.attachments,
+                );
+            }
             return call
                 .cache
                 .remove(&req.conf.name, &req.container_id, &req.ifname);
         }
         // No record: DEL already ran, or the cache was lost. Rebuild the list
-        // from the config and release what may be left, but never fail on it.
-        let rt = req.conf.runtime_config.as_ref();
-        match plan::build(&call.node, rt, &call.pod_ns, &req.ifname, true) {
+        // from the config (the API's only from the local copy: DEL never
+        // waits for etcd) and release what may be left, but never fail on it.
+        if let Some(api) = &mut call.api {
+            api.offline();
+        }
+        match call.plan(true) {
             Ok(delegates) => {
                 for e in call.del_all(&delegates) {
                     warn!(error = %e, container = %req.container_id, "DEL without record: ignored");
@@ -268,7 +371,7 @@ impl Plugin for Meta {
     }
 
     fn gc(&self, req: &Request) -> Result<(), Error> {
-        let call = Call::new(req)?;
+        let mut call = Call::new(req)?;
         let valid: BTreeSet<Attachment> = req
             .conf
             .valid_attachments
@@ -322,22 +425,51 @@ impl Plugin for Meta {
         }
         // Delegates that speak GC themselves get the attachments still in use.
         let valid_list: Vec<Attachment> = still_valid.into_iter().collect();
-        for list in all_lists(&call) {
+        for list in all_lists(&mut call) {
             if let Err(e) = call.exec.gc_list(&list, &valid_list) {
                 errors.push(e.context(format!("network {:?}", list.name)));
+            }
+        }
+        let journal = call.journal();
+        let node = call.node.node_name.clone();
+        if let Some(api) = &mut call.api {
+            let containers: BTreeSet<String> =
+                valid.iter().map(|a| a.container_id.clone()).collect();
+            // Records are a view: a GC that cannot reach etcd still succeeds.
+            let collected = attachments::node_name(node.as_deref()).and_then(|node| {
+                attachments::collect(api, &journal, &node, &containers).map_err(Error::from)
+            });
+            match collected {
+                Ok(n) => info!(removed = n, "GC: Attachment records"),
+                Err(e) => warn!(error = %e, "GC: stale Attachment records not removed"),
             }
         }
         cni::error::combine(errors)
     }
 
     fn status(&self, req: &Request) -> Result<(), Error> {
-        let call = Call::new(req)?;
+        let mut call = Call::new(req)?;
         let unavailable = |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.to_string());
-        let defs = plan::load_definitions(&call.node).map_err(unavailable)?;
+        let mut dir = plan::Dir(&call.node);
+        let source = Call::source(&mut call.api, &mut dir);
+        let defs = source.load(Some(&[])).map_err(unavailable)?;
         for problem in defs.problems() {
             warn!(%problem, "network definition unusable");
         }
-        let cluster = plan::cluster_list(&call.node, &defs, "default").map_err(unavailable)?;
+        // STATUS has no pod: a ClusterNetwork is usable when it allows any namespace.
+        let namespace = match &call.node.cluster {
+            node::ClusterNetwork::Named(name) => defs
+                .iter()
+                .find(|d| d.namespace.is_none() && &d.name == name)
+                .and_then(|d| match &d.scope {
+                    conf::Scope::Allowed(allowed) => allowed.first().cloned(),
+                    _ => None,
+                }),
+            node::ClusterNetwork::Inline(_) => None,
+        };
+        let namespace = namespace.unwrap_or_else(|| "default".into());
+        let (cluster, _) =
+            plan::cluster_list(&call.node, source, &defs, &namespace).map_err(unavailable)?;
         for i in 0..cluster.plugins.len() {
             call.exec
                 .find(cluster.plugin_type(i))
@@ -380,10 +512,12 @@ fn default_routes(
 }
 
 /// The cluster network and every definition, each once.
-fn all_lists(call: &Call<'_>) -> Vec<NetConfList> {
-    let defs = plan::load_definitions(&call.node).unwrap_or_default();
+fn all_lists(call: &mut Call<'_>) -> Vec<NetConfList> {
+    let mut dir = plan::Dir(&call.node);
+    let source = Call::source(&mut call.api, &mut dir);
+    let defs = source.load(None).unwrap_or_default();
     let mut lists: Vec<NetConfList> = Vec::new();
-    if let Ok(c) = plan::cluster_list(&call.node, &defs, "default") {
+    if let Ok((c, _)) = plan::cluster_list(&call.node, source, &defs, "default") {
         lists.push(c);
     }
     for d in defs.iter() {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use cni::{code, Error, NetConfList};
+use ipam::config::EtcdConf;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -11,7 +12,8 @@ use serde_json::{Map, Value};
 pub enum ClusterNetwork {
     /// Written inline: a plugin config or a conflist.
     Inline(NetConfList),
-    /// The name of a cluster-scoped definition in `confDir`.
+    /// The name of a cluster-scoped definition in `confDir`, or of a
+    /// ClusterNetwork in the central API.
     Named(String),
 }
 
@@ -29,6 +31,12 @@ pub struct NodeConf {
     pub log_level: String,
     /// Namespaces whose definitions are cluster networks.
     pub cluster_namespaces: Vec<String>,
+    /// The central API's etcd (its prefix is the API's): definitions come
+    /// from there instead of `confDir`, and attachments are recorded there.
+    pub api: Option<EtcdConf>,
+    /// This node's name in Attachment records; default `$PLEXUS_NODE_NAME`,
+    /// else the host name.
+    pub node_name: Option<String>,
 }
 
 /// Default place of the attachment records.
@@ -49,6 +57,46 @@ struct Raw {
     log_level: Option<String>,
     #[serde(rename = "clusterNamespaces", default)]
     cluster_namespaces: Vec<String>,
+    api: Option<RawApi>,
+    #[serde(rename = "nodeName")]
+    node_name: Option<String>,
+}
+
+/// The `api` field: how to reach the central API's etcd.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawApi {
+    endpoints: Vec<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    timeout_seconds: Option<f64>,
+}
+
+impl RawApi {
+    fn etcd(self) -> Result<EtcdConf, Error> {
+        if self.endpoints.is_empty() {
+            return Err(invalid("api.endpoints is empty"));
+        }
+        if self
+            .timeout_seconds
+            .is_some_and(|t| !(t.is_finite() && t > 0.0))
+        {
+            return Err(invalid("api.timeoutSeconds must be a positive number"));
+        }
+        Ok(EtcdConf {
+            endpoints: self.endpoints,
+            prefix: conf::api::PREFIX.into(),
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            username: self.username,
+            password: self.password,
+            timeout_seconds: self.timeout_seconds,
+        })
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -79,10 +127,23 @@ impl NodeConf {
                 ))
             }
         };
-        if matches!(cluster, ClusterNetwork::Named(_)) && raw.conf_dir.is_none() {
+        if raw.api.is_some() && raw.conf_dir.is_some() {
+            // Two sources of definitions would make "which one won" a question.
             return Err(invalid(
-                "clusterNetwork names a definition but confDir is not set",
+                "api and confDir exclude each other: definitions come from one place",
             ));
+        }
+        if matches!(cluster, ClusterNetwork::Named(_))
+            && raw.conf_dir.is_none()
+            && raw.api.is_none()
+        {
+            return Err(invalid(
+                "clusterNetwork names a definition but neither confDir nor api is set",
+            ));
+        }
+        let api = raw.api.map(RawApi::etcd).transpose()?;
+        if raw.node_name.as_deref() == Some("") {
+            return Err(invalid("nodeName is empty"));
         }
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
         if !matches!(log_level.as_str(), "error" | "warn" | "info" | "debug") {
@@ -99,6 +160,8 @@ impl NodeConf {
             log_file: raw.log_file,
             log_level,
             cluster_namespaces: raw.cluster_namespaces,
+            api,
+            node_name: raw.node_name,
         })
     }
 }
@@ -134,5 +197,22 @@ mod tests {
         assert_eq!(parse(typo).unwrap_err().code, 2);
         let bad_inline = json!({"clusterNetwork": {"cniVersion":"1.0.0","name":"k"}});
         assert_eq!(parse(bad_inline).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn api() {
+        let c = parse(json!({"clusterNetwork": "k8s", "nodeName": "n1",
+            "api": {"endpoints": ["http://10.0.0.1:2379"], "timeoutSeconds": 1}}))
+        .unwrap();
+        let etcd = c.api.unwrap();
+        assert_eq!(etcd.prefix, "/plexus/api/");
+        assert_eq!(etcd.timeout(), std::time::Duration::from_secs(1));
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        let typo = json!({"clusterNetwork": "k", "api": {"endpoints": ["x"], "caFil": "/c"}});
+        assert_eq!(parse(typo).unwrap_err().code, 2);
+        let both = json!({"clusterNetwork": "k", "confDir": "/x", "api": {"endpoints": ["x"]}});
+        assert_eq!(parse(both).unwrap_err().code, 7);
+        let none = json!({"clusterNetwork": "k", "api": {"endpoints": []}});
+        assert_eq!(parse(none).unwrap_err().code, 7);
     }
 }

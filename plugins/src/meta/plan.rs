@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use cni::{code, Error, NetConfList, RuntimeConfig};
-use conf::Definitions;
+use conf::api::{CLUSTER_NETWORK, NAD};
+use conf::{Definition, Definitions, Scope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -29,12 +30,67 @@ pub struct Delegate {
     /// Result of ADD, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    /// The definition it came from (none for an inline cluster network);
+    /// only ADD needs it, for the Attachment records.
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// A definition in the central API's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    /// `namespace/name` of a NetworkAttachmentDefinition, or a cluster network's name.
+    pub network: String,
+    /// `NetworkAttachmentDefinition` or `ClusterNetwork`.
+    pub kind: &'static str,
+}
+
+impl Origin {
+    fn of(def: &Definition) -> Origin {
+        Origin {
+            network: match &def.namespace {
+                Some(ns) => format!("{ns}/{}", def.name),
+                None => def.name.clone(),
+            },
+            kind: match def.scope {
+                Scope::Allowed(_) => CLUSTER_NETWORK.kind,
+                _ => NAD.kind,
+            },
+        }
+    }
 }
 
 /// What the cache keeps for one pod attachment, under the key `plexus`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Record {
     pub delegates: Vec<Delegate>,
+    /// The etcd keys of the Attachment records ADD wrote, which DEL removes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<String>,
+}
+
+/// Where one call's network definitions come from: `confDir`, or the central API.
+pub trait Source {
+    /// The definitions pods of `namespaces` may ask for, cluster networks
+    /// included (`None`: every namespace's).
+    fn load(&mut self, namespaces: Option<&[String]>) -> Result<Definitions, Error>;
+
+    /// The CNI error for a network that cannot be used.
+    fn explain(&self, e: conf::Error) -> Error {
+        e.into()
+    }
+}
+
+/// `confDir`: every file there, whatever the namespaces.
+pub struct Dir<'a>(pub &'a NodeConf);
+
+impl Source for Dir<'_> {
+    fn load(&mut self, _: Option<&[String]>) -> Result<Definitions, Error> {
+        match &self.0.conf_dir {
+            Some(dir) => Ok(Definitions::load_dir(dir, &self.0.cluster_namespaces)?),
+            None => Ok(Definitions::default()),
+        }
+    }
 }
 
 /// The pod's namespace from `CNI_ARGS`, `default` when absent.
@@ -56,27 +112,20 @@ pub fn selections(rt: Option<&RuntimeConfig>) -> Result<Vec<Selection>, Error> {
     }
 }
 
-/// Loads the definitions when a conf dir is set.
-pub fn load_definitions(node: &NodeConf) -> Result<Definitions, Error> {
-    match &node.conf_dir {
-        Some(dir) => Ok(Definitions::load_dir(dir, &node.cluster_namespaces)?),
-        None => Ok(Definitions::default()),
-    }
-}
-
-/// The cluster network's conflist.
+/// The cluster network's conflist, and the definition it came from.
 pub fn cluster_list(
     node: &NodeConf,
+    source: &dyn Source,
     defs: &Definitions,
     pod_ns: &str,
-) -> Result<NetConfList, Error> {
+) -> Result<(NetConfList, Option<Origin>), Error> {
     match &node.cluster {
-        ClusterNetwork::Inline(list) => Ok(list.clone()),
+        ClusterNetwork::Inline(list) => Ok((list.clone(), None)),
         ClusterNetwork::Named(name) => {
             let def = defs
-                .resolve(None, name, pod_ns)
-                .map_err(|e| cni::Error::from(e).context("clusterNetwork"))?;
-            Ok(def.list.clone())
+                .resolve_cluster(name, pod_ns)
+                .map_err(|e| source.explain(e).context("clusterNetwork"))?;
+            Ok((def.list.clone(), Some(Origin::of(def))))
         }
     }
 }
@@ -85,6 +134,7 @@ pub fn cluster_list(
 /// secondaries that no longer resolve instead of failing.
 pub fn build(
     node: &NodeConf,
+    source: &mut dyn Source,
     rt: Option<&RuntimeConfig>,
     pod_ns: &str,
     ifname: &str,
@@ -97,11 +147,22 @@ pub fn build(
     };
     let need_defs = !wanted.is_empty() || matches!(node.cluster, ClusterNetwork::Named(_));
     let defs = if need_defs {
-        load_definitions(node)?
+        // The pod's own namespace, and any it names: a reference to another
+        // namespace's network must find it to say it is forbidden.
+        let mut namespaces: Vec<String> = Vec::new();
+        if !wanted.is_empty() {
+            namespaces.push(pod_ns.to_string());
+        }
+        for ns in wanted.iter().filter_map(|s| s.namespace.as_ref()) {
+            if !namespaces.contains(ns) {
+                namespaces.push(ns.clone());
+            }
+        }
+        source.load(Some(&namespaces))?
     } else {
         Definitions::default()
     };
-    let cluster = cluster_list(node, &defs, pod_ns)?;
+    let (cluster, origin) = cluster_list(node, source, &defs, pod_ns)?;
     // The cluster network gets the runtime's capability args as they came.
     let mut cluster_caps = match rt {
         Some(rt) => match serde_json::to_value(rt) {
@@ -118,6 +179,7 @@ pub fn build(
         caps: cluster_caps,
         default_route: Vec::new(),
         result: None,
+        origin,
     }];
     let mut used: BTreeSet<String> = BTreeSet::from([ifname.to_string()]);
     for (i, sel) in wanted.iter().enumerate() {
@@ -128,7 +190,7 @@ pub fn build(
         let def = match defs.resolve(sel.namespace.as_deref(), &sel.name, pod_ns) {
             Ok(d) => d,
             Err(_) if lenient => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(source.explain(e)),
         };
         let iface = sel
             .interface
@@ -143,7 +205,10 @@ pub fn build(
         }
         let delegate = secondary(sel, &reference, iface, def.list.clone());
         match delegate {
-            Ok(d) => delegates.push(d),
+            Ok(d) => delegates.push(Delegate {
+                origin: Some(Origin::of(def)),
+                ..d
+            }),
             Err(_) if lenient => continue,
             Err(e) => return Err(e),
         }
@@ -237,5 +302,6 @@ fn secondary(
         caps,
         default_route: sel.default_route.clone(),
         result: None,
+        origin: None,
     })
 }

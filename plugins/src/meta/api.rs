@@ -1,0 +1,258 @@
+//! The central API's etcd as a node uses it: definitions read in one
+//! transaction per ADD (the local copy stands in when etcd is unreachable),
+//! and writes of the node's own Attachment records.
+//!
+//! One call connects at most once, and only when it needs etcd. Once etcd has
+//! not answered within `timeoutSeconds`, the rest of the call does not wait
+//! for it again.
+
+use std::path::Path;
+
+use cni::{code, Error};
+use conf::api::{CLUSTER_NETWORK, NAD, PREFIX};
+use conf::Definitions;
+use ipam::config::EtcdConf;
+use ipam::store::etcd::{describe, EtcdStore};
+use ipam::store::{Kv, Store, Txn};
+use serde_json::Value;
+use tracing::warn;
+
+use super::copy::{self, LocalCopy};
+use super::plan::Source;
+
+/// Operations per transaction: etcd refuses more than 128 by default.
+const MAX_TXN_OPS: usize = 128;
+
+/// One call's access to the API's etcd.
+pub struct Api {
+    conf: EtcdConf,
+    copy: LocalCopy,
+    store: Option<EtcdStore>,
+    /// Why etcd did not answer earlier in this call.
+    unreachable: Option<String>,
+    /// Set when the definitions came from the local copy: why, for errors.
+    stale: Option<String>,
+    /// Never ask etcd for definitions (DEL without a record).
+    offline: bool,
+}
+
+/// A key under [`PREFIX`] as the store takes it.
+fn relative(key: &str) -> &str {
+    key.strip_prefix(PREFIX).unwrap_or(key)
+}
+
+fn store_error(e: ipam::Error) -> Error {
+    match e {
+        ipam::Error::Config(msg) => Error::new(code::INVALID_NETWORK_CONFIG, format!("api: {msg}")),
+        e => e.into(),
+    }
+}
+
+impl Api {
+    pub fn new(conf: &EtcdConf, cache_dir: &Path) -> Api {
+        Api {
+            conf: conf.clone(),
+            copy: LocalCopy::new(cache_dir),
+            store: None,
+            unreachable: None,
+            stale: None,
+            offline: false,
+        }
+    }
+
+    /// From now on, definitions come from the local copy only.
+    pub fn offline(&mut self) {
+        self.offline = true;
+    }
+
+    /// `etcd at <endpoints> (prefix /plexus/api/)`.
+    pub fn describe(&self) -> String {
+        describe(&self.conf.endpoints, &self.conf.prefix)
+    }
+
+    /// Why etcd did not answer in this call, if it did not.
+    pub fn unreachable(&self) -> Option<&str> {
+        self.unreachable.as_deref()
+    }
+
+    /// Runs `op` on the connection (made on first use); remembers when etcd
+    /// is unreachable so that no later step of the call waits for it again.
+    fn run<T>(
+        &mut self,
+        op: impl FnOnce(&mut EtcdStore) -> Result<T, ipam::Error>,
+    ) -> Result<T, ipam::Error> {
+        if let Some(why) = &self.unreachable {
+            return Err(ipam::Error::Unreachable {
+                store: self.describe(),
+                detail: why.clone(),
+            });
+        }
+        let store = match self.store.take() {
+            Some(s) => s,
+            None => match EtcdStore::connect_shared(&self.conf) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.note(&e);
+                    return Err(e);
+                }
+            },
+        };
+        let done = op(self.store.insert(store));
+        if let Err(e) = &done {
+            self.note(e);
+        }
+        done
+    }
+
+    fn note(&mut self, e: &ipam::Error) {
+        if let ipam::Error::Unreachable { detail, .. } = e {
+            self.unreachable = Some(detail.clone());
+        }
+    }
+
+    /// Every key under `prefix` (a full key under [`PREFIX`]).
+    pub fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, ipam::Error> {
+        self.run(|s| s.range(relative(prefix)))
+    }
+
+    /// Puts (full key, JSON text) then deletes (full keys), in as few
+    /// transactions as etcd takes; no key may come twice.
+    pub fn write(
+        &mut self,
+        puts: Vec<(String, String)>,
+        deletes: Vec<String>,
+    ) -> Result<(), ipam::Error> {
+        let mut txns: Vec<Txn> = Vec::new();
+        for (key, value) in puts {
+            next(&mut txns).success.push(ipam::store::Op::Put(
+                relative(&key).to_string(),
+                value.into_bytes(),
+            ));
+        }
+        for key in deletes {
+            next(&mut txns)
+                .success
+                .push(ipam::store::Op::Delete(relative(&key).to_string()));
+        }
+        for txn in txns {
+            self.run(|s| s.txn(txn))?;
+        }
+        Ok(())
+    }
+
+    /// ClusterNetworks and the NADs of `namespaces` (`None`: all), in one
+    /// transaction; what was read of a namespace is kept in the local copy.
+    fn read(&mut self, namespaces: Option<&[String]>) -> Result<copy::Read, ipam::Error> {
+        let cluster_prefix = CLUSTER_NETWORK.prefix(None);
+        let nad_prefixes: Vec<String> = match namespaces {
+            Some(list) => list.iter().map(|ns| NAD.prefix(Some(ns))).collect(),
+            None => vec![NAD.prefix(None)],
+        };
+        let prefixes: Vec<&str> = std::iter::once(cluster_prefix.as_str())
+            .chain(nad_prefixes.iter().map(String::as_str))
+            .map(relative)
+            .collect();
+        let mut ranges = self.run(|s| s.ranges(&prefixes))?.into_iter();
+        let cluster_networks = objects(ranges.next().unwrap_or_default());
+        self.copy.save(None, &cluster_networks);
+        let mut read = copy::Read {
+            cluster_networks,
+            read_at: Some(copy::now()),
+            ..Default::default()
+        };
+        for (i, kvs) in ranges.enumerate() {
+            let nads = objects(kvs);
+            // A read of every namespace is GC's; it keeps no copy (an absent
+            // namespace would leave its old file behind).
+            if let Some(ns) = namespaces.and_then(|list| list.get(i)) {
+                self.copy.save(Some(ns), &nads);
+            }
+            read.nads.extend(nads);
+        }
+        Ok(read)
+    }
+}
+
+/// The next transaction with room for one more operation.
+fn next(txns: &mut Vec<Txn>) -> &mut Txn {
+    if !matches!(txns.last(), Some(t) if t.success.len() < MAX_TXN_OPS) {
+        txns.push(Txn::default());
+    }
+    let last = txns.len() - 1;
+    &mut txns[last]
+}
+
+/// The JSON objects of a range; a value that is not one is skipped, loudly
+/// (`plexusd` validates what it stores, so it was written by hand).
+fn objects(kvs: Vec<Kv>) -> Vec<Value> {
+    kvs.into_iter()
+        .filter_map(|kv| match serde_json::from_slice::<Value>(&kv.value) {
+            Ok(v @ Value::Object(_)) => Some(v),
+            _ => {
+                warn!(key = %kv.key, "API object is not a JSON object: ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+impl Source for Api {
+    fn load(&mut self, namespaces: Option<&[String]>) -> Result<Definitions, Error> {
+        for ns in namespaces.unwrap_or_default() {
+            // Namespaces name keys and copy files: nothing but DNS labels.
+            if !conf::api::is_dns_label(ns) {
+                return Err(Error::new(
+                    code::INVALID_NETWORK_CONFIG,
+                    format!("namespace {ns:?} is not a Kubernetes namespace name"),
+                ));
+            }
+        }
+        let read = if self.offline {
+            Err(ipam::Error::Unreachable {
+                store: self.describe(),
+                detail: "not asked (DEL never waits for etcd)".into(),
+            })
+        } else {
+            self.read(namespaces)
+        };
+        let (read, source) = match read {
+            Ok(read) => (read, self.describe()),
+            Err(e @ ipam::Error::Unreachable { .. }) => {
+                let copy = self.copy.load(namespaces);
+                let age = match copy.read_at {
+                    Some(t) => format!("read {}s ago", copy::now().saturating_sub(t)),
+                    None => "empty: nothing was ever read".into(),
+                };
+                if !self.offline {
+                    warn!(error = %e, copy = %self.copy.dir().display(), %age,
+                        "etcd of the API is unreachable: using the local copy of the definitions");
+                }
+                self.stale = Some(e.to_string());
+                let source = format!(
+                    "local copy {} of {}",
+                    self.copy.dir().display(),
+                    self.describe()
+                );
+                (copy, source)
+            }
+            Err(e) => return Err(store_error(e).context("reading network definitions")),
+        };
+        Ok(Definitions::from_api(
+            &read.nads,
+            &read.cluster_networks,
+            &source,
+        ))
+    }
+
+    /// A network missing from the local copy may exist in etcd: try again
+    /// later, rather than "not found".
+    fn explain(&self, e: conf::Error) -> Error {
+        match (&self.stale, &e) {
+            (Some(why), conf::Error::NotFound { .. }) => Error::new(
+                code::TRY_AGAIN_LATER,
+                format!("{e} in the local copy of the definitions, and {why}"),
+            ),
+            _ => e.into(),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The node side of the central API: the meta-plugin reads definitions from
+//! the API's etcd (a real one, inside the node netns), enforces tenant scope
+//! and `allowedNamespaces`, writes and removes Attachment records, and keeps
+//! working from its local copy and journal while etcd is down.
+
+use std::collections::BTreeMap;
+
+use cni::config::Attachment;
+use cni::NetConfList;
+use conf::api::{attachment_name, ATTACHMENT, CLUSTER_NETWORK, NAD};
+use netns_harness::etcd::EtcdCluster;
+use netns_harness::{kernel, Netns, Pod};
+use plexus_tests::*;
+use serde_json::{json, Value};
+
+const NODE: &str = "node-1";
+
+/// A node with a one-member etcd in its netns, and the plexus conflist that
+/// reads the API from it (`clusterNetwork` names the ClusterNetwork `pods`).
+struct ApiNode {
+    node: Node,
+    etcd: EtcdCluster,
+    list: NetConfList,
+}
+
+impl ApiNode {
+    fn new(tag: &str) -> ApiNode {
+        let node = Node::new(tag);
+        let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+        let list = NetConfList::parse_value(&json!({
+            "cniVersion": "1.1.0",
+            "name": "plexus",
+            "plugins": [{
+                "type": "plexus",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                "clusterNetwork": "pods",
+                "api": {"endpoints": etcd.endpoints(), "timeoutSeconds": 1},
+                "nodeName": NODE,
+                "cacheDir": node.plexus_cache(),
+                "logFile": node.log_file(),
+            }]
+        }))
+        .expect("plexus conflist");
+        let n = ApiNode { node, etcd, list };
+        let ipam = n.node.ipam_dir();
+        n.cluster_network(
+            "pods",
+            &ptp("pods", "1.0.0", &["10.88.0.0/24"], &ipam),
+            &["*"],
+        );
+        n
+    }
+
+    /// Stores an object as `plexusd` would: the JSON object at its key.
+    fn put(&self, key: &str, obj: &Value) {
+        self.etcd
+            .put_get(0, key, &obj.to_string())
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
+    fn cluster_network(&self, name: &str, config: &Value, allowed: &[&str]) {
+        self.put(
+            &CLUSTER_NETWORK.key(None, name),
+            &json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork",
+                "metadata": {"name": name, "uid": format!("uid-{name}"),
+                             "creationTimestamp": "2025-01-01T00:00:00Z"},
+                "spec": {"config": config.to_string(), "allowedNamespaces": allowed}}),
+        );
+    }
+
+    fn nad(&self, namespace: &str, name: &str, config: &Value) {
+        self.put(
+            &NAD.key(Some(namespace), name),
+            &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                             "creationTimestamp": "2025-01-01T00:00:00Z"},
+                "spec": {"config": config.to_string()}}),
+        );
+    }
+
+    /// Every Attachment object in etcd, by key.
+    fn attachments(&self) -> BTreeMap<String, Value> {
+        let out = self
+            .etcd
+            .etcdctl(0, &["get", "--prefix", &ATTACHMENT.prefix(None)])
+            .expect("etcdctl get");
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .map(|kv| {
+                let v = serde_json::from_str(kv.get(1).copied().unwrap_or("")).expect("JSON");
+                (kv[0].to_string(), v)
+            })
+            .collect()
+    }
+
+    fn key(pod: &Pod, ifname: &str) -> String {
+        ATTACHMENT.key(
+            Some(&pod.namespace),
+            &attachment_name(&pod.name, ifname, &pod.container_id),
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.node.log_file()).unwrap_or_default()
+    }
+}
+
+/// The pod's links, sorted.
+fn links(ns: &Netns) -> Vec<String> {
+    let mut names = kernel::link_names(ns.name()).expect("links");
+    names.sort();
+    names
+}
+
+/// A MACVLAN network on the node uplink.
+fn data_net(node: &Node, subnet: &str) -> Value {
+    macvlan("1.0.0", &[subnet], &node.ipam_dir())
+}
+
+#[test]
+fn pods_attach_from_api_definitions_and_are_recorded() {
+    let n = ApiNode::new("api-add");
+    n.nad("a", "data", &data_net(&n.node, "192.168.70.0/24"));
+    let fast = data_net(&n.node, "192.168.71.0/24");
+    n.cluster_network("fast", &fast, &["a", "c"]);
+
+    let (ns_a, pod_a) = n.node.pod("a");
+    let pod_a = pod_a.networks("data,fast@fast0");
+    let (ns_c, pod_c) = n.node.pod("c");
+    let pod_c = pod_c.networks("fast");
+    n.node.runtime.add(&n.list, &pod_a).expect("ADD a");
+    n.node.runtime.add(&n.list, &pod_c).expect("ADD c");
+    let names = links(&ns_a);
+    assert_eq!(names, vec!["eth0", "fast0", "lo", "net1"]);
+    assert_eq!(links(&ns_c), vec!["eth0", "lo", "net1"]);
+
+    // One record per interface, as the kernel has it.
+    let records = n.attachments();
+    assert_eq!(records.len(), 5, "{records:#?}");
+    for (ns, pod, ifname, network, kind) in [
+        (&ns_a, &pod_a, "eth0", "pods", "ClusterNetwork"),
+        (
+            &ns_a,
+            &pod_a,
+            "net1",
+            "a/data",
+            "NetworkAttachmentDefinition",
+        ),
+        (&ns_a, &pod_a, "fast0", "fast", "ClusterNetwork"),
+        (&ns_c, &pod_c, "net1", "fast", "ClusterNetwork"),
+    ] {
+        let key = ApiNode::key(pod, ifname);
+        let obj = records.get(&key).unwrap_or_else(|| panic!("no {key}"));
+        assert_eq!(obj["kind"], "Attachment");
+        assert_eq!(obj["metadata"]["namespace"], pod.namespace.as_str());
+        assert_eq!(obj["metadata"]["labels"]["plexus.io/node"], NODE);
+        let spec = &obj["spec"];
+        assert_eq!(spec["pod"], pod.name.as_str());
+        assert_eq!(spec["node"], NODE);
+        assert_eq!(spec["containerId"], pod.container_id.as_str());
+        assert_eq!(spec["interface"], ifname);
+        assert_eq!(spec["network"], network, "{key}");
+        assert_eq!(spec["networkKind"], kind, "{key}");
+        let link = kernel::link(ns.name(), ifname)
+            .expect("link")
+            .expect(ifname);
+        assert_eq!(spec["mac"], link.mac.as_str(), "{key}");
+        assert_eq!(
+            spec["addresses"],
+            json!(kernel::addrs(ns.name(), ifname).expect("addrs")),
+            "{key}"
+        );
+    }
+
+    n.node.runtime.del(&n.list, &pod_a).expect("DEL a");
+    n.node.runtime.del(&n.list, &pod_c).expect("DEL c");
+    assert_eq!(n.attachments(), BTreeMap::new());
+    n.node.assert_released(&ns_a, "after DEL");
+    n.node.assert_released(&ns_c, "after DEL");
+}
+
+/// ADD fails with code 7, naming the network and the namespaces, and leaves
+/// nothing behind: no link, lease, record or Attachment.
+fn refused(n: &ApiNode, ns: &Netns, pod: &Pod, words: &[&str]) {
+    let err = n.node.runtime.add(&n.list, pod).expect_err("ADD refused");
+    assert_eq!(err.code, 7, "{err:?}");
+    for w in words {
+        assert!(err.msg.contains(w), "{w:?} in {}", err.msg);
+    }
+    n.node.assert_released(ns, &err.msg);
+    assert_eq!(n.attachments(), BTreeMap::new());
+}
+
+#[test]
+fn tenant_and_allowed_namespaces_are_enforced() {
+    let n = ApiNode::new("api-scope");
+    n.nad("a", "data", &data_net(&n.node, "192.168.72.0/24"));
+    n.cluster_network("fast", &data_net(&n.node, "192.168.73.0/24"), &["a"]);
+    let (ns, pod) = n.node.pod("b");
+    refused(
+        &n,
+        &ns,
+        &pod.clone().networks("a/data"),
+        &["a/data", "\"a\"", "\"b\""],
+    );
+    refused(
+        &n,
+        &ns,
+        &pod.clone().networks(r#"[{"name":"data","namespace":"a"}]"#),
+        &["a/data"],
+    );
+    refused(&n, &ns, &pod.clone().networks("fast"), &["fast", "\"b\""]);
+    // b has no "data" of its own, and a's is not a cluster network.
+    refused(&n, &ns, &pod.networks("data"), &["\"data\" not found"]);
+}
+
+#[test]
+fn with_etcd_down_add_uses_the_local_copy_and_records_are_replayed() {
+    let mut n = ApiNode::new("api-down");
+    n.nad("a", "data", &data_net(&n.node, "192.168.74.0/24"));
+    let (_ns1, pod1) = n.node.pod("a");
+    let pod1 = pod1.networks("data");
+    let (ns2, pod2) = n.node.pod("a");
+    let pod2 = pod2.networks("data");
+    n.node.runtime.add(&n.list, &pod1).expect("ADD 1");
+    n.node.runtime.add(&n.list, &pod2).expect("ADD 2");
+    assert_eq!(n.attachments().len(), 4);
+
+    n.etcd.stop_member(0).expect("stop etcd");
+    // A pod on networks the node already read: from the local copy.
+    let (ns3, pod3) = n.node.pod("a");
+    let pod3 = pod3.networks("data");
+    n.node
+        .runtime
+        .add(&n.list, &pod3)
+        .expect("ADD with etcd down, from the local copy");
+    assert_eq!(links(&ns3), vec!["eth0", "lo", "net1"]);
+    let log = n.log();
+    assert!(
+        log.contains("unreachable") && log.contains("local copy") && log.contains("ago"),
+        "{log}"
+    );
+    // A network the copy does not have: try again later, naming etcd.
+    let (ns4, pod4) = n.node.pod("a");
+    let err = n
+        .node
+        .runtime
+        .add(&n.list, &pod4.networks("other"))
+        .expect_err("unknown network with etcd down");
+    assert_eq!(err.code, 11, "{err:?}");
+    assert!(err.msg.contains(&n.etcd.endpoints()[0]), "{}", err.msg);
+    assert_eq!(links(&ns4), vec!["lo"]);
+    // DEL works, and keeps the removal of its records for later, as ADD kept
+    // pod 3's records.
+    n.node
+        .runtime
+        .del(&n.list, &pod2)
+        .expect("DEL with etcd down");
+    assert_eq!(links(&ns2), vec!["lo"]);
+    let journal = n.node.plexus_cache().join("api/journal");
+    assert_eq!(std::fs::read_dir(&journal).expect("journal").count(), 2);
+
+    n.etcd.restart_member(0).expect("restart etcd");
+    assert_eq!(n.attachments().len(), 4, "pod 2's records wait for replay");
+    // The next call that reaches etcd replays the journal.
+    n.node.runtime.del(&n.list, &pod1).expect("DEL 1");
+    let left: Vec<String> = n.attachments().into_keys().collect();
+    let mut pod3_keys = vec![ApiNode::key(&pod3, "eth0"), ApiNode::key(&pod3, "net1")];
+    pod3_keys.sort();
+    assert_eq!(left, pod3_keys);
+    assert_eq!(std::fs::read_dir(&journal).expect("journal").count(), 0);
+    n.node.runtime.del(&n.list, &pod3).expect("DEL 3");
+    assert_eq!(n.attachments(), BTreeMap::new());
+    n.node.assert_released(&ns3, "after DEL");
+}
+
+#[test]
+fn gc_removes_this_nodes_stale_records_only() {
+    let n = ApiNode::new("api-gc");
+    let (ns1, pod1) = n.node.pod("a");
+    let (ns2, pod2) = n.node.pod("a");
+    n.node.runtime.add(&n.list, &pod1).expect("ADD 1");
+    n.node.runtime.add(&n.list, &pod2).expect("ADD 2");
+    // Another node's record of a sandbox this node never had.
+    let foreign = ATTACHMENT.key(Some("a"), "elsewhere-eth0-deadbeef");
+    n.put(
+        &foreign,
+        &json!({"apiVersion": "plexus.io/v1", "kind": "Attachment",
+            "metadata": {"name": "elsewhere-eth0-deadbeef", "namespace": "a",
+                         "labels": {"plexus.io/node": "node-2"}},
+            "spec": {"pod": "elsewhere", "node": "node-2", "containerId": "deadbeef",
+                     "interface": "eth0", "network": "pods"}}),
+    );
+    assert_eq!(n.attachments().len(), 3);
+
+    let valid = [Attachment {
+        container_id: pod1.container_id.clone(),
+        ifname: "eth0".into(),
+    }];
+    n.node.runtime.gc(&n.list, &valid).expect("GC");
+    let left: Vec<String> = n.attachments().into_keys().collect();
+    assert_eq!(left, {
+        let mut want = vec![ApiNode::key(&pod1, "eth0"), foreign];
+        want.sort();
+        want
+    });
+    assert_eq!(links(&ns2), vec!["lo"]);
+    n.node.runtime.del(&n.list, &pod1).expect("DEL 1");
+    n.node.assert_released(&ns1, "after DEL");
+}
