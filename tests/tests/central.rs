@@ -30,6 +30,10 @@ struct Api {
 
 impl Api {
     fn start(tag: &str) -> Api {
+        Api::start_with(tag, &["--max-request-bytes", "65536"])
+    }
+
+    fn start_with(tag: &str, flags: &[&str]) -> Api {
         let scratch = Scratch::new(tag).expect("scratch");
         let (server, _client) = Tls::generate(scratch.path()).expect("certificates");
         let etcd = EtcdCluster::start(3).expect("etcd");
@@ -44,7 +48,7 @@ impl Api {
                 (VIEWER, "vic", &["plexus:viewers"]),
                 (NOBODY, "eve", &[]),
             ],
-            &["--max-request-bytes", "65536"],
+            flags,
         )
         .expect("plexusd");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -851,5 +855,120 @@ fn admins_and_tenants_define_pods_attach_and_nodes_record() {
     stdout_ok(
         "plexusctl delete",
         plexusd.plexusctl(ADMIN, &["delete", "ippool", "pods-pool"], None),
+    );
+}
+
+#[test]
+fn slow_and_endless_requests_are_cut_off_and_two_servers_share_one_state() {
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Api::start_with("slow", &["--request-timeout", "2"]);
+    let config = plexus_central::tls::client_config(&api.plexusd.ca).expect("CA");
+    let port: u16 = api
+        .plexusd
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    // Each opens a TLS connection, sends `head`, then waits for the server.
+    let linger = |head: &'static str| {
+        let config = config.clone();
+        api.rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from([127, 0, 0, 1]).into(),
+            );
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .expect("TLS");
+            tls.write_all(head.as_bytes()).await.expect("send");
+            let start = Instant::now();
+            let mut answer = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut answer)).await;
+            (
+                start.elapsed(),
+                read.is_ok(),
+                String::from_utf8_lossy(&answer).into_owned(),
+            )
+        })
+    };
+    // Headers that never end: the connection is closed.
+    let (took, closed, _) = linger("GET /apis HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+    assert!(
+        closed && took < Duration::from_secs(6),
+        "open after {took:?}"
+    );
+    // A body that never comes: 408, and the connection ends.
+    let (took, closed, answer) = linger(concat!(
+        "POST /apis/plexus.io/v1/ippools HTTP/1.1\r\nHost: x\r\n",
+        "Authorization: Bearer admin-token-0123456789\r\n",
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"kind\""
+    ));
+    assert!(
+        closed && took < Duration::from_secs(6),
+        "open after {took:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A second plexusd on the same etcd serves the same objects at once.
+    let scratch = Scratch::new("slow-second").expect("scratch");
+    let (server, _) = Tls::generate(scratch.path()).expect("certificates");
+    let second = Plexusd::start(
+        &scratch,
+        &api.etcd.endpoints(),
+        &server,
+        &[(ADMIN, "alice", &["plexus:admins"])],
+        &[],
+    )
+    .expect("second plexusd");
+    let (code, made) = api.json(
+        ADMIN,
+        Method::POST,
+        POOLS,
+        &pool("shared", &["10.40.0.0/16"]),
+    );
+    assert_eq!(code, 201, "{made}");
+    let other = Client::new(&second.url(), Some(ADMIN), Some(&second.ca)).expect("client");
+    let seen = api
+        .rt
+        .block_on(other.send(Method::GET, &format!("{POOLS}/shared"), None))
+        .expect("GET via the second");
+    assert_eq!(seen.status, 200);
+    let seen = seen.json().expect("JSON");
+    assert_eq!(seen["metadata"]["uid"], made["metadata"]["uid"]);
+    assert_eq!(
+        seen["metadata"]["resourceVersion"],
+        made["metadata"]["resourceVersion"]
+    );
+    // kubectl create refuses what exists, describe shows what is there.
+    let file = api.plexusd.dir().join("pool.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: plexus.io/v1\nkind: IPPool\nmetadata:\n  name: shared\nspec:\n  cidrs: [10.40.0.0/16]\n",
+    )
+    .expect("write");
+    let out = api
+        .plexusd
+        .kubectl(ADMIN, &["create", "-f", &file.display().to_string()])
+        .expect("kubectl");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = api
+        .plexusd
+        .kubectl(ADMIN, &["describe", "ippool", "shared"])
+        .expect("kubectl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("10.40.0.0/16"),
+        "{text}"
     );
 }

@@ -99,6 +99,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         };
         let app = Arc::clone(&app);
         let acceptor = acceptor.clone();
+        // A client gets this long for the TLS handshake and for its headers.
+        let patience = app.request_timeout.min(Duration::from_secs(10));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let app = Arc::clone(&app);
@@ -107,15 +109,13 @@ pub async fn run(config: Config) -> Result<(), String> {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
+                .header_read_timeout(patience);
             let served = match acceptor {
-                Some(acc) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
-                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
-                        Ok(Err(e)) => return warn!(%peer, "TLS handshake: {e}"),
-                        Err(_) => return warn!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                Some(acc) => match tokio::time::timeout(patience, acc.accept(tcp)).await {
+                    Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
+                    Ok(Err(e)) => return warn!(%peer, "TLS handshake: {e}"),
+                    Err(_) => return warn!(%peer, "TLS handshake timed out"),
+                },
                 None => builder.serve_connection(TokioIo::new(tcp), service).await,
             };
             if let Err(e) = served {
