@@ -30,6 +30,11 @@ pub struct PoolCache {
     /// The definition last seen equal in the store.
     #[serde(default)]
     pub def: Option<Pool>,
+    /// The modification revision of the stored definition `def` was read at:
+    /// assignments and claims compare it, so that a definition changed or
+    /// deleted in the store (the central API's IPPool) is never used stale.
+    #[serde(default)]
+    pub def_rev: Option<i64>,
     /// Have this node's blocks been read from the store?
     #[serde(default)]
     pub loaded: bool,
@@ -122,7 +127,10 @@ impl<S: Store> Allocator<S> {
     /// definition under the same name, or one overlapping another pool, is
     /// refused.
     pub fn define_pool(&mut self, pool: &Pool) -> Result<(), Error> {
-        if self.cache.get(&pool.name).and_then(|c| c.def.as_ref()) == Some(pool) {
+        let cached = self.cache.get(&pool.name);
+        if cached.and_then(|c| c.def.as_ref()) == Some(pool)
+            && cached.is_some_and(|c| c.def_rev.is_some())
+        {
             return Ok(());
         }
         for kv in self.store.range("pools/")? {
@@ -150,9 +158,13 @@ impl<S: Store> Allocator<S> {
                 .or_read(&key),
         )?;
         self.stats.txns += 1;
+        let mut rev = out.revision;
         if !out.succeeded {
             let stored: Pool = match out.read(&key) {
-                Some(kv) => decode(&kv.value, &key)?,
+                Some(kv) => {
+                    rev = kv.mod_rev;
+                    decode(&kv.value, &key)?
+                }
                 None => return Err(Error::Store(format!("{key} changed while defining it"))),
             };
             if &stored != pool {
@@ -166,13 +178,16 @@ impl<S: Store> Allocator<S> {
                 });
             }
         }
-        self.cache.entry(pool.name.clone()).or_default().def = Some(pool.clone());
+        let entry = self.cache.entry(pool.name.clone()).or_default();
+        entry.def = Some(pool.clone());
+        entry.def_rev = Some(rev);
         Ok(())
     }
 
     /// A pool defined in the store.
     pub fn pool(&mut self, name: &str) -> Result<Pool, Error> {
-        if let Some(def) = self.cache.get(name).and_then(|c| c.def.clone()) {
+        let cached = self.cache.get(name).filter(|c| c.def_rev.is_some());
+        if let Some(def) = cached.and_then(|c| c.def.clone()) {
             return Ok(def);
         }
         let key = pool_key(name);
@@ -183,8 +198,32 @@ impl<S: Store> Allocator<S> {
             });
         };
         let pool: Pool = decode(&kv.value, &key)?;
-        self.cache.entry(name.to_string()).or_default().def = Some(pool.clone());
+        let entry = self.cache.entry(name.to_string()).or_default();
+        entry.def = Some(pool.clone());
+        entry.def_rev = Some(kv.mod_rev);
         Ok(pool)
+    }
+
+    /// The revision of `pool`'s stored definition this node works from.
+    fn pool_rev(&mut self, pool: &Pool) -> Result<i64, Error> {
+        if let Some(rev) = self.cache.get(&pool.name).and_then(|c| c.def_rev) {
+            return Ok(rev);
+        }
+        let key = pool_key(&pool.name);
+        let rev = self.store.get(&key)?.map_or(0, |kv| kv.mod_rev);
+        self.cache.entry(pool.name.clone()).or_default().def_rev = Some(rev);
+        Ok(rev)
+    }
+
+    /// The stored definition changed under this node: forget what was
+    /// cached of the pool (its blocks too) and read it again.
+    fn reread(&mut self, name: &str) -> Result<Pool, Error> {
+        debug!(
+            pool = name,
+            "pool definition changed in the store; reading it again"
+        );
+        self.cache.remove(name);
+        self.pool(name)
     }
 
     /// The record of `handle`, if it holds addresses.
@@ -252,7 +291,11 @@ impl<S: Store> Allocator<S> {
             }
         }
         let hkey = handle.key();
-        for _ in 0..MAX_ATTEMPTS {
+        let pkey = pool_key(&pool.name);
+        let mut current = pool.clone();
+        let pool = &mut current;
+        'attempt: for _ in 0..MAX_ATTEMPTS {
+            let pool_rev = self.pool_rev(pool)?;
             let mut picks = Vec::new();
             for fam in &families {
                 let wanted = requested.iter().find(|ip| Family::of(**ip) == *fam);
@@ -262,6 +305,10 @@ impl<S: Store> Allocator<S> {
                 };
                 match pick {
                     Ok(p) => picks.push(p),
+                    Err(Error::PoolChanged { .. }) => {
+                        *pool = self.reread(&pool.name)?;
+                        continue 'attempt;
+                    }
                     // A repeated ADD finds its addresses even when nothing is left.
                     Err(e) => return self.lookup(handle)?.ok_or(e),
                 }
@@ -277,7 +324,11 @@ impl<S: Store> Allocator<S> {
                     })
                     .collect(),
             };
-            let mut txn = Txn::default().when(&hkey, 0).or_read(&hkey);
+            let mut txn = Txn::default()
+                .when(&hkey, 0)
+                .or_read(&hkey)
+                .when(&pkey, pool_rev)
+                .or_read(&pkey);
             for p in &picks {
                 txn = txn
                     .when(&p.key, p.rev)
@@ -297,6 +348,10 @@ impl<S: Store> Allocator<S> {
                 return decode(&kv.value, &hkey);
             }
             self.stats.conflicts += 1;
+            if out.read(&pkey).map_or(0, |kv| kv.mod_rev) != pool_rev {
+                *pool = self.reread(&pool.name)?;
+                continue;
+            }
             for p in picks.iter().filter(|p| p.own) {
                 match out.read(&p.key) {
                     Some(kv) => {
@@ -503,14 +558,23 @@ impl<S: Store> Allocator<S> {
     fn claim(&mut self, pool: &Pool, cidr: BlockCidr) -> Result<bool, Error> {
         let ckey = claim_key(&pool.name, cidr);
         let bkey = block_key(&pool.name, &self.node, cidr);
+        let pkey = pool_key(&pool.name);
+        let pool_rev = self.pool_rev(pool)?;
         let out = self.store.txn(
             Txn::default()
                 .when(&ckey, 0)
                 .when(&bkey, 0)
+                .when(&pkey, pool_rev)
+                .or_read(&pkey)
                 .put(&ckey, self.node.as_bytes().to_vec())
                 .put(&bkey, encode(&Block::default())?),
         )?;
         self.stats.txns += 1;
+        if !out.succeeded && out.read(&pkey).map_or(0, |kv| kv.mod_rev) != pool_rev {
+            return Err(Error::PoolChanged {
+                pool: pool.name.clone(),
+            });
+        }
         if out.succeeded {
             self.stats.claims += 1;
             self.remember(pool, bkey, out.revision, Block::default());

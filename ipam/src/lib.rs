@@ -42,6 +42,8 @@ pub enum Error {
     Exhausted { pool: String, family: Family },
     #[error("address {ip} cannot be assigned: {reason}")]
     Unavailable { ip: IpAddr, reason: String },
+    #[error("pool {pool} was changed in the store while in use; read it again")]
+    PoolChanged { pool: String },
     #[error("gave up {what}: the store kept changing under it")]
     Contended { what: String },
 }
@@ -50,7 +52,9 @@ impl From<Error> for cni::Error {
     fn from(e: Error) -> cni::Error {
         use cni::code as c;
         let code = match &e {
-            Error::Unreachable { .. } | Error::Contended { .. } => c::TRY_AGAIN_LATER,
+            Error::Unreachable { .. } | Error::Contended { .. } | Error::PoolChanged { .. } => {
+                c::TRY_AGAIN_LATER
+            }
             Error::Store(_) => c::IO_FAILURE,
             Error::Config(_)
             | Error::PoolInvalid { .. }

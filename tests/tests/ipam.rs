@@ -198,7 +198,62 @@ fn eight_nodes_250_each(open: Opener) {
 
 /// Idempotence, GC, excludes and gateway, exhaustion, static requests, pool
 /// conflicts: the semantics both stores must share.
+/// A pool an admin changes or deletes in the store (the central API's
+/// IPPool) is read again by a node that cached it, before its next address.
+fn changed_pools_are_never_used_stale(open: &Opener) {
+    let mut node = Allocator::new(open(), "node-c");
+    let admin_pool = |exclude: serde_json::Value| {
+        pool(
+            serde_json::json!({"name": "edited", "ranges": [{"subnet": "10.210.0.0/24"}],
+                                "exclude": exclude}),
+        )
+    };
+    let v1 = admin_pool(serde_json::json!([]));
+    node.define_pool(&v1).expect("define");
+    let first = node
+        .assign(&v1, &HandleId::new("edited", "c1", "eth0"), &[])
+        .expect("assign");
+    let taken = first.addresses[0].ip;
+    // The admin excludes the next 16 addresses: the node must skip them
+    // although its cached definition does not.
+    let v2 = admin_pool(serde_json::json!(["10.210.0.0/27"]));
+    let mut store = open();
+    let key = "pools/edited";
+    let kv = store.get(key).expect("get").expect("stored");
+    let out = store
+        .txn(
+            ipam::store::Txn::default()
+                .when(key, kv.mod_rev)
+                .put(key, serde_json::to_vec(&v2).expect("encode")),
+        )
+        .expect("txn");
+    assert!(out.succeeded);
+    let next = node
+        .assign(&v1, &HandleId::new("edited", "c2", "eth0"), &[])
+        .expect("assign after the change");
+    let ip = next.addresses[0].ip;
+    assert!(
+        v2.usable(ip) && ip != taken,
+        "{ip} handed out from a stale definition"
+    );
+    // Deleted: no more addresses from it.
+    let kv = store.get(key).expect("get").expect("stored");
+    let out = store
+        .txn(
+            ipam::store::Txn::default()
+                .when(key, kv.mod_rev)
+                .delete(key),
+        )
+        .expect("txn");
+    assert!(out.succeeded);
+    let err = node
+        .assign(&v1, &HandleId::new("edited", "c3", "eth0"), &[])
+        .expect_err("a deleted pool");
+    assert!(matches!(err, Error::PoolUnknown { .. }), "{err}");
+}
+
 fn semantics(open: Opener) {
+    changed_pools_are_never_used_stale(&open);
     let mut a = Allocator::new(open(), "node-a");
     let mut b = Allocator::new(open(), "node-b");
 
