@@ -62,6 +62,10 @@ pub struct Valid {
     /// Pools a network's config names (`"ipam": {"pool": …}`), with the path
     /// of the field that names each.
     pub pools_named: Vec<(String, String)>,
+    /// `plexus-ipam` sections that define their pool inline (ranges or
+    /// subnet), with their path and why: fine for an admin's network, not
+    /// for a tenant's.
+    pub inline_pools: Vec<(String, String)>,
 }
 
 /// ObjectMeta fields a client may send; anything else in `metadata` is refused.
@@ -331,6 +335,10 @@ fn check_ipam(
                 if let Err(e) = conf.defined_pool("check") {
                     errs.push(fault(path, e.to_string()));
                 }
+                valid.inline_pools.push((
+                    path.to_string(),
+                    "it defines its pool inline (ranges or subnet)".into(),
+                ));
             }
         },
     }

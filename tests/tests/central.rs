@@ -540,6 +540,13 @@ fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
         );
         assert_eq!(api.revision(), before, "{what}: something was stored");
     }
+    // Odd bytes in a query, unsupported selectors: answered, the server lives on.
+    let (code, v) = api.get(ADMIN, &format!("{POOLS}?x=%\u{20ac}&labelSelector=a%3Db"));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = api.get(ADMIN, &format!("{POOLS}?labelSelector=env%20in%20(a%2Cb)"));
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = api.get(TENANT, "/api/v1/namespaces");
+    assert_eq!(code, 403, "{v}");
     // kubectl shows the server's field errors as they are.
     let dir = api.plexusd.dir().to_path_buf();
     let file = dir.join("bad.yaml");

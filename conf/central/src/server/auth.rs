@@ -102,6 +102,13 @@ pub fn may_read_metrics(user: &User) -> bool {
         .any(|r| matches!(r, Role::Admin | Role::Viewer))
 }
 
+/// Whether `user` may list every namespace's name (not tenants).
+pub fn may_list_namespaces(user: &User) -> bool {
+    user.roles()
+        .iter()
+        .any(|r| matches!(r, Role::Admin | Role::Viewer | Role::Node))
+}
+
 /// The tokens of a static token file.
 #[derive(Debug, Default)]
 pub struct Tokens {

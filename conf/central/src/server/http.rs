@@ -166,6 +166,10 @@ impl From<super::store::StoreError> for ApiError {
             ),
             E::Exists(k) => ApiError::new(409, "AlreadyExists", format!("{k} already exists")),
             E::Missing(k) => ApiError::not_found(format!("{k} not found")),
+            E::Guard(k) => ApiError::conflict(format!(
+                "what {k} depends on (pools, networks, attachments, addresses) changed while it was checked; try again"
+            )),
+            E::TooLarge(m) => ApiError::new(413, "RequestEntityTooLarge", m),
         }
     }
 }

@@ -144,17 +144,18 @@ fn decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(v) => {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
         }
         i += 1;
     }
@@ -189,12 +190,42 @@ async fn body_bytes(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
 /// Parses a JSON or YAML body.
 fn parse_body(content_type: &str, raw: &[u8]) -> Result<Value, ApiError> {
     if content_type.contains("yaml") {
+        refuse_yaml_aliases(raw)?;
         serde_yaml_ng::from_slice(raw)
             .map_err(|e| ApiError::bad_request(format!("the body does not parse as YAML: {e}")))
     } else {
         serde_json::from_slice(raw)
             .map_err(|e| ApiError::bad_request(format!("the body does not parse as JSON: {e}")))
     }
+}
+
+/// YAML anchors and aliases let a small body expand without bound while it
+/// is parsed; no object here needs them, so a body that uses them is refused.
+pub fn refuse_yaml_aliases(raw: &[u8]) -> Result<(), ApiError> {
+    let text = String::from_utf8_lossy(raw);
+    for (n, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None if c == '"' || c == '\'' => quote = Some(c),
+                None if c == '#' && (prev == ' ' || prev == '\t') => break,
+                None if (c == '&' || c == '*')
+                    && matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':' | '-') =>
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "line {}: YAML anchors and aliases are not accepted",
+                        n + 1
+                    )));
+                }
+                None => {}
+            }
+            prev = c;
+        }
+    }
+    Ok(())
 }
 
 /// A route the URL names.
@@ -289,6 +320,14 @@ async fn dispatch(
     let Some(user) = bearer(&req).and_then(|t| app.tokens.authenticate(t)) else {
         return ("", "", ApiError::unauthorized().response());
     };
+    let plain_get = !matches!(route, Route::Objects { .. });
+    if plain_get && req.method() != Method::GET {
+        return (
+            "",
+            "",
+            ApiError::new(405, "MethodNotAllowed", "only GET is served here").response(),
+        );
+    }
     let (resource, verb, r) = match route {
         Route::Objects { kind, ns, name } => {
             let verb = verb_of(req.method(), name.is_some(), &query(&req));
@@ -329,6 +368,14 @@ async fn dispatch(
             Ok(http::json(StatusCode::OK, &discovery::version())),
         ),
         Route::Discovery(doc) => ("", "get", Ok(http::json(StatusCode::OK, &doc))),
+        Route::Namespace(ns) if ns.is_none() && !auth::may_list_namespaces(&user) => (
+            "namespaces",
+            "list",
+            Err(ApiError::forbidden(format!(
+                "user {:?} cannot list namespaces",
+                user.name
+            ))),
+        ),
         Route::Namespace(ns) => ("namespaces", "get", namespaces(app, ns).await),
         Route::Health => (
             "",
@@ -387,6 +434,17 @@ async fn objects_request(
             kind.plural
         )));
     }
+    if kind.namespaced && ns.is_none() && !matches!(verb, Verb::List | Verb::Watch) {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!(
+                "{} are namespaced: {} them under /namespaces/<namespace>/",
+                kind.plural,
+                verb.as_str()
+            ),
+        ));
+    }
     if let Some(ns) = ns {
         if !conf::api::is_dns_label(ns) {
             return Err(ApiError::bad_request(format!(
@@ -398,6 +456,10 @@ async fn objects_request(
         return Err(forbidden(user, verb, kind, ns));
     }
     let q = query(&req);
+    objects::check_selectors(
+        q.get("labelSelector").map(String::as_str),
+        q.get("fieldSelector").map(String::as_str),
+    )?;
     let dry_run = q.get("dryRun").is_some_and(|d| d == "All");
     let content_type = req
         .headers()
@@ -534,5 +596,28 @@ async fn namespaces(app: &App, ns: Option<&str>) -> Result<Response<Body>, ApiEr
                 &json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_whatever_bytes_come() {
+        assert_eq!(decode("plexus.io%2Fnode%3Dn1"), "plexus.io/node=n1");
+        assert_eq!(decode("a+b%20c"), "a b c");
+        // A '%' before a multi-byte character, or at the end, stays as it is.
+        assert_eq!(decode("x%€"), "x%€");
+        assert_eq!(decode("%"), "%");
+        assert_eq!(decode("%4"), "%4");
+    }
+
+    #[test]
+    fn yaml_anchors_and_aliases_are_refused() {
+        assert!(refuse_yaml_aliases(b"a: &x big\nb: [*x, *x]\n").is_err());
+        assert!(refuse_yaml_aliases(b"- *x\n").is_err());
+        let fine = b"metadata: {name: a}\nspec:\n  config: '{\"a\": \"b&c *d\"}' # & *\n";
+        assert!(refuse_yaml_aliases(fine).is_ok());
     }
 }

@@ -13,7 +13,7 @@ use conf::api::{self, Kind};
 use conf::validate::{self, FieldError};
 
 use super::http::{now_rfc3339, uuid4, ApiError};
-use super::store::{delete_op, put_op, Stored};
+use super::store::{delete_op, put_op, unchanged_since, Stored};
 use super::App;
 
 /// The IPAM keys' prefix (`plexus-ipam`'s default).
@@ -147,6 +147,28 @@ pub fn fields_match(selector: &str, obj: &Value) -> bool {
         })
 }
 
+/// Refuses selectors this server does not evaluate (set-based label terms,
+/// field selectors other than `metadata.name` and `metadata.namespace`),
+/// rather than matching nothing or everything.
+pub fn check_selectors(labels: Option<&str>, fields: Option<&str>) -> Result<(), ApiError> {
+    if let Some(l) = labels {
+        if l.contains('(') || l.contains(" in ") || l.contains(" notin ") {
+            return Err(ApiError::bad_request(format!(
+                "labelSelector {l:?}: only equality (=, ==, !=) and existence (key, !key) are supported"
+            )));
+        }
+    }
+    for term in fields.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+        let key = term.split(['=', '!']).next().unwrap_or("");
+        if !matches!(key, "metadata.name" | "metadata.namespace") || !term.contains('=') {
+            return Err(ApiError::bad_request(format!(
+                "fieldSelector {term:?}: only metadata.name and metadata.namespace are supported"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `GET` a collection (one namespace, or all).
 pub async fn list(
     app: &App,
@@ -207,6 +229,29 @@ fn prepare(
     } else {
         meta.remove("namespace");
     }
+    // Fields only the server may set; a client's are dropped.
+    for owned in [
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "managedFields",
+        "selfLink",
+    ] {
+        meta.remove(owned);
+    }
+    let unnamed = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    if unnamed && name.is_none() {
+        if let Some(base) = meta.get("generateName").and_then(Value::as_str) {
+            let suffix: String = uuid4()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(5)
+                .collect();
+            meta.insert("name".into(), json!(format!("{base}{suffix}")));
+        }
+    }
     if let Some(url_name) = name {
         match meta.get("name").and_then(Value::as_str) {
             Some(n) if n != url_name => {
@@ -235,8 +280,19 @@ async fn check_pools(
     kind: &Kind,
     body: &Value,
     valid: &validate::Valid,
+    guards: &mut Vec<Compare>,
 ) -> Result<(), Vec<FieldError>> {
     let mut errs = Vec::new();
+    if *kind == api::NAD {
+        for (field, why) in &valid.inline_pools {
+            errs.push(FieldError {
+                field: field.clone(),
+                message: format!(
+                    "{why}: a tenant's network draws from an IPPool an admin defined; name it with \"pool\" alone"
+                ),
+            });
+        }
+    }
     let users: Vec<String> = if *kind == api::NAD {
         meta_str(body, "namespace")
             .map(|n| vec![n.to_string()])
@@ -253,8 +309,11 @@ async fn check_pools(
             .unwrap_or_default()
     };
     for (pool, field) in &valid.pools_named {
-        match app.store.get(&api::IP_POOL.key(None, pool)).await {
+        let pool_key = api::IP_POOL.key(None, pool);
+        match app.store.get(&pool_key).await {
             Ok(Some(p)) => {
+                // Stored only if the pool is still as read.
+                guards.push(Compare::mod_revision(pool_key, CompareOp::Equal, p.mod_rev));
                 let allowed = validate::pool_allowed_namespaces(&p.value);
                 if allowed.is_empty() {
                     continue;
@@ -307,8 +366,41 @@ pub async fn pool_addresses(app: &App, pool: &str) -> Result<(Vec<IpAddr>, usize
 
 /// Store-side checks of a pool: no overlap with another pool, and an update
 /// neither drops an address in use nor changes block sizes under claims.
-async fn check_pool(app: &App, pool: &Pool, old: Option<&Pool>) -> Result<(), Vec<FieldError>> {
+async fn check_pool(
+    app: &App,
+    pool: &Pool,
+    old: Option<&Pool>,
+    allowed: &[String],
+) -> Result<(), Vec<FieldError>> {
     let mut errs = Vec::new();
+    if old.is_some() && !allowed.is_empty() {
+        for net in networks_naming(app, &pool.name).await.map_err(|e| {
+            vec![FieldError {
+                field: "spec".into(),
+                message: e.message,
+            }]
+        })? {
+            let outside: Vec<&String> = net
+                .namespaces
+                .iter()
+                .filter(|ns| !api::allows(allowed, ns))
+                .collect();
+            if !outside.is_empty() {
+                errs.push(FieldError {
+                    field: "spec.allowedNamespaces".into(),
+                    message: format!(
+                        "{} draws from this pool for namespace(s) {}, which the list leaves out",
+                        net.name,
+                        outside
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+    }
     let others = app
         .store
         .raw(&format!("{IPAM_PREFIX}pools/"))
@@ -388,24 +480,68 @@ fn pool_ops(valid: &validate::Valid) -> Vec<etcd_client::TxnOp> {
         .collect()
 }
 
+/// The checks that read the store, and the guards that make the write
+/// fail if what they read changes before it lands.
 async fn store_checks(
     app: &App,
     kind: &Kind,
     body: &Value,
     valid: &validate::Valid,
     old: Option<&Value>,
-) -> Result<(), ApiError> {
+) -> Result<Vec<Compare>, ApiError> {
     let name = meta_str(body, "name").unwrap_or("");
+    // Taken before the reads: a write after it fails the guards.
+    let rev = app.store.revision().await?;
+    let mut guards = Vec::new();
     let res = if let Some(pool) = &valid.pool {
+        let ipam_key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(&pool.name));
+        if old.is_none()
+            && app
+                .store
+                .raw(&ipam_key)
+                .await?
+                .iter()
+                .any(|(k, _)| *k == ipam_key)
+        {
+            let by = if app.store.get(&kind.key(None, name)).await?.is_some() {
+                format!("{}.{} {name:?} already exists", kind.plural, kind.group)
+            } else {
+                format!("a pool named {name:?} is already defined by a network's ipam config")
+            };
+            return Err(ApiError::new(409, "AlreadyExists", by).about(kind.plural, name));
+        }
         let old_pool = old
             .and_then(|o| o.get("spec"))
             .and_then(|s| serde_json::from_value::<validate::PoolSpec>(s.clone()).ok())
             .and_then(|s| s.into_pool(name).ok());
-        check_pool(app, pool, old_pool.as_ref()).await
+        let allowed = validate::pool_allowed_namespaces(body);
+        guards.push(unchanged_since(&format!("{IPAM_PREFIX}pools/"), rev));
+        // Addresses assigned meanwhile matter only when the pool loses some.
+        let shrinks = old_pool.as_ref().is_some_and(|o| {
+            !o.ranges.iter().all(|r| pool.ranges.contains(r))
+                || !pool.exclude.iter().all(|x| o.exclude.contains(x))
+                || o.block_sizes != pool.block_sizes
+        });
+        if shrinks {
+            guards.push(unchanged_since(
+                &format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name)),
+                rev,
+            ));
+            guards.push(unchanged_since(
+                &format!("{IPAM_PREFIX}{}", ipam::block::claim_prefix(name)),
+                rev,
+            ));
+        }
+        if old.is_some() {
+            guards.push(unchanged_since(&api::NAD.prefix(None), rev));
+            guards.push(unchanged_since(&api::CLUSTER_NETWORK.prefix(None), rev));
+        }
+        check_pool(app, pool, old_pool.as_ref(), &allowed).await
     } else {
-        check_pools(app, kind, body, valid).await
+        check_pools(app, kind, body, valid, &mut guards).await
     };
-    res.map_err(|errs| ApiError::invalid(kind.kind, name, &errs))
+    res.map_err(|errs| ApiError::invalid(kind.kind, name, &errs))?;
+    Ok(guards)
 }
 
 /// `POST` to a collection.
@@ -417,7 +553,7 @@ pub async fn create(
     dry_run: bool,
 ) -> Result<Value, ApiError> {
     let valid = prepare(app, kind, ns, None, &mut body)?;
-    store_checks(app, kind, &body, &valid, None).await?;
+    let guards = store_checks(app, kind, &body, &valid, None).await?;
     let name = meta_str(&body, "name").unwrap_or("").to_string();
     if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
@@ -428,12 +564,6 @@ pub async fn create(
     let key = kind.key(ns, &name);
     if dry_run {
         return Ok(body);
-    }
-    let mut guards = Vec::new();
-    if let Some(p) = &valid.pool {
-        // A pool a network defined inline already holds this name.
-        let ipam_key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(&p.name));
-        guards.push(Compare::create_revision(ipam_key, CompareOp::Equal, 0));
     }
     let rev = app
         .store
@@ -446,13 +576,7 @@ pub async fn create(
                 format!("{}.{} {name:?} already exists", kind.plural, kind.group),
             )
             .about(kind.plural, &name),
-            super::store::StoreError::Conflict { .. } => ApiError::new(
-                409,
-                "AlreadyExists",
-                format!("a pool named {name:?} is already defined by a network's ipam config"),
-            )
-            .about(kind.plural, &name),
-            other => other.into(),
+            other => ApiError::from(other).about(kind.plural, &name),
         })?;
     Ok(served(&Stored {
         key,
@@ -491,23 +615,42 @@ pub async fn update(
         })?,
     };
     let valid = prepare(app, kind, ns, Some(name), &mut body)?;
-    store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
-    replace(app, kind, &key, body, &current, expected, &valid, dry_run).await
+    let guards = store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
+    let write = Write {
+        key: &key,
+        expected,
+        valid: &valid,
+        guards,
+        dry_run,
+    };
+    replace(app, kind, body, &current, write).await
+}
+
+/// How `replace` writes.
+struct Write<'a> {
+    key: &'a str,
+    expected: i64,
+    valid: &'a validate::Valid,
+    guards: Vec<Compare>,
+    dry_run: bool,
 }
 
 /// Writes `body` over `current` (if still at `expected`), keeping what the
 /// server owns.
-#[allow(clippy::too_many_arguments)]
 async fn replace(
     app: &App,
     kind: &Kind,
-    key: &str,
     mut body: Value,
     current: &Stored,
-    expected: i64,
-    valid: &validate::Valid,
-    dry_run: bool,
+    w: Write<'_>,
 ) -> Result<Value, ApiError> {
+    let Write {
+        key,
+        expected,
+        valid,
+        guards,
+        dry_run,
+    } = w;
     let name = meta_str(&body, "name").unwrap_or("").to_string();
     if expected != current.mod_rev {
         return Err(ApiError::conflict(format!(
@@ -540,7 +683,7 @@ async fn replace(
     }
     let rev = app
         .store
-        .put(key, &body, expected, pool_ops(valid), Vec::new())
+        .put(key, &body, expected, pool_ops(valid), guards)
         .await
         .map_err(|e| ApiError::from(e).about(kind.plural, &name))?;
     Ok(served(&Stored {
@@ -582,6 +725,7 @@ pub async fn patch(
 ) -> Result<(Value, bool), ApiError> {
     let apply = content_type.starts_with("application/apply-patch");
     let patch: Value = if apply {
+        super::refuse_yaml_aliases(raw)?;
         serde_yaml_ng::from_slice(raw)
             .map_err(|e| ApiError::bad_request(format!("the body does not parse as YAML: {e}")))?
     } else if content_type.starts_with("application/merge-patch+json") {
@@ -599,6 +743,19 @@ pub async fn patch(
     let key = kind.key(ns, name);
     let Some(current) = app.store.get(&key).await? else {
         if apply {
+            let mut patch = patch;
+            match meta_str(&patch, "name") {
+                Some(n) if n != name => {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({n}) does not match the name on the URL ({name})"
+                    )))
+                }
+                _ => {
+                    if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                        m.insert("name".into(), json!(name));
+                    }
+                }
+            }
             return create(app, kind, ns, patch, dry_run)
                 .await
                 .map(|v| (v, true));
@@ -615,8 +772,15 @@ pub async fn patch(
         meta.insert("resourceVersion".into(), json!(expected.to_string()));
     }
     let valid = prepare(app, kind, ns, Some(name), &mut body)?;
-    store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
-    replace(app, kind, &key, body, &current, expected, &valid, dry_run)
+    let guards = store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
+    let write = Write {
+        key: &key,
+        expected,
+        valid: &valid,
+        guards,
+        dry_run,
+    };
+    replace(app, kind, body, &current, write)
         .await
         .map(|v| (v, false))
 }
@@ -654,8 +818,14 @@ async fn holders(
     Ok(pods)
 }
 
+/// A network that names a pool, and the namespaces whose pods use it.
+struct Naming {
+    name: String,
+    namespaces: Vec<String>,
+}
+
 /// Networks whose config names `pool`.
-async fn networks_naming(app: &App, pool: &str) -> Result<Vec<String>, ApiError> {
+async fn networks_naming(app: &App, pool: &str) -> Result<Vec<Naming>, ApiError> {
     let mut out = Vec::new();
     for kind in [&api::NAD, &api::CLUSTER_NETWORK] {
         let (objs, _) = app.store.list(&kind.prefix(None)).await?;
@@ -678,8 +848,14 @@ async fn networks_naming(app: &App, pool: &str) -> Result<Vec<String>, ApiError>
                 let ns = meta_str(&o.value, "namespace");
                 let n = meta_str(&o.value, "name").unwrap_or("");
                 out.push(match ns {
-                    Some(ns) => format!("{}/{ns}/{n}", kind.singular),
-                    None => format!("{}/{n}", kind.singular),
+                    Some(ns) => Naming {
+                        name: format!("{}/{ns}/{n}", kind.singular),
+                        namespaces: vec![ns.to_string()],
+                    },
+                    None => Naming {
+                        name: format!("{}/{n}", kind.singular),
+                        namespaces: validate::pool_allowed_namespaces(&o.value),
+                    },
                 });
             }
         }
@@ -701,7 +877,12 @@ pub async fn delete(
     let Some(current) = app.store.get(&key).await? else {
         return Err(not_found(kind, name));
     };
+    // Taken before the in-use reads: a pod attached or an address assigned
+    // after it makes the delete fail rather than pass unseen.
+    let rev = app.store.revision().await?;
+    let mut guards = Vec::new();
     if !kind.node_written {
+        guards.push(unchanged_since(&api::ATTACHMENT.prefix(None), rev));
         let pods = holders(app, kind, ns, name).await?;
         if !pods.is_empty() {
             return Err(ApiError::conflict(format!(
@@ -715,6 +896,16 @@ pub async fn delete(
     }
     let mut also = Vec::new();
     if *kind == api::IP_POOL {
+        guards.push(unchanged_since(
+            &format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name)),
+            rev,
+        ));
+        guards.push(unchanged_since(
+            &format!("{IPAM_PREFIX}{}", ipam::block::claim_prefix(name)),
+            rev,
+        ));
+        guards.push(unchanged_since(&api::NAD.prefix(None), rev));
+        guards.push(unchanged_since(&api::CLUSTER_NETWORK.prefix(None), rev));
         let (used, _) = pool_addresses(app, name).await?;
         if !used.is_empty() {
             return Err(ApiError::conflict(format!(
@@ -723,7 +914,11 @@ pub async fn delete(
             ))
             .about(kind.plural, name));
         }
-        let nets = networks_naming(app, name).await?;
+        let nets: Vec<String> = networks_naming(app, name)
+            .await?
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
         if !nets.is_empty() {
             return Err(ApiError::conflict(format!(
                 "IPPool {name:?} is named by {}",
@@ -751,7 +946,7 @@ pub async fn delete(
         return Ok(served(&current));
     }
     app.store
-        .delete(&key, expected, also)
+        .delete(&key, expected, also, guards)
         .await
         .map_err(|e| ApiError::from(e).about(kind.plural, name))?;
     Ok(served(&current))
@@ -785,6 +980,14 @@ mod tests {
             assert_eq!(spliced, want);
         }
         assert!(served_bytes(b"{}", 1).is_none());
+    }
+
+    #[test]
+    fn unsupported_selectors_are_refused() {
+        assert!(check_selectors(Some("a=b,c!=d,e,!f"), Some("metadata.name=x")).is_ok());
+        assert!(check_selectors(Some("env in (a,b)"), None).is_err());
+        assert!(check_selectors(None, Some("spec.node=n1")).is_err());
+        assert!(check_selectors(None, Some("metadata.namespace!=red")).is_ok());
     }
 
     #[test]

@@ -30,12 +30,26 @@ pub enum StoreError {
     Exists(String),
     #[error("{0} not found")]
     Missing(String),
+    #[error("what {0} depends on changed while it was checked")]
+    Guard(String),
+    #[error("the object is too large for etcd: {0}")]
+    TooLarge(String),
 }
 
 impl From<etcd_client::Error> for StoreError {
     fn from(e: etcd_client::Error) -> StoreError {
-        StoreError::Etcd(e.to_string())
+        let text = e.to_string();
+        if text.contains("too large") {
+            StoreError::TooLarge(text)
+        } else {
+            StoreError::Etcd(text)
+        }
     }
+}
+
+/// Holds when no key under `prefix` changed after revision `rev`.
+pub fn unchanged_since(prefix: &str, rev: i64) -> Compare {
+    Compare::mod_revision(prefix, CompareOp::Less, rev + 1).with_prefix()
 }
 
 /// What `--etcd-*` flags say.
@@ -101,6 +115,19 @@ impl Store {
         }
         let client = Client::connect(&flags.servers, Some(options)).await?;
         Ok(Store { client })
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                "/plexus/revision-probe",
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     /// One object.
@@ -184,8 +211,10 @@ impl Store {
         key: &str,
         expected: i64,
         also: Vec<TxnOp>,
+        guards: Vec<Compare>,
     ) -> Result<i64, StoreError> {
-        let compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        compares.extend(guards);
         let mut ops = vec![TxnOp::delete(key, None)];
         ops.extend(also);
         self.commit(key, expected, compares, ops).await
@@ -213,6 +242,8 @@ impl Store {
         Err(match (current, expected) {
             (Some(_), 0) => StoreError::Exists(key.to_string()),
             (None, e) if e != 0 => StoreError::Missing(key.to_string()),
+            (Some(c), e) if c == e => StoreError::Guard(key.to_string()),
+            (None, 0) => StoreError::Guard(key.to_string()),
             _ => StoreError::Conflict {
                 key: key.to_string(),
                 expected,

@@ -25,6 +25,12 @@ fn event(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// An `ERROR` event carrying a `Status`, as Kubernetes ends a watch.
+fn error_event(code: u16, reason: &'static str, message: &str) -> Bytes {
+    let status = ApiError::new(code, reason, message).status();
+    event("ERROR", &status)
+}
+
 /// What a watch request asked.
 pub struct WatchQuery {
     pub resource_version: Option<i64>,
@@ -71,6 +77,7 @@ pub async fn start(
         pending: Vec<Bytes>,
         deadline: tokio::time::Instant,
         keep: F,
+        done: bool,
     }
     let state = State {
         initial: initial.into_iter(),
@@ -78,6 +85,7 @@ pub async fn start(
         pending: Vec::new(),
         deadline,
         keep,
+        done: false,
     };
     let body = stream::unfold(state, |mut st| async move {
         if let Some(b) = st.initial.next() {
@@ -87,12 +95,37 @@ pub async fn start(
             if let Some(b) = st.pending.pop() {
                 return Some((Ok(Frame::data(b)), st));
             }
+            if st.done {
+                return None;
+            }
             let msg = tokio::time::timeout_at(st.deadline, st.etcd.message()).await;
-            let Ok(Ok(Some(resp))) = msg else {
-                return None;
+            let resp = match msg {
+                Err(_) | Ok(Ok(None)) => return None,
+                Ok(Err(e)) => {
+                    st.done = true;
+                    return Some((
+                        Ok(Frame::data(error_event(
+                            500,
+                            "InternalError",
+                            &format!("etcd watch: {e}"),
+                        ))),
+                        st,
+                    ));
+                }
+                Ok(Ok(Some(resp))) => resp,
             };
-            if resp.canceled() {
-                return None;
+            if resp.canceled() || resp.compact_revision() > 0 {
+                // As Kubernetes says it: the resourceVersion is gone; list again.
+                st.done = true;
+                let why = if resp.compact_revision() > 0 {
+                    format!(
+                        "too old resource version: compacted to {}",
+                        resp.compact_revision()
+                    )
+                } else {
+                    format!("watch cancelled: {}", resp.cancel_reason())
+                };
+                return Some((Ok(Frame::data(error_event(410, "Expired", &why))), st));
             }
             let mut lines = Vec::new();
             for ev in resp.events() {
