@@ -66,6 +66,10 @@ pub struct Valid {
     /// subnet), with their path and why: fine for an admin's network, not
     /// for a tenant's.
     pub inline_pools: Vec<(String, String)>,
+    /// Fields that are the node's to set (where IPAM keeps state, which
+    /// store and node name it uses; the meta-plugin itself), with their
+    /// path: an admin's network may set them, a tenant's may not.
+    pub node_owned: Vec<String>,
 }
 
 /// ObjectMeta fields a client may send; anything else in `metadata` is refused.
@@ -232,6 +236,9 @@ fn check_config(
             ));
             continue;
         }
+        if t == "plexus" {
+            valid.node_owned.push(path(i, "type"));
+        }
         check_builtin(t, plugin, &|f| path(i, f), errs);
         if let Some(ipam) = plugin.get("ipam") {
             check_ipam(ipam, types, &path(i, "ipam"), valid, errs);
@@ -324,6 +331,11 @@ fn check_ipam(
     }
     if t != "plexus-ipam" {
         return;
+    }
+    for field in ["store", "stateDir", "nodeName"] {
+        if ipam.get(field).is_some() {
+            valid.node_owned.push(format!("{path}.{field}"));
+        }
     }
     match ipam::config::IpamConf::from_section(ipam) {
         Err(e) => errs.push(fault(path, e.to_string())),

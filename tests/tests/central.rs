@@ -676,11 +676,8 @@ fn admins_and_tenants_define_pods_attach_and_nodes_record() {
         Some(&node.netns),
     )
     .expect("plexusd in the node");
-    let ipam = |pool: &str| {
-        json!({"type": "plexus-ipam", "pool": pool, "nodeName": "node-1",
-               "stateDir": node.scratch.join("ipam-state"),
-               "store": {"type": "etcd", "endpoints": etcd.endpoints()}})
-    };
+    // Which etcd, node name and state dir IPAM uses is the node's to say.
+    let ipam = |pool: &str| json!({"type": "plexus-ipam", "pool": pool});
     // The admin: two pools and the cluster network, with plexusctl.
     let pods_net = json!({"cniVersion": "1.0.0", "type": "plexus-veth", "ipam": ipam("pods-pool")});
     let admin_yaml = format!(

@@ -162,7 +162,8 @@ pub fn build(
     } else {
         Definitions::default()
     };
-    let (cluster, origin) = cluster_list(node, source, &defs, pod_ns)?;
+    let (mut cluster, origin) = cluster_list(node, source, &defs, pod_ns)?;
+    node_ipam_settings(node, &mut cluster);
     // The cluster network gets the runtime's capability args as they came.
     let mut cluster_caps = match rt {
         Some(rt) => match serde_json::to_value(rt) {
@@ -203,7 +204,9 @@ pub fn build(
             )
             .with_details(format!("network {reference:?} in {NETWORKS_ANNOTATION}")));
         }
-        let delegate = secondary(sel, &reference, iface, def.list.clone());
+        let mut list = def.list.clone();
+        node_ipam_settings(node, &mut list);
+        let delegate = secondary(sel, &reference, iface, list);
         match delegate {
             Ok(d) => delegates.push(Delegate {
                 origin: Some(Origin::of(def)),
@@ -234,6 +237,52 @@ pub fn build(
         }
     }
     Ok(delegates)
+}
+
+/// With the central API, a network's `plexus-ipam` gets what is the node's
+/// to say from the node: the store (the API's etcd, IPAM prefix), the node
+/// name and the state dir. A definition that names them keeps its own (an
+/// admin's); a tenant's may not name them (plexusd refuses it).
+fn node_ipam_settings(node: &NodeConf, list: &mut NetConfList) {
+    let Some(api) = &node.api else {
+        return;
+    };
+    for plugin in &mut list.plugins {
+        let Some(Value::Object(ipam)) = plugin.get_mut("ipam") else {
+            continue;
+        };
+        if ipam.get("type").and_then(Value::as_str) != Some("plexus-ipam") {
+            continue;
+        }
+        if !ipam.contains_key("store") {
+            let mut store = serde_json::json!({
+                "type": "etcd",
+                "endpoints": api.endpoints,
+                "prefix": ipam::config::DEFAULT_PREFIX,
+            });
+            for (field, value) in [
+                ("caFile", &api.ca_file),
+                ("certFile", &api.cert_file),
+                ("keyFile", &api.key_file),
+                ("username", &api.username),
+                ("password", &api.password),
+            ] {
+                if let Some(v) = value {
+                    store[field] = Value::String(v.clone());
+                }
+            }
+            if let Some(t) = api.timeout_seconds {
+                store["timeoutSeconds"] = serde_json::json!(t);
+            }
+            ipam.insert("store".into(), store);
+        }
+        if let Some(name) = &node.node_name {
+            ipam.entry("nodeName")
+                .or_insert_with(|| Value::String(name.clone()));
+        }
+        ipam.entry("stateDir")
+            .or_insert_with(|| Value::String(node.cache_dir.join("ipam").display().to_string()));
+    }
 }
 
 fn declares(list: &NetConfList, cap: &str) -> bool {

@@ -284,6 +284,12 @@ async fn check_pools(
 ) -> Result<(), Vec<FieldError>> {
     let mut errs = Vec::new();
     if *kind == api::NAD {
+        for field in &valid.node_owned {
+            errs.push(FieldError {
+                field: field.clone(),
+                message: "this is the node's to set; a tenant's network may not".into(),
+            });
+        }
         for (field, why) in &valid.inline_pools {
             errs.push(FieldError {
                 field: field.clone(),
