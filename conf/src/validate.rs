@@ -427,8 +427,8 @@ impl PoolSpec {
     }
 }
 
-/// The `allowedNamespaces` of a stored IPPool object.
-pub fn pool_allowed_namespaces(obj: &Value) -> Vec<String> {
+/// The `spec.allowedNamespaces` of an IPPool or ClusterNetwork object.
+pub fn allowed_namespaces(obj: &Value) -> Vec<String> {
     obj.pointer("/spec/allowedNamespaces")
         .and_then(Value::as_array)
         .map(|a| {

@@ -192,6 +192,20 @@ pub async fn list(
     }))
 }
 
+/// `metadata.<field>` as the URL gives it: filled when absent, refused when
+/// the body says otherwise.
+fn set_from_url(meta: &mut Map<String, Value>, field: &str, url: &str) -> Result<(), ApiError> {
+    match meta.get(field).and_then(Value::as_str) {
+        Some(v) if v != url => Err(ApiError::bad_request(format!(
+            "the {field} of the object ({v}) does not match the {field} on the request ({url})"
+        ))),
+        _ => {
+            meta.insert(field.into(), json!(url));
+            Ok(())
+        }
+    }
+}
+
 /// Checks a body against the URL it was sent to and the kind's rules, and
 /// fills what the server owns (namespace, uid, timestamp).
 fn prepare(
@@ -215,17 +229,7 @@ fn prepare(
         return Err(ApiError::bad_request("metadata is not an object"));
     };
     if kind.namespaced {
-        let url_ns = ns.unwrap_or("default");
-        match meta.get("namespace").and_then(Value::as_str) {
-            Some(n) if n != url_ns => {
-                return Err(ApiError::bad_request(format!(
-                    "the namespace of the object ({n}) does not match the namespace on the request ({url_ns})"
-                )))
-            }
-            _ => {
-                meta.insert("namespace".into(), json!(url_ns));
-            }
-        }
+        set_from_url(meta, "namespace", ns.unwrap_or("default"))?;
     } else {
         meta.remove("namespace");
     }
@@ -253,16 +257,7 @@ fn prepare(
         }
     }
     if let Some(url_name) = name {
-        match meta.get("name").and_then(Value::as_str) {
-            Some(n) if n != url_name => {
-                return Err(ApiError::bad_request(format!(
-                    "the name of the object ({n}) does not match the name on the URL ({url_name})"
-                )))
-            }
-            _ => {
-                meta.insert("name".into(), json!(url_name));
-            }
-        }
+        set_from_url(meta, "name", url_name)?;
     }
     let obj_name = meta
         .get("name")
@@ -304,15 +299,7 @@ async fn check_pools(
             .map(|n| vec![n.to_string()])
             .unwrap_or_default()
     } else {
-        body.pointer("/spec/allowedNamespaces")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+        validate::allowed_namespaces(body)
     };
     for (pool, field) in &valid.pools_named {
         let pool_key = api::IP_POOL.key(None, pool);
@@ -320,7 +307,7 @@ async fn check_pools(
             Ok(Some(p)) => {
                 // Stored only if the pool is still as read.
                 guards.push(Compare::mod_revision(pool_key, CompareOp::Equal, p.mod_rev));
-                let allowed = validate::pool_allowed_namespaces(&p.value);
+                let allowed = validate::allowed_namespaces(&p.value);
                 if allowed.is_empty() {
                     continue;
                 }
@@ -520,7 +507,7 @@ async fn store_checks(
             .and_then(|o| o.get("spec"))
             .and_then(|s| serde_json::from_value::<validate::PoolSpec>(s.clone()).ok())
             .and_then(|s| s.into_pool(name).ok());
-        let allowed = validate::pool_allowed_namespaces(body);
+        let allowed = validate::allowed_namespaces(body);
         guards.push(unchanged_since(&format!("{IPAM_PREFIX}pools/"), rev));
         // Addresses assigned meanwhile matter only when the pool loses some.
         let shrinks = old_pool.as_ref().is_some_and(|o| {
@@ -750,17 +737,8 @@ pub async fn patch(
     let Some(current) = app.store.get(&key).await? else {
         if apply {
             let mut patch = patch;
-            match meta_str(&patch, "name") {
-                Some(n) if n != name => {
-                    return Err(ApiError::bad_request(format!(
-                        "the name of the object ({n}) does not match the name on the URL ({name})"
-                    )))
-                }
-                _ => {
-                    if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
-                        m.insert("name".into(), json!(name));
-                    }
-                }
+            if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                set_from_url(m, "name", name)?;
             }
             return create(app, kind, ns, patch, dry_run)
                 .await
@@ -860,7 +838,7 @@ async fn networks_naming(app: &App, pool: &str) -> Result<Vec<Naming>, ApiError>
                     },
                     None => Naming {
                         name: format!("{}/{n}", kind.singular),
-                        namespaces: validate::pool_allowed_namespaces(&o.value),
+                        namespaces: validate::allowed_namespaces(&o.value),
                     },
                 });
             }

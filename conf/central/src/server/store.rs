@@ -136,26 +136,26 @@ impl Store {
         Ok(resp.kvs().first().and_then(decode))
     }
 
-    /// Every object under `prefix`, and the revision the read saw.
-    pub async fn list(&self, prefix: &str) -> Result<(Vec<Stored>, i64), StoreError> {
+    async fn range(&self, prefix: &str) -> Result<(etcd_client::GetResponse, i64), StoreError> {
         let resp = self
             .client
             .kv_client()
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp, rev))
+    }
+
+    /// Every object under `prefix`, and the revision the read saw.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<Stored>, i64), StoreError> {
+        let (resp, rev) = self.range(prefix).await?;
         Ok((resp.kvs().iter().filter_map(decode).collect(), rev))
     }
 
     /// Every value under `prefix` as stored, with its modification revision,
     /// and the revision the read saw.
     pub async fn list_bytes(&self, prefix: &str) -> Result<(Vec<(Vec<u8>, i64)>, i64), StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
+        let (resp, rev) = self.range(prefix).await?;
         let items = resp
             .kvs()
             .iter()
@@ -173,13 +173,9 @@ impl Store {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
-    /// Raw values under `prefix` (IPAM keys), with the read's revision.
+    /// Raw values under `prefix` (IPAM keys), with their keys.
     pub async fn raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
+        let (resp, _) = self.range(prefix).await?;
         Ok(resp
             .kvs()
             .iter()
