@@ -29,9 +29,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-struct Variant {
+pub(crate) struct Variant {
     label: &'static str,
     list: NetConfList,
+    /// The pod's `k8s.v1.cni.cncf.io/networks` annotation, if any.
+    networks: Option<&'static str>,
     /// The binary the runtime execs, for the RSS measurement.
     entry: &'static str,
     add: Vec<Duration>,
@@ -40,15 +42,33 @@ struct Variant {
 }
 
 impl Variant {
-    fn new(label: &'static str, list: NetConfList, entry: &'static str) -> Variant {
+    pub(crate) fn new(label: &'static str, list: NetConfList, entry: &'static str) -> Variant {
         Variant {
             label,
             list,
+            networks: None,
             entry,
             add: Vec::new(),
             del: Vec::new(),
             rss_kb: None,
         }
+    }
+
+    /// The pod asks for these secondary networks (the annotation's value).
+    pub(crate) fn networks(mut self, annotation: &'static str) -> Variant {
+        self.networks = Some(annotation);
+        self
+    }
+
+    /// A new pod netns and the pod as this variant's runtime describes it.
+    fn pod(&self, node: &Node) -> Result<(crate::Netns, crate::Pod), String> {
+        let (ns, pod) = node
+            .try_pod("default")
+            .map_err(|e| format!("pod netns: {e}"))?;
+        Ok(match self.networks {
+            Some(n) => (ns, pod.networks(n)),
+            None => (ns, pod),
+        })
     }
 }
 
@@ -96,7 +116,7 @@ fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
         &node.netns,
     )
     .map_err(|e| e.to_string())?;
-    let (_ns, pod) = node.try_pod("default").map_err(|e| e.to_string())?;
+    let (_ns, pod) = v.pod(node)?;
     rt.add(&v.list, &pod)
         .map_err(|e| format!("{} ADD under time: {e}", v.label))?;
     let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
@@ -105,25 +125,29 @@ fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
         .map_err(|e| format!("{} DEL: {e}", v.label))
 }
 
-fn scenario(
+/// Each variant's ADD and DEL `cycles` times, alternating, then its peak
+/// RSS; prints the table and returns each variant's ADD and DEL p50 and p99.
+pub(crate) fn scenario(
     node: &Node,
     title: &str,
     cycles: usize,
     variants: &mut [Variant],
 ) -> Result<Vec<[f64; 4]>, String> {
-    let (_ns, pod) = node
-        .try_pod("default")
-        .map_err(|e| format!("pod netns: {e}"))?;
+    // One pod netns per variant, made before any timing.
+    let pods = variants
+        .iter()
+        .map(|v| v.pod(node))
+        .collect::<Result<Vec<_>, String>>()?;
     for i in 0..cycles {
-        for v in variants.iter_mut() {
+        for (v, (_ns, pod)) in variants.iter_mut().zip(&pods) {
             let t = Instant::now();
             node.runtime
-                .add(&v.list, &pod)
+                .add(&v.list, pod)
                 .map_err(|e| format!("{} ADD {i}: {e}", v.label))?;
             v.add.push(t.elapsed());
             let t = Instant::now();
             node.runtime
-                .del(&v.list, &pod)
+                .del(&v.list, pod)
                 .map_err(|e| format!("{} DEL {i}: {e}", v.label))?;
             v.del.push(t.elapsed());
         }
@@ -236,5 +260,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
         return Err(format!("leases left after the bench: {:?}", node.leases()));
     }
     crate::bench_ipam::run()?;
-    crate::bench_api::run()
+    crate::bench_api::run()?;
+    crate::bench_nodeapi::run(cycles)
 }

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_api;
 pub mod bench_ipam;
+pub mod bench_nodeapi;
 pub mod demo;
 pub mod etcd;
 pub mod fixtures;

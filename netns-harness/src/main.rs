@@ -1,5 +1,5 @@
-//! `netns-harness demo`, `bench [cycles]`, `bench-ipam` and `bench-api` (only
-//! the IPAM or central API part)
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-api` and
+//! `bench-nodeapi [cycles]` (only the IPAM, central API or node-side API part)
 //! and `vm COMMAND…`.
 
 use std::process::ExitCode;
@@ -32,23 +32,29 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The cycle count after a bench command: 200 unless given.
+fn cycles(args: &[String]) -> Result<usize, String> {
+    match args.get(1).map(|c| c.parse::<usize>()) {
+        None => Ok(200),
+        Some(Ok(n)) if n > 0 => Ok(n),
+        Some(_) => Err(format!(
+            "{} takes a positive cycle count, not {:?}",
+            args[0], args[1]
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("demo") => netns_harness::demo::run(),
-        Some("bench") => match args.get(1).map(|c| c.parse::<usize>()) {
-            None => netns_harness::bench::run(200),
-            Some(Ok(n)) if n > 0 => netns_harness::bench::run(n),
-            Some(_) => Err(format!(
-                "bench takes a positive cycle count, not {:?}",
-                args[1]
-            )),
-        },
+        Some("bench") => cycles(&args).and_then(netns_harness::bench::run),
+        Some("bench-nodeapi") => cycles(&args).and_then(netns_harness::bench_nodeapi::run),
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
         Some("bench-api") => netns_harness::bench_api::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-api | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-api | bench-nodeapi [cycles] | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

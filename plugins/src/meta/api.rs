@@ -4,7 +4,8 @@
 //!
 //! One call connects at most once, and only when it needs etcd. Once etcd has
 //! not answered within `timeoutSeconds`, the rest of the call does not wait
-//! for it again.
+//! for it again. What a read returned is kept in the local copy after the
+//! read, not on its path (see [`PendingCopy`]).
 
 use std::path::Path;
 
@@ -27,6 +28,8 @@ const MAX_TXN_OPS: usize = 128;
 pub struct Api {
     conf: EtcdConf,
     copy: LocalCopy,
+    /// What was read and not yet kept in the local copy.
+    unsaved: PendingCopy,
     store: Option<EtcdStore>,
     /// Why etcd did not answer earlier in this call.
     unreachable: Option<String>,
@@ -50,14 +53,23 @@ fn store_error(e: ipam::Error) -> Error {
 
 impl Api {
     pub fn new(conf: &EtcdConf, cache_dir: &Path) -> Api {
+        let copy = LocalCopy::new(cache_dir);
         Api {
             conf: conf.clone(),
-            copy: LocalCopy::new(cache_dir),
+            unsaved: PendingCopy::new(&copy),
+            copy,
             store: None,
             unreachable: None,
             stale: None,
             offline: false,
         }
+    }
+
+    /// What this call read and has not kept in the local copy yet, for the
+    /// caller to save when it has a moment (else it is saved when the call's
+    /// `Api` goes).
+    pub fn take_copy(&mut self) -> PendingCopy {
+        std::mem::replace(&mut self.unsaved, PendingCopy::new(&self.copy))
     }
 
     /// From now on, definitions come from the local copy only.
@@ -154,7 +166,7 @@ impl Api {
             .collect();
         let mut ranges = self.run(|s| s.ranges(&prefixes))?.into_iter();
         let cluster_networks = objects(ranges.next().unwrap_or_default());
-        self.copy.save(None, &cluster_networks);
+        self.unsaved.parts.push((None, cluster_networks.clone()));
         let mut read = copy::Read {
             cluster_networks,
             read_at: Some(copy::now()),
@@ -165,11 +177,46 @@ impl Api {
             // A read of every namespace is GC's; it keeps no copy (an absent
             // namespace would leave its old file behind).
             if let Some(ns) = namespaces.and_then(|list| list.get(i)) {
-                self.copy.save(Some(ns), &nads);
+                self.unsaved.parts.push((Some(ns.clone()), nads.clone()));
             }
             read.nads.extend(nads);
         }
         Ok(read)
+    }
+}
+
+/// Definitions read from etcd, to be kept in the local copy: off the path
+/// of the read (the copy is only the fallback of later calls), saved by
+/// [`PendingCopy::save`] or when dropped.
+pub struct PendingCopy {
+    copy: LocalCopy,
+    /// The ClusterNetworks (`None`) and the NADs of each namespace read.
+    parts: Vec<(Option<String>, Vec<Value>)>,
+}
+
+impl PendingCopy {
+    fn new(copy: &LocalCopy) -> PendingCopy {
+        PendingCopy {
+            copy: copy.clone(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Keeps what was read in the local copy.
+    pub fn save(mut self) {
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        for (namespace, objects) in self.parts.drain(..) {
+            self.copy.save(namespace.as_deref(), &objects);
+        }
+    }
+}
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -117,11 +117,8 @@ impl<'a> Call<'a> {
             .collect()
     }
 
-    /// The Attachment records of what ADD attached (none without the API).
+    /// The Attachment records of what ADD attached.
     fn attachment_records(&self, delegates: &[Delegate]) -> Vec<(String, String)> {
-        if self.api.is_none() {
-            return Vec::new();
-        }
         match attachments::node_name(self.node.node_name.as_deref()) {
             Ok(node) => attachments::records(&self.attachment_pod(), &node, delegates),
             Err(e) => {
@@ -298,12 +295,37 @@ impl Plugin for Meta {
             return Err(call.undo(e, &mut entry, &delegates, None));
         }
         entry.result = Some(merged.to_json(req.version));
-        call.save(&mut entry, &record)?;
-        let records = call.attachment_records(&delegates);
+        let Some(mut api) = call.api.take() else {
+            call.save(&mut entry, &record)?;
+            return Ok(merged);
+        };
+        // The Attachment records go to etcd while the record is saved and
+        // the local copy kept, so that their round trip costs no extra time.
+        // The record has named their keys since the start: if this save
+        // fails, the runtime's DEL still removes them.
+        let copy = api.take_copy();
         let journal = call.journal();
-        if let Some(api) = &mut call.api {
+        let publish = |api: &mut Api| {
+            let records = call.attachment_records(&delegates);
             attachments::publish(api, &journal, &req.container_id, &req.ifname, records);
+        };
+        let (saved, published) = std::thread::scope(|s| {
+            let publishing = std::thread::Builder::new().spawn_scoped(s, || publish(&mut api));
+            let saved = call.save(&mut entry, &record);
+            copy.save();
+            let published = match publishing {
+                Ok(thread) => thread.join().is_ok(),
+                Err(e) => {
+                    warn!(error = %e, "no thread for the Attachment records: written after the record");
+                    false
+                }
+            };
+            (saved, published)
+        });
+        if !published {
+            publish(&mut api);
         }
+        saved?;
         Ok(merged)
     }
 
