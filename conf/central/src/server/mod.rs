@@ -468,6 +468,13 @@ async fn objects_request(
         .unwrap_or("application/json")
         .to_string();
     let name_s = name.unwrap_or("");
+    // The body is read first, under its own time limit (408), so that the
+    // handler's limit (504) measures only the server's own work.
+    let raw = if verb.reads() {
+        Bytes::new()
+    } else {
+        body_bytes(app, req.into_body()).await?
+    };
     let out = |code: StatusCode, v: Value| Ok(http::json(code, &v));
     let call = async {
         match verb {
@@ -512,7 +519,6 @@ async fn objects_request(
                 .await
             }
             Verb::Create => {
-                let raw = body_bytes(app, req.into_body()).await?;
                 let body = parse_body(&content_type, &raw)?;
                 out(
                     StatusCode::CREATED,
@@ -520,7 +526,6 @@ async fn objects_request(
                 )
             }
             Verb::Update => {
-                let raw = body_bytes(app, req.into_body()).await?;
                 let body = parse_body(&content_type, &raw)?;
                 out(
                     StatusCode::OK,
@@ -528,7 +533,6 @@ async fn objects_request(
                 )
             }
             Verb::Patch => {
-                let raw = body_bytes(app, req.into_body()).await?;
                 let (v, created) =
                     objects::patch(app, kind, ns, name_s, &content_type, &raw, dry_run).await?;
                 out(
@@ -541,7 +545,6 @@ async fn objects_request(
                 )
             }
             Verb::Delete => {
-                let raw = body_bytes(app, req.into_body()).await?;
                 let precondition = serde_json::from_slice::<Value>(&raw).ok().and_then(|v| {
                     v.pointer("/preconditions/resourceVersion")
                         .and_then(Value::as_str)

@@ -584,7 +584,7 @@ pub async fn update(
     kind: &Kind,
     ns: Option<&str>,
     name: &str,
-    mut body: Value,
+    body: Value,
     dry_run: bool,
 ) -> Result<Value, ApiError> {
     let key = kind.key(ns, name);
@@ -607,16 +607,43 @@ pub async fn update(
             ApiError::bad_request(format!("metadata.resourceVersion {rv:?} is not a revision"))
         })?,
     };
-    let valid = prepare(app, kind, ns, Some(name), &mut body)?;
-    let guards = store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
-    let write = Write {
+    let target = Target {
+        ns,
+        name,
         key: &key,
         expected,
-        valid: &valid,
-        guards,
         dry_run,
     };
-    replace(app, kind, body, &current, write).await
+    check_and_replace(app, kind, body, &current, target).await
+}
+
+/// Which object an update or patch writes, over which revision.
+struct Target<'a> {
+    ns: Option<&'a str>,
+    name: &'a str,
+    key: &'a str,
+    expected: i64,
+    dry_run: bool,
+}
+
+/// Validates and checks `body` as the new state of `current`, then writes it.
+async fn check_and_replace(
+    app: &App,
+    kind: &Kind,
+    mut body: Value,
+    current: &Stored,
+    t: Target<'_>,
+) -> Result<Value, ApiError> {
+    let valid = prepare(app, kind, t.ns, Some(t.name), &mut body)?;
+    let guards = store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
+    let write = Write {
+        key: t.key,
+        expected: t.expected,
+        valid: &valid,
+        guards,
+        dry_run: t.dry_run,
+    };
+    replace(app, kind, body, current, write).await
 }
 
 /// How `replace` writes.
@@ -755,16 +782,14 @@ pub async fn patch(
     if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("resourceVersion".into(), json!(expected.to_string()));
     }
-    let valid = prepare(app, kind, ns, Some(name), &mut body)?;
-    let guards = store_checks(app, kind, &body, &valid, Some(&current.value)).await?;
-    let write = Write {
+    let target = Target {
+        ns,
+        name,
         key: &key,
         expected,
-        valid: &valid,
-        guards,
         dry_run,
     };
-    replace(app, kind, body, &current, write)
+    check_and_replace(app, kind, body, &current, target)
         .await
         .map(|v| (v, false))
 }
