@@ -150,6 +150,22 @@ impl Node {
         );
     }
 
+    /// Waits (at most `timeout`) until the node's snapshot is `want`, and
+    /// returns the last one taken. For what the kernel undoes on its own
+    /// time: a deleted netns is torn down by a work queue after an RCU grace
+    /// period, its veth peers on the node with it, seconds later on a busy
+    /// machine.
+    pub fn settled_snapshot(&self, want: &[String], timeout: std::time::Duration) -> Vec<String> {
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.snapshot();
+            if now == want || start.elapsed() > timeout {
+                return now;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The node's links, addresses and routes.
     pub fn snapshot(&self) -> Vec<String> {
         kernel::snapshot(self.ns()).unwrap_or_else(|e| panic!("snapshot of {}: {e}", self.ns()))
