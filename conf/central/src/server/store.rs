@@ -47,6 +47,26 @@ impl From<etcd_client::Error> for StoreError {
     }
 }
 
+/// Attempts after the first for a call etcd answered with an election in
+/// progress.
+const RETRIES: u64 = 5;
+
+/// An error that an election or a restarting member causes, which the next
+/// attempt does not meet.
+fn transient(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    [
+        "leader changed",
+        "no leader",
+        "unavailable",
+        "Unavailable",
+        "timed out",
+        "transport",
+    ]
+    .iter()
+    .any(|t| text.contains(t))
+}
+
 /// Holds when no key under `prefix` changed after revision `rev`.
 pub fn unchanged_since(prefix: &str, rev: i64) -> Compare {
     Compare::mod_revision(prefix, CompareOp::Less, rev + 1).with_prefix()
@@ -117,6 +137,25 @@ impl Store {
         Ok(Store { client })
     }
 
+    /// A read, retried through elections (reads change nothing).
+    async fn read(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.client.kv_client().get(key, options.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) if attempt < RETRIES && transient(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// The store's current revision.
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
@@ -132,15 +171,13 @@ impl Store {
 
     /// One object.
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, StoreError> {
-        let resp = self.client.kv_client().get(key, None).await?;
+        let resp = self.read(key, None).await?;
         Ok(resp.kvs().first().and_then(decode))
     }
 
     async fn range(&self, prefix: &str) -> Result<(etcd_client::GetResponse, i64), StoreError> {
         let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .read(prefix, Some(GetOptions::new().with_prefix()))
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         Ok((resp, rev))
@@ -166,7 +203,7 @@ impl Store {
 
     /// One value as stored, with its modification revision.
     pub async fn get_bytes(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let resp = self.client.kv_client().get(key, None).await?;
+        let resp = self.read(key, None).await?;
         Ok(resp
             .kvs()
             .first()
@@ -196,9 +233,10 @@ impl Store {
         let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Etcd(e.to_string()))?;
         let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
         compares.extend(guards);
-        let mut ops = vec![TxnOp::put(key, bytes, None)];
+        let mut ops = vec![TxnOp::put(key, bytes.clone(), None)];
         ops.extend(also);
-        self.commit(key, expected, compares, ops).await
+        self.commit(key, expected, compares, ops, Some(&bytes))
+            .await
     }
 
     /// Deletes `key` (and runs `also`) if its revision is still `expected`.
@@ -213,29 +251,57 @@ impl Store {
         compares.extend(guards);
         let mut ops = vec![TxnOp::delete(key, None)];
         ops.extend(also);
-        self.commit(key, expected, compares, ops).await
+        self.commit(key, expected, compares, ops, None).await
     }
 
+    /// Runs the transaction; retries it through leader elections. `intent`
+    /// is what the key should hold afterwards (None: deleted), so that a
+    /// retry after a first attempt that did commit is seen as the success
+    /// it was.
     async fn commit(
         &self,
         key: &str,
         expected: i64,
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
+        intent: Option<&[u8]>,
     ) -> Result<i64, StoreError> {
         let txn = Txn::new()
             .when(compares)
             .and_then(ops)
             .or_else(vec![TxnOp::get(key, None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        let mut retried = false;
+        let mut attempt = 0;
+        let resp = loop {
+            match self.client.kv_client().txn(txn.clone()).await {
+                Ok(r) => break r,
+                Err(e) if attempt < RETRIES && transient(&e) => {
+                    attempt += 1;
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let header_rev = resp.header().map_or(0, |h| h.revision());
         if resp.succeeded() {
-            return Ok(resp.header().map_or(0, |h| h.revision()));
+            return Ok(header_rev);
         }
         let current = resp.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| (kv.mod_revision(), kv.value().to_vec())),
             _ => None,
         });
-        Err(match (current, expected) {
+        if retried {
+            match (&current, intent) {
+                (Some((rev, value)), Some(want)) if value.as_slice() == want => return Ok(*rev),
+                (None, None) => return Ok(header_rev),
+                _ => {}
+            }
+        }
+        Err(match (current.map(|c| c.0), expected) {
             (Some(_), 0) => StoreError::Exists(key.to_string()),
             (None, e) if e != 0 => StoreError::Missing(key.to_string()),
             (Some(c), e) if c == e => StoreError::Guard(key.to_string()),
