@@ -461,6 +461,17 @@ async fn check_pool(
     }
 }
 
+/// Guards that hold while no block or claim of pool `name` changed after `rev`.
+fn pool_ipam_guards(name: &str, rev: i64) -> [Compare; 2] {
+    [
+        unchanged_since(&format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name)), rev),
+        unchanged_since(
+            &format!("{IPAM_PREFIX}{}", ipam::block::claim_prefix(name)),
+            rev,
+        ),
+    ]
+}
+
 /// The writes beside an IPPool object: the pool `plexus-ipam` reads.
 fn pool_ops(valid: &validate::Valid) -> Vec<etcd_client::TxnOp> {
     valid
@@ -516,14 +527,7 @@ async fn store_checks(
                 || o.block_sizes != pool.block_sizes
         });
         if shrinks {
-            guards.push(unchanged_since(
-                &format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name)),
-                rev,
-            ));
-            guards.push(unchanged_since(
-                &format!("{IPAM_PREFIX}{}", ipam::block::claim_prefix(name)),
-                rev,
-            ));
+            guards.extend(pool_ipam_guards(name, rev));
         }
         if old.is_some() {
             guards.push(unchanged_since(&api::NAD.prefix(None), rev));
@@ -905,14 +909,7 @@ pub async fn delete(
     }
     let mut also = Vec::new();
     if *kind == api::IP_POOL {
-        guards.push(unchanged_since(
-            &format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name)),
-            rev,
-        ));
-        guards.push(unchanged_since(
-            &format!("{IPAM_PREFIX}{}", ipam::block::claim_prefix(name)),
-            rev,
-        ));
+        guards.extend(pool_ipam_guards(name, rev));
         guards.push(unchanged_since(&api::NAD.prefix(None), rev));
         guards.push(unchanged_since(&api::CLUSTER_NETWORK.prefix(None), rev));
         let (used, _) = pool_addresses(app, name).await?;
