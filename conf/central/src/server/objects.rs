@@ -499,14 +499,7 @@ async fn store_checks(
     let mut guards = Vec::new();
     let res = if let Some(pool) = &valid.pool {
         let ipam_key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(&pool.name));
-        if old.is_none()
-            && app
-                .store
-                .raw(&ipam_key)
-                .await?
-                .iter()
-                .any(|(k, _)| *k == ipam_key)
-        {
+        if old.is_none() && app.store.get_bytes(&ipam_key).await?.is_some() {
             let by = if app.store.get(&kind.key(None, name)).await?.is_some() {
                 format!("{}.{} {name:?} already exists", kind.plural, kind.group)
             } else {

@@ -68,8 +68,7 @@ fn pool_size(pool: &Pool) -> [u128; 2] {
 /// Reads the usage of pool `name`.
 pub async fn read(app: &App, name: &str) -> Result<Usage, ApiError> {
     let key = format!("{IPAM_PREFIX}{}", ipam::block::pool_key(name));
-    let raw = app.store.raw(&key).await?;
-    let Some((_, value)) = raw.into_iter().find(|(k, _)| *k == key) else {
+    let Some((value, _)) = app.store.get_bytes(&key).await? else {
         return Err(ApiError::not_found(format!("pool {name:?} not found")));
     };
     let pool: Pool =
