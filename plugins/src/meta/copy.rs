@@ -76,14 +76,7 @@ impl LocalCopy {
                 return;
             }
         }
-        let tmp = self
-            .dir
-            .join(format!(".{}.{}", std::process::id(), path_name(&path)));
-        let written = fs::create_dir_all(&self.dir)
-            .and_then(|_| fs::write(&tmp, raw))
-            .and_then(|_| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
+        if let Err(e) = replace_file(&self.dir, &path, &raw) {
             warn!(error = %e, path = %path.display(), "local copy of definitions not saved");
         }
     }
@@ -138,10 +131,22 @@ impl LocalCopy {
     }
 }
 
-fn path_name(path: &Path) -> String {
-    path.file_name()
+/// Writes `path` (in `dir`) whole or not at all: a temporary file beside
+/// it, renamed over it; the temporary file goes on failure. No sync: the
+/// local copy and the journal are caches of what etcd holds.
+pub(super) fn replace_file(dir: &Path, path: &Path, raw: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{}.{name}", std::process::id()));
+    let written = fs::create_dir_all(dir)
+        .and_then(|_| fs::write(&tmp, raw))
+        .and_then(|_| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

@@ -75,13 +75,8 @@ impl Journal {
     /// Replaces what the sandbox owes with `pending`.
     pub fn keep(&self, ifname: &str, pending: &Pending) -> io::Result<()> {
         let path = self.file(&pending.container_id, ifname);
-        let tmp = self
-            .dir
-            .join(format!(".{}.{}", std::process::id(), file_name(&path)));
         let raw = serde_json::to_vec(pending).map_err(io::Error::other)?;
-        fs::create_dir_all(&self.dir)?;
-        fs::write(&tmp, raw)?;
-        fs::rename(&tmp, &path)
+        super::copy::replace_file(&self.dir, &path, &raw)
     }
 
     /// Everything journaled, but what `(container_id, ifname)` owes (its
@@ -127,12 +122,6 @@ impl Journal {
             let _ = fs::remove_file(path);
         }
     }
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
