@@ -1,6 +1,7 @@
-//! The IPAM side of a plugin: run the IPAM plugin the config names (exec'd
-//! from `CNI_PATH`, as every CNI plugin does), and put what it hands out on an
-//! interface.
+//! The IPAM side of a plugin: run the IPAM plugin the config names (in
+//! process when it is one of this binary's built-ins, `plexus-ipam`; exec'd
+//! from `CNI_PATH` otherwise, as every CNI plugin does), and put what it hands
+//! out on an interface.
 
 use cni::exec::{Executor, Invocation};
 use cni::plugin::{Command, Request};
@@ -30,7 +31,7 @@ impl<'a> Ipam<'a> {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::new(code::INVALID_NETWORK_CONFIG, "\"ipam\" has no \"type\""))?;
         Ok(Some(Ipam {
-            exec: Executor::new(req.path.clone()),
+            exec: crate::executor(&req.path),
             kind: kind.to_string(),
             inv: Invocation {
                 container_id: req.container_id.clone(),
