@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::pool::{valid_name, BlockSizes, Family, Pool, Range, RouteDef};
@@ -66,7 +66,7 @@ pub enum StoreConf {
     Etcd(EtcdConf),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EtcdConf {
     pub endpoints: Vec<String>,

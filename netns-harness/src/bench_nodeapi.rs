@@ -138,6 +138,11 @@ pub fn run(cycles: usize) -> Result<(), String> {
         node.runtime
             .add(list, &pod)
             .map_err(|e| format!("{label} ADD: {e}"))?;
+        if !node.published() {
+            return Err(format!(
+                "{label} ADD: its Attachment records' publisher is still running"
+            ));
+        }
         let recorded = keys(&etcd, &ATTACHMENT.prefix(None))?.len();
         let want = if label == "API" { 2 } else { 0 };
         if recorded != want {

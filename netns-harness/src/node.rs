@@ -79,6 +79,24 @@ impl Node {
         self.scratch.join("plexus")
     }
 
+    /// Waits (at most 10 s) until no Attachment records' publisher that an
+    /// ADD started is still writing (their requests are gone); whether none
+    /// is left.
+    pub fn published(&self) -> bool {
+        let dir = self.plexus_cache().join("api").join("publishing");
+        let start = std::time::Instant::now();
+        loop {
+            let busy = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+            if !busy {
+                return true;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Plexus' log file.
     pub fn log_file(&self) -> PathBuf {
         self.scratch.join("plexus.log")

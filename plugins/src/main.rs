@@ -38,6 +38,9 @@ fn main() -> ExitCode {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     match name.as_str() {
+        "plexus" if std::env::args().nth(1).as_deref() == Some(meta::publisher::ARG) => {
+            meta::publisher::main()
+        }
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
         "plexus-ipvlan" => cni::plugin::run(&ipvlan::IPVLAN, "Plexus IPVLAN plugin"),

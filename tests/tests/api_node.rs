@@ -80,6 +80,10 @@ impl ApiNode {
 
     /// Every Attachment object in etcd, by key.
     fn attachments(&self) -> BTreeMap<String, Value> {
+        assert!(
+            self.node.published(),
+            "an Attachment publisher is still running"
+        );
         let out = self
             .etcd
             .etcdctl(0, &["get", "--prefix", &ATTACHMENT.prefix(None)])
@@ -308,4 +312,56 @@ fn gc_removes_this_nodes_stale_records_only() {
     assert_eq!(links(&ns2), vec!["lo"]);
     n.node.runtime.del(&n.list, &pod1).expect("DEL 1");
     n.node.assert_released(&ns1, "after DEL");
+}
+
+/// ADD answers before its Attachment records are written (a process of its
+/// own writes them); the pod's DEL removes them only once they are written,
+/// never before, so that none is left behind.
+#[test]
+fn records_are_written_after_add_answers_and_del_waits_for_them() {
+    let n = ApiNode::new("api-publish");
+    n.nad("a", "data", &data_net(&n.node, "192.168.75.0/24"));
+
+    // DEL straight after ADD, nothing waited for in between.
+    for _ in 0..5 {
+        let (ns, pod) = n.node.pod("a");
+        let pod = pod.networks("data");
+        n.node.runtime.add(&n.list, &pod).expect("ADD");
+        n.node.runtime.del(&n.list, &pod).expect("DEL");
+        n.node.assert_released(&ns, "ADD then DEL at once");
+    }
+    assert_eq!(n.attachments(), BTreeMap::new());
+
+    // A publisher that has not written yet (held here, as a stalled one
+    // would hold its request): DEL waits for it, then removes the records.
+    let (ns, pod) = n.node.pod("a");
+    let pod = pod.networks("data");
+    n.node.runtime.add(&n.list, &pod).expect("ADD");
+    assert_eq!(n.attachments().len(), 2);
+    let publishing = n.node.plexus_cache().join("api/publishing");
+    let request = publishing.join(format!("{}-eth0.json", pod.container_id));
+    let held = std::fs::File::create(&request).expect("request file");
+    let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the request");
+    std::thread::scope(|s| {
+        let del = s.spawn(|| n.node.runtime.del(&n.list, &pod));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(!del.is_finished(), "DEL did not wait for the publisher");
+        let left = n
+            .etcd
+            .etcdctl(
+                0,
+                &["get", "--prefix", "--keys-only", &ATTACHMENT.prefix(None)],
+            )
+            .expect("etcdctl");
+        assert_eq!(left.lines().filter(|l| !l.is_empty()).count(), 2, "{left}");
+        drop(held);
+        del.join().expect("DEL thread").expect("DEL");
+    });
+    assert_eq!(n.attachments(), BTreeMap::new());
+    assert!(!request.exists(), "the request is removed");
+    n.node.assert_released(&ns, "after DEL");
+    let log = n.log();
+    assert!(!log.contains("not written"), "{log}");
 }

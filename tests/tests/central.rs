@@ -757,7 +757,9 @@ fn admins_and_tenants_define_pods_attach_and_nodes_record() {
     let (ns_blue, pod_blue) = node.pod("blue");
     node.runtime.add(&list, &pod_blue).expect("ADD blue");
 
-    // What is attached, seen through the API.
+    // What is attached, seen through the API (once written: ADD answers
+    // before its records are).
+    assert!(node.published(), "Attachment publishers still running");
     let atts = stdout_ok(
         "plexusctl get attachments",
         plexusd.plexusctl(

@@ -23,6 +23,23 @@ pub struct Pending {
     pub deletes: Vec<String>,
 }
 
+/// The file name of what one sandbox's interface owes etcd (or asks of
+/// anything else kept per sandbox and interface): `<container>-<ifname>.json`,
+/// every character but ASCII letters, digits and `-` made `_`.
+pub fn file_name(container_id: &str, ifname: &str) -> String {
+    let safe: String = format!("{container_id}-{ifname}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.json")
+}
+
 /// The journal's directory.
 pub struct Journal {
     dir: PathBuf,
@@ -59,17 +76,7 @@ impl Journal {
     }
 
     fn file(&self, container_id: &str, ifname: &str) -> PathBuf {
-        let safe: String = format!("{container_id}-{ifname}")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{safe}.json"))
+        self.dir.join(file_name(container_id, ifname))
     }
 
     /// Replaces what the sandbox owes with `pending`.
@@ -107,6 +114,28 @@ impl Journal {
             let gone = valid.is_some_and(|v| !v.contains(&p.container_id));
             for (key, value) in p.puts {
                 replay.ops.insert(key, (!gone).then_some(value));
+            }
+            for key in p.deletes {
+                replay.ops.insert(key, None);
+            }
+            replay.files.push(path);
+        }
+        replay
+    }
+
+    /// What `(container_id, ifname)` alone owes, nothing else.
+    pub fn own(&self, container_id: &str, ifname: &str) -> Replay {
+        let path = self.file(container_id, ifname);
+        let mut replay = Replay {
+            files: Vec::new(),
+            ops: BTreeMap::new(),
+        };
+        if let Some(p) = fs::read(&path)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Pending>(&raw).ok())
+        {
+            for (key, value) in p.puts {
+                replay.ops.insert(key, Some(value));
             }
             for key in p.deletes {
                 replay.ops.insert(key, None);

@@ -7,6 +7,7 @@ mod copy;
 mod journal;
 mod node;
 mod plan;
+pub mod publisher;
 mod selection;
 
 use std::collections::BTreeSet;
@@ -305,9 +306,39 @@ impl Plugin for Meta {
         // fails, the runtime's DEL still removes them.
         let copy = api.take_copy();
         let journal = call.journal();
+        // Written by a process of their own once ADD has answered (see
+        // `publisher`); here only when that cannot start, or when etcd is
+        // known to be down (then they are journaled at once).
         let publish = |api: &mut Api| {
             let records = call.attachment_records(&delegates);
-            attachments::publish(api, &journal, &req.container_id, &req.ifname, records);
+            if records.is_empty() || api.unreachable().is_some() {
+                return attachments::publish(
+                    api,
+                    &journal,
+                    &req.container_id,
+                    &req.ifname,
+                    records,
+                );
+            }
+            let node = &call.node;
+            let Some(conf) = &node.api else {
+                return;
+            };
+            let handed = publisher::hand_off(
+                conf,
+                &node.cache_dir,
+                node.log_file.as_deref(),
+                &node.log_level,
+                &journal,
+                &req.container_id,
+                &req.ifname,
+                &records,
+            );
+            if let Err(e) = handed {
+                warn!(error = %e, container = %req.container_id,
+                    "no publisher for the Attachment records: written before answering");
+                attachments::publish(api, &journal, &req.container_id, &req.ifname, records);
+            }
         };
         let (saved, published) = std::thread::scope(|s| {
             let publishing = std::thread::Builder::new().spawn_scoped(s, || publish(&mut api));
@@ -334,6 +365,15 @@ impl Plugin for Meta {
         if let Some((_, record)) = call.record() {
             cni::error::combine(call.del_all(&record.delegates))?;
             let journal = call.journal();
+            if let Some(conf) = &call.node.api {
+                // The records are removed after they were written.
+                publisher::wait(
+                    &call.node.cache_dir,
+                    &req.container_id,
+                    &req.ifname,
+                    conf.timeout() + std::time::Duration::from_secs(1),
+                );
+            }
             if let Some(api) = &mut call.api {
                 attachments::withdraw(
                     api,

@@ -1,0 +1,214 @@
+//! Attachment records written after ADD has answered: ADD journals them and
+//! hands their write to a process of its own (`plexus publish-attachments`),
+//! so that the runtime does not wait for an etcd commit that only serves
+//! people's view of the cluster (see [`super::attachments`]).
+//!
+//! The hand-off is a request file per sandbox and interface,
+//! `cacheDir/api/publishing/<container>-<ifname>.json`, that ADD locks
+//! (`flock`) before it starts the publisher and passes it as the publisher's
+//! stdin: the lock belongs to the open file both share, so it is held from
+//! before ADD answers until the publisher exits. The sandbox's DEL takes the
+//! lock before it removes the records, so it never removes them before they
+//! are written. What the publisher cannot write stays in the journal for the
+//! next call that reaches etcd, as any record etcd did not take.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use ipam::config::EtcdConf;
+use nix::errno::Errno;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::api::Api;
+use super::journal::{self, Journal, Pending};
+
+/// The publisher's niceness: it yields the CPU to CNI calls, and still gets
+/// a share of it on a busy node (a pod's DEL waits for it).
+const NICE: nix::libc::c_int = 10;
+
+/// The argument that makes `plexus` a publisher.
+pub const ARG: &str = "publish-attachments";
+
+/// What the publisher is asked to do: write what the journal holds for one
+/// sandbox's interface to the API's etcd.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Job {
+    container_id: String,
+    ifname: String,
+    cache_dir: PathBuf,
+    log_file: Option<PathBuf>,
+    log_level: String,
+    api: EtcdConf,
+}
+
+fn request(cache_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
+    cache_dir
+        .join("api")
+        .join("publishing")
+        .join(journal::file_name(container_id, ifname))
+}
+
+/// `flock` on `f`'s open file; the lock stays with every descriptor of that
+/// open file (the publisher's stdin), not with this handle.
+fn lock(f: &File, wait: bool) -> Result<(), Errno> {
+    use nix::fcntl::FlockArg;
+    let arg = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    // `Flock` would unlock when dropped, taking the lock from the publisher.
+    #[allow(deprecated)]
+    nix::fcntl::flock(f.as_raw_fd(), arg)
+}
+
+/// ADD: journals `records` and starts the publisher that writes them.
+/// `Err` when it could not be started: the caller writes them itself.
+#[allow(clippy::too_many_arguments)]
+pub fn hand_off(
+    api: &EtcdConf,
+    cache_dir: &Path,
+    log_file: Option<&Path>,
+    log_level: &str,
+    journal: &Journal,
+    container_id: &str,
+    ifname: &str,
+    records: &[(String, String)],
+) -> Result<(), String> {
+    let pending = Pending {
+        container_id: container_id.to_string(),
+        puts: records.to_vec(),
+        deletes: Vec::new(),
+    };
+    journal
+        .keep(ifname, &pending)
+        .map_err(|e| format!("journal: {e}"))?;
+    let job = Job {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+        cache_dir: cache_dir.to_path_buf(),
+        log_file: log_file.map(Path::to_path_buf),
+        log_level: log_level.to_string(),
+        api: api.clone(),
+    };
+    let path = request(cache_dir, container_id, ifname);
+    let started = start(&path, &job);
+    if started.is_err() {
+        let _ = fs::remove_file(&path);
+    }
+    started
+}
+
+fn start(path: &Path, job: &Job) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mut f = locked(path)?;
+    let raw = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+    f.set_len(0)
+        .and_then(|_| f.write_all(&raw))
+        .and_then(|_| f.seek(SeekFrom::Start(0)))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let stdin = f.try_clone().map_err(|e| e.to_string())?;
+    Command::new("/proc/self/exe")
+        .arg0("plexus")
+        .arg(ARG)
+        .env_remove("CNI_COMMAND")
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own group: a signal to the runtime's plugin group is not its.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("start the publisher: {e}"))?;
+    Ok(())
+}
+
+/// The request file at `path`, locked. Only a publisher still writing this
+/// interface's records of an earlier ADD holds it: that one is waited for,
+/// and when it removed the file meanwhile, a new one is made.
+fn locked(path: &Path) -> Result<File, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    loop {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| fail(&e))?;
+        lock(&f, true).map_err(|e| fail(&e))?;
+        let mine = f.metadata().map_err(|e| fail(&e))?;
+        match fs::metadata(path) {
+            Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => return Ok(f),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(fail(&e)),
+        }
+    }
+}
+
+/// DEL: waits (at most `limit`) for the publisher of this sandbox's
+/// interface, if one is still writing, and removes its request.
+pub fn wait(cache_dir: &Path, container_id: &str, ifname: &str, limit: Duration) {
+    let path = request(cache_dir, container_id, ifname);
+    let Ok(f) = File::open(&path) else {
+        return;
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match lock(&f, false) {
+            Ok(()) => break,
+            Err(Errno::EWOULDBLOCK) | Err(Errno::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                warn!(container = %container_id, error = %e,
+                    "the Attachment records' publisher did not finish in time: removing them anyway");
+                break;
+            }
+        }
+    }
+    let _ = fs::remove_file(&path);
+}
+
+/// `plexus publish-attachments`: the job on stdin (locked by ADD for it);
+/// the records journaled for it go to etcd, or stay journaled.
+pub fn main() -> ExitCode {
+    // Off the pods' path: the runtime's next calls go first.
+    // SAFETY: setpriority(2) on this process; no memory is involved.
+    let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
+    let mut raw = Vec::new();
+    if std::io::stdin().lock().read_to_end(&mut raw).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let Ok(job) = serde_json::from_slice::<Job>(&raw) else {
+        eprintln!("plexus {ARG}: stdin is not a publishing job; only plexus ADD starts this");
+        return ExitCode::from(2);
+    };
+    crate::log::init(job.log_file.as_deref(), &job.log_level);
+    let journal = Journal::new(&job.cache_dir);
+    let own = journal.own(&job.container_id, &job.ifname);
+    if !own.ops.is_empty() {
+        let (puts, deletes) = own.split(&Default::default());
+        let mut api = Api::new(&job.api, &job.cache_dir);
+        match api.write(puts, deletes) {
+            Ok(()) => journal.settle(own),
+            Err(e) => warn!(error = %e, container = %job.container_id,
+                "Attachment records not written: journaled for the next call that reaches etcd"),
+        }
+    }
+    // Gone before the lock (held by stdin, until exit) is: a DEL that finds
+    // it waits for this process; one that does not has nothing to wait for.
+    let _ = fs::remove_file(request(&job.cache_dir, &job.container_id, &job.ifname));
+    ExitCode::SUCCESS
+}
