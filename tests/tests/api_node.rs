@@ -365,3 +365,67 @@ fn records_are_written_after_add_answers_and_del_waits_for_them() {
     let log = n.log();
     assert!(!log.contains("not written"), "{log}");
 }
+
+/// ADD plans from the local copy while etcd is read beside it; when etcd
+/// holds something else by then, ADD undoes what it attached and attaches
+/// again from etcd: a changed network, a revoked `allowedNamespaces` and a
+/// network the copy has never seen all end as if ADD had waited for etcd.
+#[test]
+fn definitions_changed_since_the_local_copy_are_attached_from_etcd() {
+    let n = ApiNode::new("api-changed");
+    n.nad("a", "data", &data_net(&n.node, "192.168.76.0/24"));
+    n.cluster_network("fast", &data_net(&n.node, "192.168.77.0/24"), &["a"]);
+    // Pod 1 fills the copy with namespace a's definitions.
+    let (_ns1, pod1) = n.node.pod("a");
+    let pod1 = pod1.networks("data,fast@fast0");
+    n.node.runtime.add(&n.list, &pod1).expect("ADD 1");
+    assert_eq!(
+        kernel::addrs(_ns1.name(), "net1").expect("addrs")[0],
+        "192.168.76.2/24"
+    );
+
+    // The network changes: pod 2 gets the new subnet, nothing of the old.
+    n.nad("a", "data", &data_net(&n.node, "192.168.78.0/24"));
+    let (ns2, pod2) = n.node.pod("a");
+    let pod2 = pod2.networks("data");
+    n.node.runtime.add(&n.list, &pod2).expect("ADD 2");
+    let net1: Vec<String> = kernel::addrs(ns2.name(), "net1").expect("addrs");
+    assert!(
+        net1.iter().any(|a| a.starts_with("192.168.78.")) && net1.len() == 1,
+        "{net1:?}"
+    );
+    let log = n.log();
+    assert!(log.contains("definitions changed during ADD"), "{log}");
+    let leases = n.node.leases();
+    assert_eq!(
+        leases.iter().filter(|l| l.contains("192.168.76.")).count(),
+        1,
+        "only pod 1 holds an address of the old subnet: {leases:?}"
+    );
+
+    // The admin takes "fast" from namespace a: refused, nothing left.
+    n.cluster_network("fast", &data_net(&n.node, "192.168.77.0/24"), &["c"]);
+    let (ns3, pod3) = n.node.pod("a");
+    let err = n
+        .node
+        .runtime
+        .add(&n.list, &pod3.clone().networks("fast"))
+        .expect_err("fast is no longer a's");
+    assert_eq!(err.code, 7, "{err:?}");
+    assert_eq!(links(&ns3), vec!["lo"]);
+
+    // A network defined after the copy was made: found in etcd.
+    n.nad("a", "fresh", &data_net(&n.node, "192.168.79.0/24"));
+    let pod3 = pod3.networks("fresh");
+    n.node
+        .runtime
+        .add(&n.list, &pod3)
+        .expect("ADD 3 on a new network");
+    assert_eq!(links(&ns3), vec!["eth0", "lo", "net1"]);
+
+    for pod in [&pod1, &pod2, &pod3] {
+        n.node.runtime.del(&n.list, pod).expect("DEL");
+    }
+    assert_eq!(n.attachments(), BTreeMap::new());
+    n.node.assert_released(&ns2, "after DEL");
+}

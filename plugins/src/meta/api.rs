@@ -6,6 +6,13 @@
 //! not answered within `timeoutSeconds`, the rest of the call does not wait
 //! for it again. What a read returned is kept in the local copy after the
 //! read, not on its path (see [`PendingCopy`]).
+//!
+//! ADD does not wait for its read when the local copy has every part it
+//! needs: it plans from the copy while the read runs beside the delegates,
+//! and [`Api::confirm`] compares the two before ADD answers. When they differ
+//! ADD undoes what it attached and starts again from what etcd holds, so an
+//! ADD's outcome is always that of definitions read during it. Until it
+//! answers, the pod runs nothing that could use what it briefly had.
 
 use std::path::Path;
 
@@ -37,6 +44,32 @@ pub struct Api {
     stale: Option<String>,
     /// Never ask etcd for definitions (DEL without a record).
     offline: bool,
+    /// Plan from the local copy while etcd is read (ADD; see the module).
+    speculate: bool,
+    /// That read, running.
+    pending: Option<Speculation>,
+}
+
+/// A read of etcd running beside an ADD planned from the local copy.
+struct Speculation {
+    /// The parts read, as the copy names them (`None`: the ClusterNetworks).
+    parts: Vec<Option<String>>,
+    /// What the copy held of each.
+    copied: Vec<Vec<Value>>,
+    /// When the oldest of them was read (seconds since the epoch).
+    read_at: u64,
+    read: std::thread::JoinHandle<Result<Vec<Vec<Kv>>, ipam::Error>>,
+}
+
+/// What etcd said of definitions an ADD was planned from.
+pub enum Confirmed {
+    /// The same.
+    Same,
+    /// They changed meanwhile: ADD starts again from etcd.
+    Changed,
+    /// Etcd is unreachable: the copy stands, as it would have had ADD
+    /// waited for the read.
+    Unreachable,
 }
 
 /// A key under [`PREFIX`] as the store takes it.
@@ -62,7 +95,15 @@ impl Api {
             unreachable: None,
             stale: None,
             offline: false,
+            speculate: false,
+            pending: None,
         }
+    }
+
+    /// ADD: plan from the local copy while etcd is read, when the copy has
+    /// what is needed (see the module).
+    pub fn speculative(&mut self) {
+        self.speculate = true;
     }
 
     /// What this call read and has not kept in the local copy yet, for the
@@ -152,18 +193,98 @@ impl Api {
         Ok(())
     }
 
-    /// ClusterNetworks and the NADs of `namespaces` (`None`: all), in one
-    /// transaction; what was read of a namespace is kept in the local copy.
-    fn read(&mut self, namespaces: Option<&[String]>) -> Result<copy::Read, ipam::Error> {
-        let cluster_prefix = CLUSTER_NETWORK.prefix(None);
+    /// The store keys of the ClusterNetworks and of the NADs of
+    /// `namespaces` (`None`: all).
+    fn prefixes(namespaces: Option<&[String]>) -> Vec<String> {
         let nad_prefixes: Vec<String> = match namespaces {
             Some(list) => list.iter().map(|ns| NAD.prefix(Some(ns))).collect(),
             None => vec![NAD.prefix(None)],
         };
-        let prefixes: Vec<&str> = std::iter::once(cluster_prefix.as_str())
-            .chain(nad_prefixes.iter().map(String::as_str))
-            .map(relative)
+        std::iter::once(CLUSTER_NETWORK.prefix(None))
+            .chain(nad_prefixes)
+            .map(|p| relative(&p).to_string())
+            .collect()
+    }
+
+    /// Starts reading the ClusterNetworks and `namespaces`' NADs on a thread
+    /// of its own (and a connection of its own: the in-process IPAM uses the
+    /// shared one meanwhile), when the copy has each of them; returns the
+    /// copy's.
+    fn start_speculation(&mut self, namespaces: &[String]) -> Option<copy::Read> {
+        let parts: Vec<Option<String>> = std::iter::once(None)
+            .chain(namespaces.iter().cloned().map(Some))
             .collect();
+        let loaded: Vec<(u64, Vec<Value>)> = parts
+            .iter()
+            .map(|p| self.copy.load_part(p.as_deref()))
+            .collect::<Option<_>>()?;
+        let read_at = loaded.iter().map(|(t, _)| *t).min().unwrap_or_default();
+        let copied: Vec<Vec<Value>> = loaded.into_iter().map(|(_, o)| o).collect();
+        let conf = self.conf.clone();
+        let prefixes = Api::prefixes(Some(namespaces));
+        let read = std::thread::Builder::new()
+            .name("api-read".into())
+            .spawn(move || {
+                let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+                EtcdStore::connect(&conf)?.ranges(&prefixes)
+            })
+            .ok()?;
+        let mut out = copy::Read {
+            cluster_networks: copied[0].clone(),
+            ..Default::default()
+        };
+        for objects in &copied[1..] {
+            out.nads.extend(objects.iter().cloned());
+        }
+        self.pending = Some(Speculation {
+            parts,
+            copied,
+            read_at,
+            read,
+        });
+        Some(out)
+    }
+
+    /// Whether the definitions ADD was planned from are what etcd holds
+    /// (always, when it was not planned from the copy). An error is one no
+    /// retry cures (a refused TLS identity, say), as a read's would be.
+    pub fn confirm(&mut self) -> Result<Confirmed, Error> {
+        let Some(spec) = self.pending.take() else {
+            return Ok(Confirmed::Same);
+        };
+        let read = spec.read.join().unwrap_or_else(|_| {
+            Err(ipam::Error::Store(
+                "the read of the definitions panicked".into(),
+            ))
+        });
+        match read {
+            Ok(ranges) => {
+                let fresh: Vec<Vec<Value>> = ranges.into_iter().map(objects).collect();
+                let same = fresh == spec.copied;
+                self.unsaved.parts.extend(spec.parts.into_iter().zip(fresh));
+                Ok(if same {
+                    Confirmed::Same
+                } else {
+                    Confirmed::Changed
+                })
+            }
+            Err(e @ ipam::Error::Unreachable { .. }) => {
+                let age = copy::now().saturating_sub(spec.read_at);
+                warn!(error = %e, copy = %self.copy.dir().display(), age = %format!("read {age}s ago"),
+                    "etcd of the API is unreachable: using the local copy of the definitions");
+                self.note(&e);
+                self.stale = Some(e.to_string());
+                Ok(Confirmed::Unreachable)
+            }
+            Err(e) => Err(store_error(e).context("reading network definitions")),
+        }
+    }
+
+    /// ClusterNetworks and the NADs of `namespaces` (`None`: all), in one
+    /// transaction; what was read of a namespace is kept in the local copy.
+    fn read(&mut self, namespaces: Option<&[String]>) -> Result<copy::Read, ipam::Error> {
+        let prefixes = Api::prefixes(namespaces);
+        let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let mut ranges = self.run(|s| s.ranges(&prefixes))?.into_iter();
         let cluster_networks = objects(ranges.next().unwrap_or_default());
         self.unsaved.parts.push((None, cluster_networks.clone()));
@@ -251,6 +372,17 @@ impl Source for Api {
                 return Err(Error::new(
                     code::INVALID_NETWORK_CONFIG,
                     format!("namespace {ns:?} is not a Kubernetes namespace name"),
+                ));
+            }
+        }
+        if self.speculate && !self.offline {
+            // Once per call: a second plan (definitions changed) reads.
+            self.speculate = false;
+            if let Some(copied) = namespaces.and_then(|ns| self.start_speculation(ns)) {
+                return Ok(Definitions::from_api(
+                    &copied.nads,
+                    &copied.cluster_networks,
+                    &self.describe(),
                 ));
             }
         }

@@ -90,6 +90,12 @@ impl LocalCopy {
         Some((read_at, objects))
     }
 
+    /// The objects of one part (`None`: the ClusterNetworks), when the copy
+    /// has it, and when it was read.
+    pub fn load_part(&self, namespace: Option<&str>) -> Option<(u64, Vec<Value>)> {
+        self.load_one(namespace)
+    }
+
     /// The ClusterNetworks and the NADs of `namespaces` (`None`: every
     /// namespace the copy has).
     pub fn load(&self, namespaces: Option<&[String]>) -> Read {

@@ -181,6 +181,16 @@ impl<'a> Call<'a> {
         attached: &[Delegate],
         failed: Option<&Delegate>,
     ) -> Error {
+        with_undo_errors(e, self.undo_all(entry, attached, failed))
+    }
+
+    /// What [`Call::undo`] does; what of it failed.
+    fn undo_all(
+        &self,
+        entry: &mut CacheEntry,
+        attached: &[Delegate],
+        failed: Option<&Delegate>,
+    ) -> Vec<String> {
         if let Some(d) = failed {
             for err in self.del_all(std::slice::from_ref(d)) {
                 warn!(error = %err, "cleanup of the failed delegate: ignored");
@@ -212,16 +222,7 @@ impl<'a> Call<'a> {
         if let Err(err) = kept {
             undo_errors.push(err.to_string());
         }
-        if undo_errors.is_empty() {
-            return e;
-        }
-        let details = format!(
-            "{}; undo also failed: {}",
-            e.details,
-            undo_errors.join("; ")
-        );
-        let details = details.trim_start_matches("; ").to_string();
-        e.with_details(details)
+        undo_errors
     }
 
     /// DEL of delegates in reverse, continuing past failures.
@@ -245,119 +246,214 @@ impl<'a> Call<'a> {
     }
 }
 
+/// `e`, with what of its undo failed in its details.
+fn with_undo_errors(e: Error, undo_errors: Vec<String>) -> Error {
+    if undo_errors.is_empty() {
+        return e;
+    }
+    let details = format!(
+        "{}; undo also failed: {}",
+        e.details,
+        undo_errors.join("; ")
+    );
+    let details = details.trim_start_matches("; ").to_string();
+    e.with_details(details)
+}
+
+/// How one attempt at an ADD ended.
+enum Attempt {
+    Done(CniResult),
+    /// Planned from the local copy, which etcd no longer matches: nothing
+    /// is left attached, and ADD starts again from etcd.
+    Again,
+}
+
+impl Call<'_> {
+    /// After an attempt planned from the local copy failed with `e`: `e`,
+    /// unless definitions changed meanwhile (then the attempt is made again
+    /// from etcd: a network just defined is not "not found").
+    /// `planning`: `e` came from planning, before anything was attached.
+    fn failed(&mut self, e: Error, planning: bool) -> Result<Attempt, Error> {
+        let Some(api) = &mut self.api else {
+            return Err(e);
+        };
+        match api.confirm()? {
+            api::Confirmed::Same => Err(e),
+            api::Confirmed::Changed => {
+                info!(container = %self.req.container_id, error = %e.msg,
+                    "definitions changed during ADD: planning again from etcd");
+                Ok(Attempt::Again)
+            }
+            // Planned again from the copy, knowing etcd is down: a network
+            // the copy lacks is then "try again later", not "not found".
+            api::Confirmed::Unreachable if planning => Ok(Attempt::Again),
+            api::Confirmed::Unreachable => Err(e),
+        }
+    }
+
+    /// The delegates this pod gets, each of whose plugins can run.
+    fn plan_runnable(&mut self) -> Result<Vec<Delegate>, Error> {
+        let delegates = self.plan(false)?;
+        for d in &delegates {
+            for i in 0..d.list.plugins.len() {
+                self.exec.available(d.list.plugin_type(i))?;
+            }
+        }
+        Ok(delegates)
+    }
+}
+
+/// One attempt at an ADD: plans, attaches every delegate, records.
+fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
+    let mut delegates = match call.plan_runnable() {
+        Ok(d) => d,
+        Err(e) => return call.failed(e, true),
+    };
+    // Record the intent first: a crash half-way still leaves DEL a list.
+    let mut entry = call.new_entry();
+    // The record names the Attachment records from the start: a DEL
+    // after a crash anywhere in between removes whatever was written.
+    let mut record = Record {
+        delegates: delegates.clone(),
+        attachments: call.attachment_keys(&delegates),
+    };
+    call.save(&mut entry, &record)?;
+    let mut merged: Option<CniResult> = None;
+    for i in 0..delegates.len() {
+        let d = &delegates[i];
+        let attached = call
+            .exec
+            .add_list(&d.list, &call.invocation(d), &d.caps)
+            .and_then(|raw| CniResult::from_json(&raw).map(|(_, r)| (raw, r)));
+        let (raw, result) = match attached {
+            Ok(ok) => ok,
+            Err(e) => {
+                let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
+                warn!(error = %e, container = %req.container_id, "ADD failed, undoing");
+                let undo_errors = call.undo_all(&mut entry, &delegates[..i], Some(d));
+                if !undo_errors.is_empty() {
+                    // Not all of it undone: the runtime's DEL finishes.
+                    return Err(with_undo_errors(e, undo_errors));
+                }
+                return call.failed(e, false);
+            }
+        };
+        info!(network = %d.network, ifname = %d.ifname, container = %req.container_id, "attached");
+        match &mut merged {
+            None => merged = Some(result),
+            Some(m) => m.append_interfaces(&result),
+        }
+        delegates[i].result = Some(raw);
+        record.delegates[i].result = delegates[i].result.clone();
+        // The last result goes into the final write below.
+        if i + 1 < delegates.len() {
+            call.save(&mut entry, &record)?;
+        }
+    }
+    let mut merged = merged.unwrap_or_default();
+    if let Err(e) = default_routes(req, &delegates, &mut merged) {
+        warn!(error = %e, container = %req.container_id, "default-route failed, undoing");
+        return Err(call.undo(e, &mut entry, &delegates, None));
+    }
+    // Definitions planned from the local copy are what etcd holds, or all
+    // of it is undone and done again from etcd.
+    let confirmed = match &mut call.api {
+        Some(api) => api.confirm(),
+        None => Ok(api::Confirmed::Same),
+    };
+    match confirmed {
+        Ok(api::Confirmed::Same | api::Confirmed::Unreachable) => {}
+        Ok(api::Confirmed::Changed) => {
+            let undo_errors = call.undo_all(&mut entry, &delegates, None);
+            if !undo_errors.is_empty() {
+                // Not all of it undone: the runtime's DEL finishes.
+                return Err(Error::new(
+                    code::TRY_AGAIN_LATER,
+                    "network definitions changed during ADD, and undoing failed",
+                )
+                .with_details(undo_errors.join("; ")));
+            }
+            info!(container = %req.container_id,
+                "definitions changed during ADD: undone, attaching again from etcd");
+            return Ok(Attempt::Again);
+        }
+        Err(e) => return Err(call.undo(e, &mut entry, &delegates, None)),
+    }
+    entry.result = Some(merged.to_json(req.version));
+    let Some(mut api) = call.api.take() else {
+        call.save(&mut entry, &record)?;
+        return Ok(Attempt::Done(merged));
+    };
+    // The record has named the Attachment records' keys since the start: if
+    // its save fails, the runtime's DEL still removes them.
+    let copy = api.take_copy();
+    let journal = call.journal();
+    // Written by a process of their own once ADD has answered (see
+    // `publisher`), prepared here while the record is saved and started
+    // last; written here only when that cannot be, or when etcd is known to
+    // be down (then they are journaled at once).
+    let records = call.attachment_records(&delegates);
+    let inline = records.is_empty() || api.unreachable().is_some();
+    let prepare = || {
+        let node = &call.node;
+        let conf = node.api.as_ref().ok_or("no api")?;
+        publisher::prepare(
+            conf,
+            &node.cache_dir,
+            node.log_file.as_deref(),
+            &node.log_level,
+            &journal,
+            &req.container_id,
+            &req.ifname,
+            &records,
+        )
+    };
+    let (saved, prepared) = std::thread::scope(|s| {
+        let preparing = (!inline).then(|| std::thread::Builder::new().spawn_scoped(s, prepare));
+        let saved = call.save(&mut entry, &record);
+        copy.save();
+        let prepared = match preparing {
+            None => Err("etcd is unreachable".to_string()),
+            Some(Ok(thread)) => thread
+                .join()
+                .unwrap_or_else(|_| Err("the thread panicked".into())),
+            Some(Err(e)) => Err(format!("no thread: {e}")),
+        };
+        (saved, prepared)
+    });
+    let started = prepared.and_then(publisher::Handoff::start);
+    match started {
+        Ok(()) => {}
+        Err(_) if inline => {
+            attachments::publish(&mut api, &journal, &req.container_id, &req.ifname, records)
+        }
+        Err(e) => {
+            warn!(error = %e, container = %req.container_id,
+                "no publisher for the Attachment records: written before answering");
+            attachments::publish(&mut api, &journal, &req.container_id, &req.ifname, records);
+        }
+    }
+    saved?;
+    Ok(Attempt::Done(merged))
+}
+
 impl Plugin for Meta {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         let mut call = Call::new(req)?;
-        let mut delegates = call.plan(false)?;
-        for d in &delegates {
-            for i in 0..d.list.plugins.len() {
-                call.exec.available(d.list.plugin_type(i))?;
-            }
+        if let Some(api) = &mut call.api {
+            api.speculative();
         }
-        // Record the intent first: a crash half-way still leaves DEL a list.
-        let mut entry = call.new_entry();
-        // The record names the Attachment records from the start: a DEL
-        // after a crash anywhere in between removes whatever was written.
-        let mut record = Record {
-            delegates: delegates.clone(),
-            attachments: call.attachment_keys(&delegates),
-        };
-        call.save(&mut entry, &record)?;
-        let mut merged: Option<CniResult> = None;
-        for i in 0..delegates.len() {
-            let d = &delegates[i];
-            let attached = call
-                .exec
-                .add_list(&d.list, &call.invocation(d), &d.caps)
-                .and_then(|raw| CniResult::from_json(&raw).map(|(_, r)| (raw, r)));
-            let (raw, result) = match attached {
-                Ok(ok) => ok,
-                Err(e) => {
-                    let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
-                    warn!(error = %e, container = %req.container_id, "ADD failed, undoing");
-                    return Err(call.undo(e, &mut entry, &delegates[..i], Some(d)));
-                }
-            };
-            info!(network = %d.network, ifname = %d.ifname, container = %req.container_id, "attached");
-            match &mut merged {
-                None => merged = Some(result),
-                Some(m) => m.append_interfaces(&result),
-            }
-            delegates[i].result = Some(raw);
-            record.delegates[i].result = delegates[i].result.clone();
-            // The last result goes into the final write below.
-            if i + 1 < delegates.len() {
-                call.save(&mut entry, &record)?;
-            }
+        match add_once(&mut call, req)? {
+            Attempt::Done(result) => Ok(result),
+            // The second plan reads etcd: it does not come back here.
+            Attempt::Again => match add_once(&mut call, req)? {
+                Attempt::Done(result) => Ok(result),
+                Attempt::Again => Err(Error::new(
+                    code::TRY_AGAIN_LATER,
+                    "network definitions changed during ADD",
+                )),
+            },
         }
-        let mut merged = merged.unwrap_or_default();
-        if let Err(e) = default_routes(req, &delegates, &mut merged) {
-            warn!(error = %e, container = %req.container_id, "default-route failed, undoing");
-            return Err(call.undo(e, &mut entry, &delegates, None));
-        }
-        entry.result = Some(merged.to_json(req.version));
-        let Some(mut api) = call.api.take() else {
-            call.save(&mut entry, &record)?;
-            return Ok(merged);
-        };
-        // The Attachment records go to etcd while the record is saved and
-        // the local copy kept, so that their round trip costs no extra time.
-        // The record has named their keys since the start: if this save
-        // fails, the runtime's DEL still removes them.
-        let copy = api.take_copy();
-        let journal = call.journal();
-        // Written by a process of their own once ADD has answered (see
-        // `publisher`); here only when that cannot start, or when etcd is
-        // known to be down (then they are journaled at once).
-        let publish = |api: &mut Api| {
-            let records = call.attachment_records(&delegates);
-            if records.is_empty() || api.unreachable().is_some() {
-                return attachments::publish(
-                    api,
-                    &journal,
-                    &req.container_id,
-                    &req.ifname,
-                    records,
-                );
-            }
-            let node = &call.node;
-            let Some(conf) = &node.api else {
-                return;
-            };
-            let handed = publisher::hand_off(
-                conf,
-                &node.cache_dir,
-                node.log_file.as_deref(),
-                &node.log_level,
-                &journal,
-                &req.container_id,
-                &req.ifname,
-                &records,
-            );
-            if let Err(e) = handed {
-                warn!(error = %e, container = %req.container_id,
-                    "no publisher for the Attachment records: written before answering");
-                attachments::publish(api, &journal, &req.container_id, &req.ifname, records);
-            }
-        };
-        let (saved, published) = std::thread::scope(|s| {
-            let publishing = std::thread::Builder::new().spawn_scoped(s, || publish(&mut api));
-            let saved = call.save(&mut entry, &record);
-            copy.save();
-            let published = match publishing {
-                Ok(thread) => thread.join().is_ok(),
-                Err(e) => {
-                    warn!(error = %e, "no thread for the Attachment records: written after the record");
-                    false
-                }
-            };
-            (saved, published)
-        });
-        if !published {
-            publish(&mut api);
-        }
-        saved?;
-        Ok(merged)
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {

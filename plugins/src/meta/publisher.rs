@@ -70,10 +70,17 @@ fn lock(f: &File, wait: bool) -> Result<(), Errno> {
     nix::fcntl::flock(f.as_raw_fd(), arg)
 }
 
-/// ADD: journals `records` and starts the publisher that writes them.
-/// `Err` when it could not be started: the caller writes them itself.
+/// A publisher ready to start: its records journaled, its request written
+/// and locked.
+pub struct Handoff {
+    path: PathBuf,
+    request: File,
+}
+
+/// ADD: journals `records` and prepares the publisher that writes them;
+/// `Err` when it cannot be: the caller writes them itself.
 #[allow(clippy::too_many_arguments)]
-pub fn hand_off(
+pub fn prepare(
     api: &EtcdConf,
     cache_dir: &Path,
     log_file: Option<&Path>,
@@ -82,7 +89,7 @@ pub fn hand_off(
     container_id: &str,
     ifname: &str,
     records: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<Handoff, String> {
     let pending = Pending {
         container_id: container_id.to_string(),
         puts: records.to_vec(),
@@ -100,36 +107,50 @@ pub fn hand_off(
         api: api.clone(),
     };
     let path = request(cache_dir, container_id, ifname);
-    let started = start(&path, &job);
-    if started.is_err() {
-        let _ = fs::remove_file(&path);
-    }
-    started
-}
-
-fn start(path: &Path, job: &Job) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let mut f = locked(path)?;
-    let raw = serde_json::to_vec(job).map_err(|e| e.to_string())?;
-    f.set_len(0)
-        .and_then(|_| f.write_all(&raw))
-        .and_then(|_| f.seek(SeekFrom::Start(0)))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let stdin = f.try_clone().map_err(|e| e.to_string())?;
-    Command::new("/proc/self/exe")
-        .arg0("plexus")
-        .arg(ARG)
-        .env_remove("CNI_COMMAND")
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own group: a signal to the runtime's plugin group is not its.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("start the publisher: {e}"))?;
-    Ok(())
+    let mut request = locked(&path)?;
+    let raw = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
+    let written = request
+        .set_len(0)
+        .and_then(|_| request.write_all(&raw))
+        .and_then(|_| request.seek(SeekFrom::Start(0)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&path);
+        return Err(format!("{}: {e}", path.display()));
+    }
+    Ok(Handoff { path, request })
+}
+
+impl Handoff {
+    /// Starts the publisher, last thing before ADD answers: it competes for
+    /// no CPU with the ADD. `Err` when it did not start (the records stay
+    /// journaled for the caller to write).
+    pub fn start(self) -> Result<(), String> {
+        let started = self
+            .request
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|stdin| {
+                Command::new("/proc/self/exe")
+                    .arg0("plexus")
+                    .arg(ARG)
+                    .env_remove("CNI_COMMAND")
+                    .stdin(Stdio::from(stdin))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    // Its own group: a signal to the runtime's plugin group
+                    // is not its.
+                    .process_group(0)
+                    .spawn()
+                    .map_err(|e| format!("start the publisher: {e}"))
+            });
+        if started.is_err() {
+            let _ = fs::remove_file(&self.path);
+        }
+        started.map(|_| ())
+    }
 }
 
 /// The request file at `path`, locked. Only a publisher still writing this
