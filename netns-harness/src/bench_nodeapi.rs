@@ -164,8 +164,9 @@ pub fn run(cycles: usize) -> Result<(), String> {
         "\nNode side of the central API: cluster network plexus-veth + plexus-ipam (on a \
          {MEMBERS}-member etcd in the node netns, shared with the API), 1 secondary \
          plexus-macvlan on {UPLINK} + host-local, both dual stack; the same definitions in \
-         confDir or in the API's etcd (there: 1 read and 1 Attachment write transaction per \
-         ADD, 1 delete per DEL)"
+         confDir or in the API's etcd (there: per ADD 1 read, beside the delegates when the \
+         local copy has the definitions, and 1 Attachment write by the publisher after ADD \
+         answers; 1 delete per DEL)"
     );
     let title = "Pod ADD/DEL, cluster network + 1 secondary";
     let rows = scenario(&node, title, cycles, &mut variants)?;
