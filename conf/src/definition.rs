@@ -120,13 +120,20 @@ pub struct Definitions {
     bad: BTreeMap<Key, Error>,
     /// Files (or documents) that did not parse far enough to have a name.
     unnamed: Vec<String>,
+    /// Namespaces through which a cluster definition may be named, as
+    /// Multus users write it (`default/macnet` for a `macnet` without
+    /// namespace): the node's `clusterNamespaces`, and `default`.
+    cluster_namespaces: Vec<String>,
 }
 
 impl Definitions {
     /// Loads `*.yaml`, `*.yml` and `*.json` from `dir` (a missing dir is empty).
     /// Namespaces in `cluster_namespaces` hold cluster networks.
     pub fn load_dir(dir: &Path, cluster_namespaces: &[String]) -> Result<Definitions, Error> {
-        let mut defs = Definitions::default();
+        let mut defs = Definitions {
+            cluster_namespaces: cluster_namespaces.to_vec(),
+            ..Definitions::default()
+        };
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(defs),
@@ -285,8 +292,17 @@ impl Definitions {
         }
     }
 
+    /// The namespaces (besides `default`) through which a cluster
+    /// definition may be named.
+    pub fn set_cluster_namespaces(&mut self, namespaces: &[String]) {
+        self.cluster_namespaces = namespaces.to_vec();
+    }
+
     /// Finds the network a pod of `pod_namespace` asks for as `namespace/name`
-    /// or `name`: its own namespace's first, then cluster networks.
+    /// or `name`: its own namespace's first, then cluster networks. A
+    /// namespace that is `default` or one of the cluster namespaces also
+    /// names a cluster definition without namespace (as Multus resolves
+    /// `default/macnet`), when it has no definition of that name itself.
     pub fn resolve(
         &self,
         namespace: Option<&str>,
@@ -299,7 +315,12 @@ impl Definitions {
         };
         let mut candidates: Vec<Key> = Vec::new();
         match namespace {
-            Some(ns) => candidates.push((Some(ns.to_string()), name.to_string())),
+            Some(ns) => {
+                candidates.push((Some(ns.to_string()), name.to_string()));
+                if ns == "default" || self.cluster_namespaces.iter().any(|c| c == ns) {
+                    candidates.push((None, name.to_string()));
+                }
+            }
             None => {
                 candidates.push((Some(pod_namespace.to_string()), name.to_string()));
                 candidates.push((None, name.to_string()));
@@ -553,5 +574,42 @@ spec:
         assert!(defs.resolve(None, "private", "blue").is_ok());
         let e = defs.resolve(None, "mv", "x").unwrap_err();
         assert!(e.to_string().contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn multus_names_of_cluster_definitions() {
+        let dir = dir_with(&[("a.yaml", MACVLAN)]);
+        let defs = Definitions::load_dir(dir.path(), &["kube-system".to_string()]).unwrap();
+        // `mv` has no namespace: `default/mv` and `kube-system/mv` name it
+        // for a pod of any namespace, as Multus users write it.
+        for ns in ["default", "kube-system"] {
+            let def = defs.resolve(Some(ns), "mv", "blue").unwrap();
+            assert_eq!(def.list.name, "mv");
+        }
+        // Any other namespace is that namespace's own.
+        assert!(matches!(
+            defs.resolve(Some("blue"), "mv", "blue"),
+            Err(Error::NotFound { .. })
+        ));
+        // A tenant's network in `default` comes first, and stays its own.
+        let own = "metadata: {name: mv, namespace: default}\nspec: {config: '{\"cniVersion\":\"1.0.0\",\"type\":\"ipvlan\"}'}\n";
+        let dir = dir_with(&[("a.yaml", MACVLAN), ("b.yaml", own)]);
+        let defs = Definitions::load_dir(dir.path(), &[]).unwrap();
+        let def = defs.resolve(Some("default"), "mv", "default").unwrap();
+        assert_eq!(def.list.plugin_type(0), "ipvlan");
+        assert!(matches!(
+            defs.resolve(Some("default"), "mv", "blue"),
+            Err(Error::Forbidden { .. })
+        ));
+        // ClusterNetworks of the API likewise, still only where allowed.
+        let cnet = serde_json::json!({"metadata": {"name": "fast"},
+            "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"plexus-ipvlan\"}",
+                     "allowedNamespaces": ["red"]}});
+        let api = Definitions::from_api(&[], &[cnet], "etcd");
+        assert!(api.resolve(Some("default"), "fast", "red").is_ok());
+        assert!(matches!(
+            api.resolve(Some("default"), "fast", "blue"),
+            Err(Error::NotAllowed { .. })
+        ));
     }
 }

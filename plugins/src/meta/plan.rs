@@ -158,7 +158,9 @@ pub fn build(
                 namespaces.push(ns.clone());
             }
         }
-        source.load(Some(&namespaces))?
+        let mut defs = source.load(Some(&namespaces))?;
+        defs.set_cluster_namespaces(&node.cluster_namespaces);
+        defs
     } else {
         Definitions::default()
     };
