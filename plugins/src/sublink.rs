@@ -123,13 +123,19 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
         None => default_master(side)?,
     };
     let master = side.link(&master_name)?.ok_or_else(|| {
-        invalid(format!("master {master_name:?} not found")).with_details(
-            if conf.link_in_container {
-                format!("in the pod's netns {}", req.netns)
-            } else {
-                "in the host's netns".to_string()
-            },
-        )
+        let where_ = if conf.link_in_container {
+            format!("the pod's netns {}", req.netns)
+        } else {
+            "the host's netns".to_string()
+        };
+        let there: Vec<String> = side
+            .links()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        invalid(format!("master {master_name:?} is not a link in {where_}"))
+            .with_details(format!("links there: {}", there.join(", ")))
     })?;
     // Created directly inside the pod, already named: no move, no rename.
     let into = if conf.link_in_container {
