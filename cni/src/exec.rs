@@ -6,8 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{Map, Value};
+use tracing::debug;
 
 use crate::config::{Attachment, NetConfList};
 use crate::error::{self, code, Error};
@@ -120,11 +122,20 @@ impl Executor {
         inv: &Invocation,
         stdin: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        if let Some(plugin) = self.builtin(plugin_type) {
-            return self.run_builtin(plugin.as_ref(), command, inv, stdin);
-        }
-        let program = self.find(plugin_type)?;
-        self.exec_program(&program, command, inv, stdin)
+        let started = Instant::now();
+        let out = match self.builtin(plugin_type) {
+            Some(plugin) => self.run_builtin(plugin.as_ref(), command, inv, stdin),
+            None => self
+                .find(plugin_type)
+                .and_then(|program| self.exec_program(&program, command, inv, stdin)),
+        };
+        let how = if self.is_builtin(plugin_type) {
+            "in process"
+        } else {
+            "exec'd"
+        };
+        ran(plugin_type, how, command, inv, started, &out);
+        out
     }
 
     fn run_builtin(
@@ -183,7 +194,14 @@ impl Executor {
         stdin: &[u8],
     ) -> Result<Running, Error> {
         let program = self.find(plugin_type)?;
-        self.start_program(&program, command, inv, stdin)
+        let mut running = self.start_program(&program, command, inv, stdin)?;
+        running.beside = Some((
+            plugin_type.to_string(),
+            command,
+            inv.ifname.clone(),
+            Instant::now(),
+        ));
+        Ok(running)
     }
 
     fn start_program(
@@ -221,7 +239,11 @@ impl Executor {
             // A plugin may exit without reading stdin; a broken pipe is not our failure.
             let _ = input.write_all(stdin);
         }
-        Ok(Running { child, what })
+        Ok(Running {
+            child,
+            what,
+            beside: None,
+        })
     }
 
     /// ADD of every plugin in order, each seeing the previous one's result.
@@ -345,6 +367,24 @@ impl Executor {
     }
 }
 
+/// The debug line of one plugin run: which, on what, how long, how it ended.
+fn ran(
+    plugin_type: &str,
+    how: &str,
+    command: Command,
+    inv: &Invocation,
+    started: Instant,
+    out: &Result<Vec<u8>, Error>,
+) {
+    let ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    match out {
+        Ok(_) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %inv.ifname,
+            duration_ms = ms, run = how, "plugin ok"),
+        Err(e) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %inv.ifname,
+            duration_ms = ms, run = how, code = e.code, error = %e.msg, "plugin failed"),
+    }
+}
+
 fn to_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -353,11 +393,33 @@ fn to_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 pub struct Running {
     child: std::process::Child,
     what: String,
+    /// For the debug line of a plugin started beside other work.
+    beside: Option<(String, Command, String, Instant)>,
 }
 
 impl Running {
     /// Waits for the plugin: its stdout on success, its error otherwise.
     pub fn wait(self) -> Result<Vec<u8>, Error> {
+        let beside = self.beside.clone();
+        let out = self.finish();
+        if let Some((plugin, command, ifname, started)) = beside {
+            let inv = Invocation {
+                ifname,
+                ..Invocation::default()
+            };
+            ran(
+                &plugin,
+                "exec'd beside other work",
+                command,
+                &inv,
+                started,
+                &out,
+            );
+        }
+        out
+    }
+
+    fn finish(self) -> Result<Vec<u8>, Error> {
         let what = self.what;
         let out = self.child.wait_with_output().map_err(|e| {
             Error::new(code::IO_FAILURE, format!("wait for {what}")).with_details(e.to_string())

@@ -70,8 +70,11 @@ impl<'a> Ipam<'a> {
         work: impl FnOnce() -> T + Send,
     ) -> (T, Result<Vec<u8>, Error>) {
         if self.exec.is_builtin(&self.kind) {
+            // The thread logs inside the call's span, as the caller does.
+            let span = tracing::Span::current();
             return std::thread::scope(|s| {
                 let ipam = s.spawn(|| {
+                    let _entered = span.enter();
                     self.exec
                         .exec(&self.kind, command, &self.inv, &self.req.stdin)
                 });
@@ -106,6 +109,12 @@ impl<'a> Ipam<'a> {
 
     fn parse(&self, raw: &[u8]) -> Result<CniResult, Error> {
         let (_, result) = CniResult::from_slice(raw)?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ips: Vec<String> = result.ips.iter().map(|i| i.address.to_string()).collect();
+            let routes: Vec<String> = result.routes.iter().map(|r| r.dst.to_string()).collect();
+            tracing::debug!(ipam = %self.kind, ifname = %self.inv.ifname,
+                ips = %ips.join(","), routes = %routes.join(","), "IPAM answered");
+        }
         if result.ips.is_empty() {
             return Err(Error::new(
                 code::INTERNAL,

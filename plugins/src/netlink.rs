@@ -7,6 +7,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::Instant;
 
 use cni::{code, Error};
 use futures_util::TryStreamExt;
@@ -71,6 +72,17 @@ impl SubLink {
             SubLink::IpvlanL2 => "l2",
             SubLink::IpvlanL3 => "l3",
             SubLink::IpvlanL3s => "l3s",
+        }
+    }
+
+    /// `macvlan` or `ipvlan`.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            SubLink::MacvlanBridge
+            | SubLink::MacvlanPrivate
+            | SubLink::MacvlanVepa
+            | SubLink::MacvlanPassthru => "macvlan",
+            _ => "ipvlan",
         }
     }
 }
@@ -230,14 +242,25 @@ impl Netns {
                 }
             }
         }
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle.link().add(msg).execute().await.map_err(|e| {
                 nl_err(
                     format!("create veth {name} with peer {peer} in {}", peer_ns.path),
                     e,
                 )
             })
-        })
+        });
+        changed(
+            || {
+                format!(
+                    "create veth {name} (peer {peer} in {}) in {}",
+                    peer_ns.path, self.path
+                )
+            },
+            started,
+            done,
+        )
     }
 
     /// Creates a macvlan or ipvlan link on `master` (in this namespace), down;
@@ -272,14 +295,32 @@ impl Netns {
             msg.attributes
                 .push(LinkAttribute::NetNsFd(ns.file.as_raw_fd()));
         }
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle.link().add(msg).execute().await.map_err(|e| {
                 nl_err(
-                    format!("create {} {name} in {}", kind.mode_name(), self.path),
+                    format!(
+                        "create {} {name} (mode {}) in {}",
+                        kind.kind_name(),
+                        kind.mode_name(),
+                        self.path
+                    ),
                     e,
                 )
             })
-        })
+        });
+        changed(
+            || {
+                format!(
+                    "create {} {name} (mode {}) in {}",
+                    kind.kind_name(),
+                    kind.mode_name(),
+                    self.path
+                )
+            },
+            started,
+            done,
+        )
     }
 
     /// Sets the alias that marks a new link as ours (the kernel ignores an
@@ -320,31 +361,40 @@ impl Netns {
     }
 
     fn set(&self, msg: LinkMessage, what: String) -> Result<(), Error> {
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle
                 .link()
                 .set(msg)
                 .execute()
                 .await
                 .map_err(|e| nl_err(format!("{what} in {}", self.path), e))
-        })
+        });
+        changed(|| format!("{what} in {}", self.path), started, done)
     }
 
     /// Deletes a link.
     pub fn del_link(&self, index: u32) -> Result<(), Error> {
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle
                 .link()
                 .del(index)
                 .execute()
                 .await
                 .map_err(|e| nl_err(format!("delete link {index} in {}", self.path), e))
-        })
+        });
+        changed(
+            || format!("delete link {index} in {}", self.path),
+            started,
+            done,
+        )
     }
 
     /// Adds an address; `nodad` skips duplicate address detection (IPv6).
     pub fn add_address(&self, index: u32, net: IpNetwork, nodad: bool) -> Result<(), Error> {
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             let mut req = self.handle.address().add(index, net.ip(), net.prefix());
             if nodad {
                 req.message_mut()
@@ -354,7 +404,12 @@ impl Netns {
             req.execute()
                 .await
                 .map_err(|e| nl_err(format!("add address {net} in {}", self.path), e))
-        })
+        });
+        changed(
+            || format!("add address {net} to link {index} in {}", self.path),
+            started,
+            done,
+        )
     }
 
     /// The addresses of a link, link-local ones left out.
@@ -397,14 +452,16 @@ impl Netns {
             None => b = b.scope(RouteScope::Link),
         }
         let msg = b.build();
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle
                 .route()
                 .add(msg)
                 .execute()
                 .await
                 .map_err(|e| nl_err(&what, e))
-        })
+        });
+        changed(|| what.clone(), started, done)
     }
 
     /// Unicast routes of the main table, one family.
@@ -464,7 +521,8 @@ impl Netns {
 
     /// Adds a permanent neighbour entry.
     pub fn add_neighbour(&self, index: u32, ip: IpAddr, mac: &[u8]) -> Result<(), Error> {
-        self.rt.block_on(async {
+        let started = Instant::now();
+        let done = self.rt.block_on(async {
             self.handle
                 .neighbours()
                 .add(index, ip)
@@ -473,7 +531,12 @@ impl Netns {
                 .execute()
                 .await
                 .map_err(|e| nl_err(format!("add neighbour {ip} in {}", self.path), e))
-        })
+        });
+        changed(
+            || format!("add neighbour {ip} on link {index} in {}", self.path),
+            started,
+            done,
+        )
     }
 
     /// Makes `gw` on `ifname` the only default route of its family in the
@@ -496,6 +559,24 @@ impl Netns {
         self.add_route(dst, Some(gw), index)
             .map_err(|e| nl_err(&what, e.msg))
     }
+}
+
+/// The debug line of one change to the kernel (what, how long, how it
+/// ended); passes its result on.
+fn changed<T>(
+    what: impl FnOnce() -> String,
+    started: Instant,
+    done: Result<T, Error>,
+) -> Result<T, Error> {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+        match &done {
+            Ok(_) => tracing::debug!(change = %what(), duration_ms = ms, "netlink"),
+            Err(e) => tracing::debug!(change = %what(), duration_ms = ms, error = %e.msg,
+                "netlink change failed"),
+        }
+    }
+    done
 }
 
 fn addr(a: &RouteAddress) -> Option<IpAddr> {

@@ -18,12 +18,12 @@ use cni::args::CniArgs;
 use cni::cache::{Cache, CacheEntry};
 use cni::config::Attachment;
 use cni::exec::{Executor, Invocation};
-use cni::plugin::{Plugin, Request};
+use cni::plugin::{Command, Plugin, Request};
 use cni::result::Route;
 use cni::{code, CniResult, Error, NetConfList};
 use ipnetwork::IpNetwork;
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use api::Api;
 use journal::Journal;
@@ -45,12 +45,20 @@ struct Call<'a> {
     cache: Cache,
     /// The central API, when definitions come from there.
     api: Option<Api>,
+    /// The networks of this call, `network@ifname`, for its log line.
+    networks: Vec<String>,
+    /// How the call ended when it did nothing (`already detached`).
+    nothing: Option<&'static str>,
 }
 
 impl<'a> Call<'a> {
     fn new(req: &'a Request) -> Result<Self, Error> {
         let node = NodeConf::parse(&req.conf.extra)?;
-        crate::log::init(node.log_file.as_deref(), &node.log_level);
+        crate::log::init(&node.log);
+        Call::with(req, node)
+    }
+
+    fn with(req: &'a Request, node: NodeConf) -> Result<Self, Error> {
         let args = CniArgs::parse(&req.args)?;
         let pod_ns = plan::pod_namespace(&args);
         Ok(Call {
@@ -61,7 +69,38 @@ impl<'a> Call<'a> {
             node,
             args,
             pod_ns,
+            networks: Vec::new(),
+            nothing: None,
         })
+    }
+
+    /// The networks as the pod asked for them (before a plan names them).
+    fn asked(&self) -> Vec<String> {
+        let mut out = vec![match &self.node.cluster {
+            node::ClusterNetwork::Named(name) => format!("{name}@{}", self.req.ifname),
+            node::ClusterNetwork::Inline(list) => format!("{}@{}", list.name, self.req.ifname),
+        }];
+        match plan::selections(self.req.conf.runtime_config.as_ref()) {
+            Ok(sel) => out.extend(sel.iter().map(|s| {
+                let name = match &s.namespace {
+                    Some(ns) => format!("{ns}/{}", s.name),
+                    None => s.name.clone(),
+                };
+                format!("{name}@{}", s.interface.as_deref().unwrap_or("?"))
+            })),
+            Err(_) => out.push("(unreadable networks annotation)".into()),
+        }
+        out
+    }
+
+    fn planned(&mut self, delegates: &[Delegate]) {
+        self.networks = delegates
+            .iter()
+            .map(|d| {
+                let network = d.origin.as_ref().map_or(&d.network, |o| &o.network);
+                format!("{network}@{}", d.ifname)
+            })
+            .collect();
     }
 
     /// Where definitions come from: the API, else `confDir`.
@@ -77,14 +116,16 @@ impl<'a> Call<'a> {
         let mut dir = plan::Dir(&self.node);
         let source = Call::source(&mut self.api, &mut dir);
         let rt = self.req.conf.runtime_config.as_ref();
-        plan::build(
+        let delegates = plan::build(
             &self.node,
             source,
             rt,
             &self.pod_ns,
             &self.req.ifname,
             lenient,
-        )
+        )?;
+        self.planned(&delegates);
+        Ok(delegates)
     }
 
     fn journal(&self) -> Journal {
@@ -151,7 +192,14 @@ impl<'a> Call<'a> {
     fn save(&self, entry: &mut CacheEntry, record: &Record) -> Result<(), Error> {
         let v = serde_json::to_value(record).unwrap_or(Value::Null);
         entry.extra.insert(RECORD_KEY.into(), v);
-        self.cache.put(entry)
+        let started = std::time::Instant::now();
+        let saved = self.cache.put(entry);
+        debug!(record = %self.cache.path(&entry.network_name, &entry.container_id, &entry.ifname).display(),
+            delegates = record.delegates.len(),
+            attached = record.delegates.iter().filter(|d| d.result.is_some()).count(),
+            duration_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+            ok = saved.is_ok(), "record written");
+        saved
     }
 
     fn new_entry(&self) -> CacheEntry {
@@ -234,7 +282,7 @@ impl<'a> Call<'a> {
                 .exec
                 .del_list(&d.list, &inv, &d.caps, d.result.as_ref())
             {
-                Ok(()) => info!(network = %d.network, ifname = %d.ifname, "detached"),
+                Ok(()) => debug!(network = %d.network, ifname = %d.ifname, "detached"),
                 Err(e) => {
                     let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
                     warn!(error = %e, "DEL failed");
@@ -280,7 +328,7 @@ impl Call<'_> {
         match api.confirm()? {
             api::Confirmed::Same => Err(e),
             api::Confirmed::Changed => {
-                info!(container = %self.req.container_id, error = %e.msg,
+                info!(error = %e.msg,
                     "definitions changed during ADD: planning again from etcd");
                 Ok(Attempt::Again)
             }
@@ -329,7 +377,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             Ok(ok) => ok,
             Err(e) => {
                 let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
-                warn!(error = %e, container = %req.container_id, "ADD failed, undoing");
+                warn!(error = %e, "ADD failed, undoing");
                 let undo_errors = call.undo_all(&mut entry, &delegates[..i], Some(d));
                 if !undo_errors.is_empty() {
                     // Not all of it undone: the runtime's DEL finishes.
@@ -338,7 +386,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
                 return call.failed(e, false);
             }
         };
-        info!(network = %d.network, ifname = %d.ifname, container = %req.container_id, "attached");
+        debug!(network = %d.network, ifname = %d.ifname, "attached");
         match &mut merged {
             None => merged = Some(result),
             Some(m) => m.append_interfaces(&result),
@@ -352,7 +400,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     }
     let mut merged = merged.unwrap_or_default();
     if let Err(e) = default_routes(req, &delegates, &mut merged) {
-        warn!(error = %e, container = %req.container_id, "default-route failed, undoing");
+        warn!(error = %e, "default-route failed, undoing");
         return Err(call.undo(e, &mut entry, &delegates, None));
     }
     // Definitions planned from the local copy are what etcd holds, or all
@@ -373,8 +421,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
                 )
                 .with_details(undo_errors.join("; ")));
             }
-            info!(container = %req.container_id,
-                "definitions changed during ADD: undone, attaching again from etcd");
+            info!("definitions changed during ADD: undone, attaching again from etcd");
             return Ok(Attempt::Again);
         }
         Err(e) => return Err(call.undo(e, &mut entry, &delegates, None)),
@@ -400,8 +447,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         publisher::prepare(
             conf,
             &node.cache_dir,
-            node.log_file.as_deref(),
-            &node.log_level,
+            &node.log,
             &journal,
             &req.container_id,
             &req.ifname,
@@ -409,7 +455,13 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         )
     };
     let (saved, prepared) = std::thread::scope(|s| {
-        let preparing = (!inline).then(|| std::thread::Builder::new().spawn_scoped(s, prepare));
+        let span = tracing::Span::current();
+        let preparing = (!inline).then(|| {
+            std::thread::Builder::new().spawn_scoped(s, move || {
+                let _entered = span.enter();
+                prepare()
+            })
+        });
         let saved = call.save(&mut entry, &record);
         copy.save();
         let prepared = match preparing {
@@ -428,7 +480,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             attachments::publish(&mut api, &journal, &req.container_id, &req.ifname, records)
         }
         Err(e) => {
-            warn!(error = %e, container = %req.container_id,
+            warn!(error = %e,
                 "no publisher for the Attachment records: written before answering");
             attachments::publish(&mut api, &journal, &req.container_id, &req.ifname, records);
         }
@@ -437,204 +489,270 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     Ok(Attempt::Done(merged))
 }
 
+/// Runs one CNI call inside its span (every line carries the command and the
+/// container id) and logs its outcome in one line: the pod, its networks, the
+/// outcome (the error's code and message on failure) and the duration.
+fn logged<T>(req: &Request, f: impl FnOnce(&mut Call<'_>) -> Result<T, Error>) -> Result<T, Error> {
+    let started = std::time::Instant::now();
+    let node = NodeConf::parse(&req.conf.extra)?;
+    crate::log::init(&node.log);
+    let cmd = req.command.as_str();
+    let span = tracing::info_span!("cni", cmd, container = %req.container_id);
+    let _entered = span.enter();
+    let pod = || {
+        let args = CniArgs::parse(&req.args).unwrap_or_default();
+        let name = args.get("K8S_POD_NAME").unwrap_or_default().to_string();
+        format!("{}/{name}", plan::pod_namespace(&args))
+    };
+    let ms = || (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    let mut call = match Call::with(req, node) {
+        Ok(call) => call,
+        Err(e) => {
+            warn!(pod = %pod(), ifname = %req.ifname, code = e.code, error = %e.msg,
+                details = %e.details, duration_ms = ms(), "{cmd} failed");
+            return Err(e);
+        }
+    };
+    let outcome = f(&mut call);
+    let networks = if call.networks.is_empty() && matches!(req.command, Command::Add) {
+        call.asked()
+    } else {
+        call.networks.clone()
+    };
+    let networks = networks.join(",");
+    match &outcome {
+        Ok(_) => info!(pod = %pod(), ifname = %req.ifname, %networks,
+            outcome = call.nothing.unwrap_or("ok"), duration_ms = ms(), "{cmd}"),
+        Err(e) => warn!(pod = %pod(), ifname = %req.ifname, %networks, code = e.code,
+            error = %e.msg, details = %e.details, duration_ms = ms(), "{cmd} failed"),
+    }
+    outcome
+}
+
 impl Plugin for Meta {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
-        let mut call = Call::new(req)?;
-        if let Some(api) = &mut call.api {
-            api.speculative();
-        }
-        match add_once(&mut call, req)? {
-            Attempt::Done(result) => Ok(result),
-            // The second plan reads etcd: it does not come back here.
-            Attempt::Again => match add_once(&mut call, req)? {
-                Attempt::Done(result) => Ok(result),
-                Attempt::Again => Err(Error::new(
-                    code::TRY_AGAIN_LATER,
-                    "network definitions changed during ADD",
-                )),
-            },
-        }
+        logged(req, |call| add(call, req))
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let mut call = Call::new(req)?;
-        if let Some((_, record)) = call.record() {
-            cni::error::combine(call.del_all(&record.delegates))?;
-            let journal = call.journal();
-            if let Some(conf) = &call.node.api {
-                // The records are removed after they were written.
-                publisher::wait(
-                    &call.node.cache_dir,
-                    &req.container_id,
-                    &req.ifname,
-                    conf.timeout() + std::time::Duration::from_secs(1),
-                );
-            }
-            if let Some(api) = &mut call.api {
-                attachments::withdraw(
-                    api,
-                    &journal,
-                    &req.container_id,
-                    &req.ifname,
-                    &record.attachments,
-                );
-            }
-            return call
-                .cache
-                .remove(&req.conf.name, &req.container_id, &req.ifname);
-        }
-        // No record: DEL already ran, or the cache was lost. Rebuild the list
-        // from the config (the API's only from the local copy: DEL never
-        // waits for etcd) and release what may be left, but never fail on it.
-        if let Some(api) = &mut call.api {
-            api.offline();
-        }
-        match call.plan(true) {
-            Ok(delegates) => {
-                for e in call.del_all(&delegates) {
-                    warn!(error = %e, container = %req.container_id, "DEL without record: ignored");
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, container = %req.container_id, "DEL without record: nothing to undo")
-            }
-        }
-        Ok(())
+        logged(req, |call| del(call, req))
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
-        let call = Call::new(req)?;
-        let Some((_, record)) = call.record() else {
-            return Err(Error::new(
-                code::UNKNOWN_CONTAINER,
-                format!(
-                    "no attachment of {} ({}) is recorded",
-                    req.container_id, req.ifname
-                ),
-            )
-            .with_details(format!("cache dir {}", call.node.cache_dir.display())));
-        };
-        for d in &record.delegates {
-            let Some(result) = &d.result else {
-                return Err(Error::new(
-                    code::INTERNAL,
-                    format!("network {:?} ({}) was never attached", d.network, d.ifname),
-                ));
-            };
-            call.exec
-                .check_list(&d.list, &call.invocation(d), &d.caps, result)
-                .map_err(|e| e.context(format!("network {:?} ({})", d.network, d.ifname)))?;
-        }
-        Ok(())
+        logged(req, |call| check(call, req))
     }
 
     fn gc(&self, req: &Request) -> Result<(), Error> {
-        let mut call = Call::new(req)?;
-        let valid: BTreeSet<Attachment> = req
-            .conf
-            .valid_attachments
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
-        let mut errors = Vec::new();
-        let mut still_valid: BTreeSet<Attachment> = BTreeSet::new();
-        for entry in call.cache.list(&req.conf.name) {
-            let att = Attachment {
-                container_id: entry.container_id.clone(),
-                ifname: entry.ifname.clone(),
-            };
-            let record: Record = entry
-                .extra
-                .get(RECORD_KEY)
-                .and_then(|r| serde_json::from_value(r.clone()).ok())
-                .unwrap_or_default();
-            if valid.contains(&att) {
-                still_valid.extend(record.delegates.iter().map(|d| Attachment {
-                    container_id: att.container_id.clone(),
-                    ifname: d.ifname.clone(),
-                }));
-                continue;
-            }
-            info!(container = %att.container_id, ifname = %att.ifname, "GC: releasing stale attachment");
-            // The sandbox may still exist; then its interfaces go too.
-            let netns = if !entry.netns.is_empty() && std::path::Path::new(&entry.netns).exists() {
-                entry.netns.clone()
-            } else {
-                String::new()
-            };
-            let del_req = Request {
-                container_id: att.container_id.clone(),
-                ifname: att.ifname.clone(),
-                netns,
-                ..req.clone()
-            };
-            let stale = Call {
-                req: &del_req,
-                ..Call::new(req)?
-            };
-            let failed = stale.del_all(&record.delegates);
-            if failed.is_empty() {
-                let _ = call
-                    .cache
-                    .remove(&req.conf.name, &att.container_id, &att.ifname);
-            }
-            errors.extend(failed);
-        }
-        // Delegates that speak GC themselves get the attachments still in use.
-        let valid_list: Vec<Attachment> = still_valid.into_iter().collect();
-        for list in all_lists(&mut call) {
-            if let Err(e) = call.exec.gc_list(&list, &valid_list) {
-                errors.push(e.context(format!("network {:?}", list.name)));
-            }
-        }
-        let journal = call.journal();
-        let node = call.node.node_name.clone();
-        if let Some(api) = &mut call.api {
-            let containers: BTreeSet<String> =
-                valid.iter().map(|a| a.container_id.clone()).collect();
-            // Records are a view: a GC that cannot reach etcd still succeeds.
-            let collected = attachments::node_name(node.as_deref()).and_then(|node| {
-                attachments::collect(api, &journal, &node, &containers).map_err(Error::from)
-            });
-            match collected {
-                Ok(n) => info!(removed = n, "GC: Attachment records"),
-                Err(e) => warn!(error = %e, "GC: stale Attachment records not removed"),
-            }
-        }
-        cni::error::combine(errors)
+        logged(req, |call| gc(call, req))
     }
 
     fn status(&self, req: &Request) -> Result<(), Error> {
-        let mut call = Call::new(req)?;
-        let unavailable = |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.to_string());
-        let mut dir = plan::Dir(&call.node);
-        let source = Call::source(&mut call.api, &mut dir);
-        let defs = source.load(Some(&[])).map_err(unavailable)?;
-        for problem in defs.problems() {
-            warn!(%problem, "network definition unusable");
-        }
-        // STATUS has no pod: a ClusterNetwork is usable when it allows any namespace.
-        let namespace = match &call.node.cluster {
-            node::ClusterNetwork::Named(name) => defs
-                .iter()
-                .find(|d| d.namespace.is_none() && &d.name == name)
-                .and_then(|d| match &d.scope {
-                    conf::Scope::Allowed(allowed) => allowed.first().cloned(),
-                    _ => None,
-                }),
-            node::ClusterNetwork::Inline(_) => None,
-        };
-        let namespace = namespace.unwrap_or_else(|| "default".into());
-        let (cluster, _) =
-            plan::cluster_list(&call.node, source, &defs, &namespace).map_err(unavailable)?;
-        for i in 0..cluster.plugins.len() {
-            call.exec
-                .find(cluster.plugin_type(i))
-                .map_err(unavailable)?;
-        }
-        call.exec.status_list(&cluster)
+        logged(req, |call| status(call, req))
     }
+}
+
+fn add(call: &mut Call<'_>, req: &Request) -> Result<CniResult, Error> {
+    if let Some(api) = &mut call.api {
+        api.speculative();
+    }
+    match add_once(call, req)? {
+        Attempt::Done(result) => Ok(result),
+        // The second plan reads etcd: it does not come back here.
+        Attempt::Again => match add_once(call, req)? {
+            Attempt::Done(result) => Ok(result),
+            Attempt::Again => Err(Error::new(
+                code::TRY_AGAIN_LATER,
+                "network definitions changed during ADD",
+            )),
+        },
+    }
+}
+
+fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
+    if let Some((_, record)) = call.record() {
+        call.planned(&record.delegates);
+        cni::error::combine(call.del_all(&record.delegates))?;
+        let journal = call.journal();
+        if let Some(conf) = &call.node.api {
+            // The records are removed after they were written.
+            publisher::wait(
+                &call.node.cache_dir,
+                &req.container_id,
+                &req.ifname,
+                conf.timeout() + std::time::Duration::from_secs(1),
+            );
+        }
+        if let Some(api) = &mut call.api {
+            attachments::withdraw(
+                api,
+                &journal,
+                &req.container_id,
+                &req.ifname,
+                &record.attachments,
+            );
+        }
+        return call
+            .cache
+            .remove(&req.conf.name, &req.container_id, &req.ifname);
+    }
+    // No record: ADD writes one before it attaches anything and DEL removes
+    // it last, so nothing is attached (a runtime's second DEL, or a DEL
+    // after a failed ADD): nothing to do, said once.
+    let path = call
+        .cache
+        .path(&req.conf.name, &req.container_id, &req.ifname);
+    if !path.exists() {
+        call.nothing = Some("already detached");
+        return Ok(());
+    }
+    // A record that does not read: rebuild the list from the config (the
+    // API's only from the local copy: DEL never waits for etcd) and release
+    // what may be left, but never fail on it.
+    warn!(record = %path.display(), "DEL: the record does not read; detaching from the config");
+    if let Some(api) = &mut call.api {
+        api.offline();
+    }
+    match call.plan(true) {
+        Ok(delegates) => {
+            for e in call.del_all(&delegates) {
+                warn!(error = %e, "DEL without a readable record: ignored");
+            }
+        }
+        Err(e) => warn!(error = %e, "DEL without a readable record: nothing to undo"),
+    }
+    call.cache
+        .remove(&req.conf.name, &req.container_id, &req.ifname)
+}
+
+fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
+    let Some((_, record)) = call.record() else {
+        return Err(Error::new(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "no attachment of {} ({}) is recorded",
+                req.container_id, req.ifname
+            ),
+        )
+        .with_details(format!("cache dir {}", call.node.cache_dir.display())));
+    };
+    call.planned(&record.delegates);
+    for d in &record.delegates {
+        let Some(result) = &d.result else {
+            return Err(Error::new(
+                code::INTERNAL,
+                format!("network {:?} ({}) was never attached", d.network, d.ifname),
+            ));
+        };
+        call.exec
+            .check_list(&d.list, &call.invocation(d), &d.caps, result)
+            .map_err(|e| e.context(format!("network {:?} ({})", d.network, d.ifname)))?;
+    }
+    Ok(())
+}
+
+fn gc(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
+    let valid: BTreeSet<Attachment> = req
+        .conf
+        .valid_attachments
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let mut errors = Vec::new();
+    let mut still_valid: BTreeSet<Attachment> = BTreeSet::new();
+    for entry in call.cache.list(&req.conf.name) {
+        let att = Attachment {
+            container_id: entry.container_id.clone(),
+            ifname: entry.ifname.clone(),
+        };
+        let record: Record = entry
+            .extra
+            .get(RECORD_KEY)
+            .and_then(|r| serde_json::from_value(r.clone()).ok())
+            .unwrap_or_default();
+        if valid.contains(&att) {
+            still_valid.extend(record.delegates.iter().map(|d| Attachment {
+                container_id: att.container_id.clone(),
+                ifname: d.ifname.clone(),
+            }));
+            continue;
+        }
+        info!(stale = %att.container_id, ifname = %att.ifname, "GC: releasing stale attachment");
+        // The sandbox may still exist; then its interfaces go too.
+        let netns = if !entry.netns.is_empty() && std::path::Path::new(&entry.netns).exists() {
+            entry.netns.clone()
+        } else {
+            String::new()
+        };
+        let del_req = Request {
+            container_id: att.container_id.clone(),
+            ifname: att.ifname.clone(),
+            netns,
+            ..req.clone()
+        };
+        let stale = Call {
+            req: &del_req,
+            ..Call::new(req)?
+        };
+        let failed = stale.del_all(&record.delegates);
+        if failed.is_empty() {
+            let _ = call
+                .cache
+                .remove(&req.conf.name, &att.container_id, &att.ifname);
+        }
+        errors.extend(failed);
+    }
+    // Delegates that speak GC themselves get the attachments still in use.
+    let valid_list: Vec<Attachment> = still_valid.into_iter().collect();
+    for list in all_lists(call) {
+        if let Err(e) = call.exec.gc_list(&list, &valid_list) {
+            errors.push(e.context(format!("network {:?}", list.name)));
+        }
+    }
+    let journal = call.journal();
+    let node = call.node.node_name.clone();
+    if let Some(api) = &mut call.api {
+        let containers: BTreeSet<String> = valid.iter().map(|a| a.container_id.clone()).collect();
+        // Records are a view: a GC that cannot reach etcd still succeeds.
+        let collected = attachments::node_name(node.as_deref()).and_then(|node| {
+            attachments::collect(api, &journal, &node, &containers).map_err(Error::from)
+        });
+        match collected {
+            Ok(n) => info!(removed = n, "GC: Attachment records"),
+            Err(e) => warn!(error = %e, "GC: stale Attachment records not removed"),
+        }
+    }
+    cni::error::combine(errors)
+}
+
+fn status(call: &mut Call<'_>, _req: &Request) -> Result<(), Error> {
+    let unavailable = |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.to_string());
+    let mut dir = plan::Dir(&call.node);
+    let source = Call::source(&mut call.api, &mut dir);
+    let defs = source.load(Some(&[])).map_err(unavailable)?;
+    for problem in defs.problems() {
+        warn!(%problem, "network definition unusable");
+    }
+    // STATUS has no pod: a ClusterNetwork is usable when it allows any namespace.
+    let namespace = match &call.node.cluster {
+        node::ClusterNetwork::Named(name) => defs
+            .iter()
+            .find(|d| d.namespace.is_none() && &d.name == name)
+            .and_then(|d| match &d.scope {
+                conf::Scope::Allowed(allowed) => allowed.first().cloned(),
+                _ => None,
+            }),
+        node::ClusterNetwork::Inline(_) => None,
+    };
+    let namespace = namespace.unwrap_or_else(|| "default".into());
+    let (cluster, _) =
+        plan::cluster_list(&call.node, source, &defs, &namespace).map_err(unavailable)?;
+    for i in 0..cluster.plugins.len() {
+        call.exec
+            .find(cluster.plugin_type(i))
+            .map_err(unavailable)?;
+    }
+    call.exec.status_list(&cluster)
 }
 
 /// Moves the pod's default route onto the networks whose selection asks for
@@ -655,7 +773,7 @@ fn default_routes(
     for (d, gw) in wanted {
         ns.replace_default_route(&d.ifname, gw)
             .map_err(|e| e.context(format!("network {:?} ({})", d.network, d.ifname)))?;
-        info!(network = %d.network, ifname = %d.ifname, %gw, "default route moved");
+        debug!(network = %d.network, ifname = %d.ifname, %gw, "default route moved");
         result
             .routes
             .retain(|r| !(r.dst.prefix() == 0 && r.dst.is_ipv4() == gw.is_ipv4()));

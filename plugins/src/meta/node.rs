@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use cni::{code, Error, NetConfList};
 use ipam::config::EtcdConf;
 use serde::Deserialize;
+
+use crate::log::{self, LogConf};
 use serde_json::{Map, Value};
 
 /// Where the cluster network's definition comes from.
@@ -25,10 +27,9 @@ pub struct NodeConf {
     pub conf_dir: Option<PathBuf>,
     /// Where attachments are recorded so DEL can undo them.
     pub cache_dir: PathBuf,
-    /// Log file; without it only warnings go to stderr.
-    pub log_file: Option<PathBuf>,
-    /// `error`, `warn`, `info` (default) or `debug`.
-    pub log_level: String,
+    /// Where and how to log (`logFile`, `logLevel`, `logFormat`,
+    /// `logMaxSizeMB`, `logMaxBackups`).
+    pub log: LogConf,
     /// Namespaces whose definitions are cluster networks.
     pub cluster_namespaces: Vec<String>,
     /// The central API's etcd (its prefix is the API's): definitions come
@@ -55,6 +56,12 @@ struct Raw {
     log_file: Option<PathBuf>,
     #[serde(rename = "logLevel")]
     log_level: Option<String>,
+    #[serde(rename = "logFormat")]
+    log_format: Option<String>,
+    #[serde(rename = "logMaxSizeMB")]
+    log_max_size_mb: Option<f64>,
+    #[serde(rename = "logMaxBackups")]
+    log_max_backups: Option<u32>,
     #[serde(rename = "clusterNamespaces", default)]
     cluster_namespaces: Vec<String>,
     api: Option<RawApi>,
@@ -151,14 +158,30 @@ impl NodeConf {
                 "logLevel {log_level:?} is not error, warn, info or debug"
             )));
         }
+        let json = match raw.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => return Err(invalid(format!("logFormat {other:?} is not text or json"))),
+        };
+        let max_size_mb = raw.log_max_size_mb.unwrap_or(log::DEFAULT_MAX_SIZE_MB);
+        if !(max_size_mb.is_finite() && max_size_mb >= 0.0) {
+            return Err(invalid(
+                "logMaxSizeMB must be a number of megabytes, 0 for no rotation",
+            ));
+        }
         Ok(NodeConf {
             cluster,
             conf_dir: raw.conf_dir,
             cache_dir: raw
                 .cache_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
-            log_file: raw.log_file,
-            log_level,
+            log: LogConf {
+                file: raw.log_file,
+                level: log_level,
+                json,
+                max_size: (max_size_mb * 1024.0 * 1024.0) as u64,
+                max_backups: raw.log_max_backups.unwrap_or(log::DEFAULT_MAX_BACKUPS),
+            },
             cluster_namespaces: raw.cluster_namespaces,
             api,
             node_name: raw.node_name,

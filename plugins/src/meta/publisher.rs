@@ -28,6 +28,7 @@ use tracing::warn;
 
 use super::api::Api;
 use super::journal::{self, Journal, Pending};
+use crate::log::LogConf;
 
 /// The publisher's niceness: it yields the CPU to CNI calls, and still gets
 /// a share of it on a busy node (a pod's DEL waits for it).
@@ -44,8 +45,7 @@ struct Job {
     container_id: String,
     ifname: String,
     cache_dir: PathBuf,
-    log_file: Option<PathBuf>,
-    log_level: String,
+    log: LogConf,
     api: EtcdConf,
 }
 
@@ -83,8 +83,7 @@ pub struct Handoff {
 pub fn prepare(
     api: &EtcdConf,
     cache_dir: &Path,
-    log_file: Option<&Path>,
-    log_level: &str,
+    log: &LogConf,
     journal: &Journal,
     container_id: &str,
     ifname: &str,
@@ -102,8 +101,7 @@ pub fn prepare(
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
         cache_dir: cache_dir.to_path_buf(),
-        log_file: log_file.map(Path::to_path_buf),
-        log_level: log_level.to_string(),
+        log: log.clone(),
         api: api.clone(),
     };
     let path = request(cache_dir, container_id, ifname);
@@ -216,7 +214,9 @@ pub fn main() -> ExitCode {
         eprintln!("plexus {ARG}: stdin is not a publishing job; only plexus ADD starts this");
         return ExitCode::from(2);
     };
-    crate::log::init(job.log_file.as_deref(), &job.log_level);
+    crate::log::init(&job.log);
+    let span = tracing::info_span!("publish", container = %job.container_id, ifname = %job.ifname);
+    let _entered = span.enter();
     let journal = Journal::new(&job.cache_dir);
     let own = journal.own(&job.container_id, &job.ifname);
     if !own.ops.is_empty() {
