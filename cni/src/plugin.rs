@@ -118,7 +118,12 @@ pub fn dispatch<P: Plugin + ?Sized>(
     env: impl Fn(&str) -> Option<String>,
     stdin: &[u8],
 ) -> Outcome {
-    let mut version = Version::LATEST;
+    // An error found before the config is parsed (a missing or bad CNI_*
+    // variable) still answers in the config's version, when it names one.
+    let mut version = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str()?.parse::<Version>().ok())
+        .unwrap_or(Version::LATEST);
     match dispatch_inner(plugin, &env, stdin, &mut version) {
         Ok(Some(v)) => Outcome {
             stdout: json_bytes(&v),
@@ -318,6 +323,17 @@ mod tests {
         bad_if[3] = ("CNI_IFNAME", "eth0/x");
         let (v, _) = call(&bad_if, r#"{"cniVersion":"1.0.0","name":"n","type":"e"}"#);
         assert_eq!(v["code"], 4);
+        // Found before the config is parsed, still in the config's version.
+        let (v, _) = call(
+            &FULL[..3],
+            r#"{"cniVersion":"0.4.0","name":"n","type":"e"}"#,
+        );
+        assert_eq!(
+            (v["code"].as_u64(), v["cniVersion"].as_str()),
+            (Some(4), Some("0.4.0"))
+        );
+        let (v, _) = call(&[], r#"{"cniVersion":"1.0.0"}"#);
+        assert_eq!(v["cniVersion"], "1.0.0");
     }
 
     #[test]

@@ -435,3 +435,46 @@ fn default_route_moves_to_the_network_that_asks_for_it() {
     assert_eq!(kernel::links(ns.name()).expect("links").len(), 1);
     assert_eq!(node.snapshot(), before);
 }
+
+/// A runtime retrying ADD (libcni does) never damages what the first ADD
+/// made: the same request gets the recorded result again, another one fails
+/// with code 4 leaving every interface, lease and record as it was.
+#[test]
+fn a_repeated_add_returns_the_recorded_result_or_changes_nothing() {
+    let node = Node::new("re-add");
+    let ipam = node.ipam_dir();
+    node.define(
+        "data.yaml",
+        &nad("data", None, &macvlan("1.0.0", &["192.168.64.0/24"], &ipam)),
+    );
+    node.define(
+        "more.yaml",
+        &nad("more", None, &macvlan("1.0.0", &["192.168.65.0/24"], &ipam)),
+    );
+    let list = node.plexus_list("1.1.0", ptp("k8s", "1.0.0", &["10.249.0.0/24"], &ipam));
+    let (ns, pod) = node.pod("default");
+    let pod = pod.networks("data");
+    let first = node.runtime.add(&list, &pod).expect("ADD");
+    let links = kernel::link_names(ns.name()).expect("links");
+    let leases = node.leases();
+    let records = node.records();
+    assert_eq!(leases.len(), 2);
+
+    let again = node.runtime.add(&list, &pod).expect("the same ADD again");
+    assert_eq!(again, first, "the recorded result");
+    let other = pod.clone().networks("data,more");
+    let err = node
+        .runtime
+        .add(&list, &other)
+        .expect_err("another ADD of the same container");
+    assert_eq!(err.code, 4, "{err:?}");
+    assert!(err.msg.contains("already attached"), "{err}");
+    assert_eq!(kernel::link_names(ns.name()).expect("links"), links);
+    assert_eq!(node.leases(), leases);
+    assert_eq!(node.records(), records);
+    node.runtime
+        .check(&list, &pod)
+        .expect("CHECK: all still there");
+    node.runtime.del(&list, &pod).expect("DEL");
+    node.assert_released(&ns, "DEL");
+}

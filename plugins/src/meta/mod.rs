@@ -552,6 +552,35 @@ impl Plugin for Meta {
 }
 
 fn add(call: &mut Call<'_>, req: &Request) -> Result<CniResult, Error> {
+    // Attached already (a runtime retrying, as libcni does): never touch
+    // what the first ADD made. The same request gets its result again.
+    if let Some((entry, record)) = call.record() {
+        call.planned(&record.delegates);
+        let complete = record.delegates.iter().all(|d| d.result.is_some());
+        let same = entry.config_bytes() == req.stdin && entry.netns == req.netns;
+        if let (true, true, Some(result)) = (complete, same, &entry.result) {
+            call.nothing = Some("already attached: the recorded result");
+            return CniResult::from_json(result).map(|(_, r)| r);
+        }
+        let why = if complete {
+            "with another configuration or netns"
+        } else {
+            "by an ADD that did not finish"
+        };
+        return Err(Error::new(
+            code::INVALID_ENVIRONMENT,
+            format!(
+                "{} ({}) is already attached {why}; DEL it first",
+                req.container_id, req.ifname
+            ),
+        )
+        .with_details(format!(
+            "record {}",
+            call.cache
+                .path(&req.conf.name, &req.container_id, &req.ifname)
+                .display()
+        )));
+    }
     if let Some(api) = &mut call.api {
         api.speculative();
     }
