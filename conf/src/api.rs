@@ -77,8 +77,27 @@ pub const ATTACHMENT: Kind = Kind {
     node_written: true,
 };
 
+/// A tenant's stateful security group (OpenStack's model): rules for the
+/// interfaces of pods in it, remotes by CIDR or by another group's members.
+pub const SECURITY_GROUP: Kind = Kind {
+    group: "plexus.io",
+    version: "v1",
+    kind: "SecurityGroup",
+    plural: "securitygroups",
+    singular: "securitygroup",
+    namespaced: true,
+    short_names: &["sg"],
+    node_written: false,
+};
+
 /// Every kind the API serves.
-pub const KINDS: [&Kind; 4] = [&NAD, &CLUSTER_NETWORK, &IP_POOL, &ATTACHMENT];
+pub const KINDS: [&Kind; 5] = [
+    &NAD,
+    &CLUSTER_NETWORK,
+    &IP_POOL,
+    &ATTACHMENT,
+    &SECURITY_GROUP,
+];
 
 impl Kind {
     /// `group/version`.

@@ -150,6 +150,8 @@ pub fn validate(kind: &Kind, obj: &Value, types: &[String]) -> Result<Valid, Vec
         if let Err(e) = api::AttachmentSpec::deserialize(&spec) {
             errs.push(fault("spec", e.to_string()));
         }
+    } else if *kind == api::SECURITY_GROUP {
+        check_security_group(&spec, &mut errs);
     }
     if errs.is_empty() {
         Ok(valid)
@@ -194,6 +196,211 @@ fn check_metadata(kind: &Kind, meta: Option<&Value>, errs: &mut Vec<FieldError>)
         }
     }
     name.to_string()
+}
+
+/// Rules a SecurityGroup may hold.
+pub const MAX_RULES: usize = 1000;
+
+/// A SecurityGroup's `spec`: `description` and `rules`, each rule in
+/// OpenStack's model. Every fault names the rule's field.
+fn check_security_group(spec: &Value, errs: &mut Vec<FieldError>) {
+    let Some(spec) = spec.as_object() else {
+        return errs.push(fault("spec", "must be an object"));
+    };
+    for (k, v) in spec {
+        match (k.as_str(), v) {
+            ("description", Value::String(_)) | ("rules", Value::Array(_)) => {}
+            ("description", _) => errs.push(fault("spec.description", "must be a string")),
+            ("rules", _) => errs.push(fault("spec.rules", "must be a list of rules")),
+            _ => errs.push(fault(format!("spec.{k}"), "unknown field")),
+        }
+    }
+    let rules = spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if rules.len() > MAX_RULES {
+        errs.push(fault(
+            "spec.rules",
+            format!("{} rules; at most {MAX_RULES}", rules.len()),
+        ));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        check_rule(&format!("spec.rules[{i}]"), rule, errs);
+    }
+}
+
+/// The protocols a rule may name.
+pub const PROTOCOLS: &[&str] = &["tcp", "udp", "sctp", "icmp", "icmpv6", "any"];
+
+fn check_rule(at: &str, rule: &Value, errs: &mut Vec<FieldError>) {
+    let Some(rule) = rule.as_object() else {
+        return errs.push(fault(at, "must be an object"));
+    };
+    let field = |k: &str| format!("{at}.{k}");
+    let string = |k: &str, errs: &mut Vec<FieldError>| -> Option<String> {
+        match rule.get(k) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                errs.push(fault(field(k), "must be a string"));
+                None
+            }
+        }
+    };
+    let number = |k: &str, max: u64, errs: &mut Vec<FieldError>| -> Option<u64> {
+        match rule.get(k) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64().filter(|n| *n <= max) {
+                Some(n) => Some(n),
+                None => {
+                    errs.push(fault(field(k), format!("must be a whole number 0-{max}")));
+                    None
+                }
+            },
+        }
+    };
+    for k in rule.keys() {
+        if !matches!(
+            k.as_str(),
+            "direction"
+                | "ethertype"
+                | "protocol"
+                | "portRangeMin"
+                | "portRangeMax"
+                | "icmpType"
+                | "icmpCode"
+                | "remoteIpPrefix"
+                | "remoteGroup"
+                | "description"
+        ) {
+            errs.push(fault(field(k), "unknown field"));
+        }
+    }
+    match string("direction", errs).as_deref() {
+        Some("ingress" | "egress") => {}
+        None => errs.push(fault(field("direction"), "required: ingress or egress")),
+        Some(d) => errs.push(fault(
+            field("direction"),
+            format!("{d:?} is not ingress or egress"),
+        )),
+    }
+    let family = match string("ethertype", errs).as_deref() {
+        None => None,
+        Some("IPv4") => Some(false),
+        Some("IPv6") => Some(true),
+        Some(e) => {
+            errs.push(fault(
+                field("ethertype"),
+                format!("{e:?} is not IPv4 or IPv6"),
+            ));
+            None
+        }
+    };
+    let protocol = string("protocol", errs).unwrap_or_else(|| "any".into());
+    if !PROTOCOLS.contains(&protocol.as_str()) {
+        errs.push(fault(
+            field("protocol"),
+            format!("{protocol:?} is not one of {}", PROTOCOLS.join(", ")),
+        ));
+    }
+    match (protocol.as_str(), family) {
+        ("icmp", Some(true)) => {
+            errs.push(fault(field("protocol"), "icmp is IPv4's; IPv6 has icmpv6"))
+        }
+        ("icmpv6", Some(false)) => {
+            errs.push(fault(field("protocol"), "icmpv6 is IPv6's; IPv4 has icmp"))
+        }
+        _ => {}
+    }
+    let ports = matches!(protocol.as_str(), "tcp" | "udp" | "sctp");
+    let min = number("portRangeMin", 65535, errs);
+    let max = number("portRangeMax", 65535, errs);
+    if (min.is_some() || max.is_some()) && !ports {
+        errs.push(fault(
+            field("portRangeMin"),
+            format!("ports need protocol tcp, udp or sctp, not {protocol}"),
+        ));
+    }
+    match (min, max) {
+        (Some(0), _) => errs.push(fault(field("portRangeMin"), "ports start at 1")),
+        (Some(lo), Some(hi)) if lo > hi => errs.push(fault(
+            field("portRangeMax"),
+            format!("the range {lo}-{hi} runs backwards"),
+        )),
+        (None, Some(_)) => errs.push(fault(field("portRangeMin"), "required with portRangeMax")),
+        _ => {}
+    }
+    let icmp_type = number("icmpType", 255, errs);
+    let icmp_code = number("icmpCode", 255, errs);
+    let icmp = matches!(protocol.as_str(), "icmp" | "icmpv6");
+    if (icmp_type.is_some() || icmp_code.is_some()) && !icmp {
+        errs.push(fault(
+            field("icmpType"),
+            format!("ICMP type and code need protocol icmp or icmpv6, not {protocol}"),
+        ));
+    }
+    if icmp_code.is_some() && icmp_type.is_none() {
+        errs.push(fault(field("icmpType"), "required with icmpCode"));
+    }
+    let prefix = string("remoteIpPrefix", errs);
+    let group = string("remoteGroup", errs);
+    if prefix.is_some() && group.is_some() {
+        errs.push(fault(
+            field("remoteGroup"),
+            "a rule's remote is a CIDR or a group, not both",
+        ));
+    }
+    if let Some(p) = prefix {
+        match p.parse::<IpNetwork>() {
+            Err(e) => errs.push(fault(
+                field("remoteIpPrefix"),
+                format!("{p:?} is not a CIDR: {e}"),
+            )),
+            Ok(net) => {
+                if net.network() != net.ip() {
+                    errs.push(fault(
+                        field("remoteIpPrefix"),
+                        format!(
+                            "{p} has host bits set; write {}/{}",
+                            net.network(),
+                            net.prefix()
+                        ),
+                    ));
+                }
+                if family.is_some_and(|v6| v6 != net.is_ipv6()) {
+                    errs.push(fault(
+                        field("remoteIpPrefix"),
+                        format!("{p} is not of the rule's ethertype"),
+                    ));
+                }
+                if (protocol == "icmp" && net.is_ipv6()) || (protocol == "icmpv6" && net.is_ipv4())
+                {
+                    errs.push(fault(
+                        field("remoteIpPrefix"),
+                        format!("{p} is not of {protocol}'s family"),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(g) = group {
+        if g.contains('/') {
+            errs.push(fault(
+                field("remoteGroup"),
+                format!(
+                    "{g:?}: a remote group is one of this namespace's, named without a namespace \
+                     (another tenant's members are not this tenant's to name)"
+                ),
+            ));
+        } else if !api::is_dns_label(&g) {
+            errs.push(fault(
+                field("remoteGroup"),
+                format!("{g:?} is not a group name"),
+            ));
+        }
+    }
 }
 
 fn check_namespaces(list: &[String], errs: &mut Vec<FieldError>) {
@@ -534,5 +741,56 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn security_groups() {
+        let sg = |rules: Value| {
+            json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+                   "metadata": {"name": "web", "namespace": "red"},
+                   "spec": {"description": "web servers", "rules": rules}})
+        };
+        let ok = sg(json!([
+            {"direction": "ingress", "protocol": "tcp", "portRangeMin": 80, "portRangeMax": 80,
+             "remoteGroup": "client"},
+            {"direction": "ingress", "ethertype": "IPv6", "protocol": "icmpv6", "icmpType": 128},
+            {"direction": "egress", "remoteIpPrefix": "10.0.0.0/8"},
+            {"direction": "ingress", "protocol": "udp", "portRangeMin": 53}
+        ]));
+        validate(&api::SECURITY_GROUP, &ok, &types()).expect("valid");
+        let bad = sg(json!([
+            {"direction": "in"},
+            {"direction": "ingress", "protocol": "tcp", "portRangeMin": 90, "portRangeMax": 80},
+            {"direction": "ingress", "protocol": "gre"},
+            {"direction": "ingress", "remoteGroup": "blue/client"},
+            {"direction": "ingress", "remoteIpPrefix": "10.0.0.1/8"},
+            {"direction": "ingress", "protocol": "udp", "icmpType": 8},
+            {"direction": "egress", "ethertype": "IPv4", "protocol": "icmpv6"},
+            {"direction": "egress", "remoteIpPrefix": "10.0.0.0/8", "remoteGroup": "x"},
+            {"direction": "egress", "protocol": "tcp", "portRangeMax": 70000, "color": 1},
+            {"protocol": "tcp"}
+        ]));
+        assert_eq!(
+            fields(validate(&api::SECURITY_GROUP, &bad, &types())),
+            [
+                "spec.rules[0].direction",
+                "spec.rules[1].portRangeMax",
+                "spec.rules[2].protocol",
+                "spec.rules[3].remoteGroup",
+                "spec.rules[4].remoteIpPrefix",
+                "spec.rules[5].icmpType",
+                "spec.rules[6].protocol",
+                "spec.rules[7].remoteGroup",
+                "spec.rules[8].color",
+                "spec.rules[8].portRangeMax",
+                "spec.rules[9].direction",
+            ]
+        );
+        let mut extra = sg(json!([]));
+        extra["spec"]["stateless"] = json!(true);
+        assert_eq!(
+            fields(validate(&api::SECURITY_GROUP, &extra, &types())),
+            ["spec.stateless"]
+        );
     }
 }

@@ -150,7 +150,13 @@ fn attachment(ns: &str, name: &str, network: &str, pool: &str) -> Value {
 fn authorization_matrix_every_role_resource_and_verb() {
     let api = Api::start("authz");
     // What each role may do, written out rather than derived from the server's code.
-    let resources: [(&str, &str, Value, Value); 5] = [
+    let sg = |ns: &str| {
+        json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+               "metadata": {"name": "NAME", "namespace": ns},
+               "spec": {"rules": [{"direction": "ingress", "protocol": "tcp",
+                                   "portRangeMin": 80, "remoteGroup": "client"}]}})
+    };
+    let resources: [(&str, &str, Value, Value); 7] = [
         (
             "nad-red",
             "/apis/k8s.cni.cncf.io/v1/namespaces/red/network-attachment-definitions",
@@ -182,6 +188,18 @@ fn authorization_matrix_every_role_resource_and_verb() {
             attachment("red", "NAME", "red/x", ""),
             json!({"metadata": {"labels": {"touched": "yes"}}}),
         ),
+        (
+            "sg-red",
+            "/apis/plexus.io/v1/namespaces/red/securitygroups",
+            sg("red"),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
+        (
+            "sg-blue",
+            "/apis/plexus.io/v1/namespaces/blue/securitygroups",
+            sg("blue"),
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        ),
     ];
     let verbs = [
         "get", "list", "watch", "create", "update", "patch", "delete",
@@ -206,7 +224,7 @@ fn authorization_matrix_every_role_resource_and_verb() {
             },
         );
         let tenant = match *res {
-            "nad-red" => all.clone(),
+            "nad-red" | "sg-red" => all.clone(),
             "attachment-red" => reads.to_vec(),
             _ => vec![],
         };
@@ -436,6 +454,11 @@ fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
     let mut unknown_top = nad("red", "x", macvlan(None));
     unknown_top["status2"] = json!({});
     // What, where, content type, body, the code wanted, a word the answer says.
+    let sgs = "/apis/plexus.io/v1/namespaces/red/securitygroups".to_string();
+    let sg = |rule: Value| {
+        json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+               "metadata": {"name": "web", "namespace": "red"}, "spec": {"rules": [rule]}})
+    };
     type Case<'a> = (&'a str, &'a str, &'a str, Vec<u8>, u16, &'a str);
     let cases: Vec<Case> = vec![
         (
@@ -527,6 +550,36 @@ fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
             400,
             "namespace",
         ),
+        (
+            "a port range backwards",
+            &sgs,
+            "application/json",
+            serde_json::to_vec(&sg(json!({"direction": "ingress", "protocol": "tcp",
+                                           "portRangeMin": 90, "portRangeMax": 80})))
+            .unwrap_or_default(),
+            422,
+            "spec.rules[0].portRangeMax",
+        ),
+        (
+            "an unknown protocol",
+            &sgs,
+            "application/json",
+            serde_json::to_vec(&sg(json!({"direction": "ingress", "protocol": "gre"})))
+                .unwrap_or_default(),
+            422,
+            "spec.rules[0].protocol",
+        ),
+        (
+            "a remote group of another tenant",
+            &sgs,
+            "application/json",
+            serde_json::to_vec(&sg(
+                json!({"direction": "ingress", "remoteGroup": "blue/db"}),
+            ))
+            .unwrap_or_default(),
+            422,
+            "spec.rules[0].remoteGroup",
+        ),
     ];
     for (what, path, ctype, body, want, says) in cases {
         let before = api.revision();
@@ -562,6 +615,50 @@ fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("spec.config.mode"),
+        "{err}"
+    );
+    // A tenant's SecurityGroup through kubectl: applied, listed, refused
+    // when a rule is wrong, with the rule's field named.
+    let good = dir.join("sg.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: plexus.io/v1\nkind: SecurityGroup\nmetadata:\n  name: web\n  namespace: red\nspec:\n  description: web servers\n  rules:\n  - {direction: ingress, protocol: tcp, portRangeMin: 80, portRangeMax: 80, remoteGroup: client}\n  - {direction: ingress, ethertype: IPv6, protocol: icmpv6, icmpType: 128}\n",
+    )
+    .expect("write");
+    let out = api
+        .plexusd
+        .kubectl(TENANT, &["apply", "-f", &good.display().to_string()])
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = api
+        .plexusd
+        .kubectl(
+            TENANT,
+            &["get", "securitygroups", "-n", "red", "-o", "json"],
+        )
+        .expect("kubectl");
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        listed["items"][0]["spec"]["rules"][0]["remoteGroup"],
+        "client"
+    );
+    let bad = dir.join("sg-bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: plexus.io/v1\nkind: SecurityGroup\nmetadata:\n  name: db\n  namespace: red\nspec:\n  rules:\n  - {direction: ingress, protocol: udp, portRangeMin: 0}\n",
+    )
+    .expect("write");
+    let out = api
+        .plexusd
+        .kubectl(TENANT, &["apply", "-f", &bad.display().to_string()])
+        .expect("kubectl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.rules[0].portRangeMin"),
         "{err}"
     );
 }

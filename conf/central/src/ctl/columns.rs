@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use conf::api::{Kind, ATTACHMENT, CLUSTER_NETWORK, IP_POOL, NAD};
+use conf::api::{Kind, ATTACHMENT, CLUSTER_NETWORK, IP_POOL, NAD, SECURITY_GROUP};
 use ipam::pool::{DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
 
 use super::kinds::{name, namespace, strings, text};
@@ -65,6 +65,8 @@ fn headers(kind: &Kind) -> (&'static [&'static str], &'static [&'static str]) {
             &["POD", "NODE", "INTERFACE", "NETWORK", "ADDRESSES", "MAC"],
             &["CONTAINER", "POOL"],
         )
+    } else if *kind == SECURITY_GROUP {
+        (&["RULES", "REMOTE GROUPS"], &["DESCRIPTION"])
     } else {
         (&[], &[])
     }
@@ -104,6 +106,22 @@ fn cells(kind: &Kind, o: &Value) -> (Vec<String>, Vec<String>) {
                 s("/spec/mac"),
             ],
             vec![or_none(container), s("/spec/pool")],
+        )
+    } else if *kind == SECURITY_GROUP {
+        let rules = o
+            .pointer("/spec/rules")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut groups: Vec<&str> = rules
+            .iter()
+            .filter_map(|r| r.get("remoteGroup")?.as_str())
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        (
+            vec![rules.len().to_string(), or_none(groups.join(","))],
+            vec![s("/spec/description")],
         )
     } else {
         (Vec::new(), Vec::new())

@@ -84,7 +84,7 @@ pub fn allowed(user: &User, verb: Verb, kind: &Kind, namespace: Option<&str>) ->
         Role::Node => kind.node_written || verb.reads(),
         Role::Tenant(ns) => {
             let own = kind.namespaced && namespace == Some(ns.as_str());
-            if *kind == api::NAD {
+            if *kind == api::NAD || *kind == api::SECURITY_GROUP {
                 own
             } else if *kind == api::ATTACHMENT {
                 own && verb.reads()

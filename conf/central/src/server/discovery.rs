@@ -114,6 +114,15 @@ fn object_schema(k: &Kind) -> Value {
             "exclude": {"type": "array", "items": {"type": "string"}},
             "routes": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
             "allowedNamespaces": {"type": "array", "items": {"type": "string"}}}})
+    } else if *k == conf::api::SECURITY_GROUP {
+        json!({"type": "object", "properties": {
+            "description": {"type": "string"},
+            "rules": {"type": "array", "items": {"type": "object", "properties": {
+                "direction": {"type": "string"}, "ethertype": {"type": "string"},
+                "protocol": {"type": "string"},
+                "portRangeMin": {"type": "integer"}, "portRangeMax": {"type": "integer"},
+                "icmpType": {"type": "integer"}, "icmpCode": {"type": "integer"},
+                "remoteIpPrefix": {"type": "string"}, "remoteGroup": {"type": "string"}}}}}})
     } else {
         json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
     };
