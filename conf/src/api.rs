@@ -211,6 +211,10 @@ pub struct AttachmentSpec {
     /// The `plexus-ipam` pool the addresses came from, if any.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pool: String,
+    /// The security groups of this interface: its filter, and what makes
+    /// its addresses members of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 /// An attachment's object name: `<pod>-<ifname>-<first 8 of the container id>`,
@@ -260,6 +264,54 @@ pub struct ClusterNetworkSpec {
     /// Namespaces whose pods may use it; `*` is every namespace.
     #[serde(default)]
     pub allowed_namespaces: Vec<String>,
+}
+
+/// The annotation of a network (NetworkAttachmentDefinition or
+/// ClusterNetwork) naming its default security groups, comma-separated; on a
+/// pod, the groups it adds (the same list for every network that allows it,
+/// or a JSON object from network or interface to a list).
+pub const SECURITY_GROUPS_ANNOTATION: &str = "plexus.io/security-groups";
+
+/// The annotation of a network that lets pods add groups of their own
+/// (`"true"`).
+pub const POD_GROUPS_ANNOTATION: &str = "plexus.io/pod-security-groups";
+
+/// A SecurityGroup's `spec` (validated field by field by plexusd).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupSpec {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default)]
+    pub rules: Vec<SecurityRule>,
+}
+
+/// One stateful rule: traffic it lets in (`ingress`) or out (`egress`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityRule {
+    pub direction: String,
+    /// `IPv4`, `IPv6`; absent: both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ethertype: Option<String>,
+    /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6`; absent or `any`: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range_min: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range_max: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip_prefix: Option<String>,
+    /// A group of the same namespace: its members' addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// A NetworkAttachmentDefinition's `spec`.

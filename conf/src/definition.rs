@@ -35,6 +35,29 @@ pub struct Definition {
     pub list: NetConfList,
     /// The file it came from.
     pub source: PathBuf,
+    /// Its default security groups (`plexus.io/security-groups`), of the
+    /// pod's namespace.
+    pub security_groups: Vec<String>,
+    /// Whether pods may add groups of their own (`plexus.io/pod-security-groups`).
+    pub pod_security_groups: bool,
+}
+
+/// A definition's security-group annotations.
+fn group_annotations(annotations: &BTreeMap<String, String>) -> (Vec<String>, bool) {
+    let groups = annotations
+        .get(crate::api::SECURITY_GROUPS_ANNOTATION)
+        .map(|g| {
+            g.split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let pods = annotations
+        .get(crate::api::POD_GROUPS_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    (groups, pods)
 }
 
 /// Why a definition cannot be used.
@@ -102,12 +125,17 @@ struct Metadata {
     name: String,
     #[serde(default)]
     namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
 struct Spec {
     #[serde(default)]
     config: String,
+    /// A SecurityGroup's: kept whole.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 type Key = (Option<String>, String);
@@ -120,6 +148,8 @@ pub struct Definitions {
     bad: BTreeMap<Key, Error>,
     /// Files (or documents) that did not parse far enough to have a name.
     unnamed: Vec<String>,
+    /// SecurityGroups by namespace and name; a broken one with its error.
+    groups: BTreeMap<(String, String), Result<crate::api::SecurityGroupSpec, String>>,
     /// Namespaces through which a cluster definition may be named, as
     /// Multus users write it (`default/macnet` for a `macnet` without
     /// namespace): the node's `clusterNamespaces`, and `default`.
@@ -186,6 +216,11 @@ impl Definitions {
                 .and_then(|s| parse_config(&s.config, &name).map(|l| (s, l)));
             match parsed {
                 Ok((spec, list)) => {
+                    let annotations: BTreeMap<String, String> = obj
+                        .pointer("/metadata/annotations")
+                        .and_then(|a| serde_json::from_value(a.clone()).ok())
+                        .unwrap_or_default();
+                    let (security_groups, pod_security_groups) = group_annotations(&annotations);
                     defs.ok.insert(
                         key,
                         Definition {
@@ -194,6 +229,8 @@ impl Definitions {
                             scope: Scope::Allowed(spec.allowed_namespaces),
                             list,
                             source: file.to_path_buf(),
+                            security_groups,
+                            pod_security_groups,
                         },
                     );
                 }
@@ -247,6 +284,9 @@ impl Definitions {
             }
             return;
         }
+        if obj.kind == crate::api::SECURITY_GROUP.kind {
+            return self.add_group(obj, &where_);
+        }
         if !obj.kind.is_empty() && obj.kind != "NetworkAttachmentDefinition" {
             return self.unnamed.push(format!(
                 "{where_}: kind {:?} is not NetworkAttachmentDefinition",
@@ -277,18 +317,61 @@ impl Definitions {
                     Some(ns) if !cluster_namespaces.contains(ns) => Scope::Tenant(ns.clone()),
                     _ => Scope::Cluster,
                 };
+                let (security_groups, pod_security_groups) =
+                    group_annotations(&obj.metadata.annotations);
                 let def = Definition {
                     name: obj.metadata.name,
                     namespace: obj.metadata.namespace,
                     scope,
                     list,
                     source: file.to_path_buf(),
+                    security_groups,
+                    pod_security_groups,
                 };
                 self.ok.insert(key, def);
             }
             Err(reason) => {
                 self.bad.insert(key.clone(), invalid(reason));
             }
+        }
+    }
+
+    /// SecurityGroup objects (of the API, or read elsewhere) from `source`.
+    pub fn add_security_groups(&mut self, objects: &[Value], source: &str) {
+        for obj in objects {
+            match serde_json::from_value::<Object>(obj.clone()) {
+                Ok(o) => self.add_group(o, source),
+                Err(e) => self.unnamed.push(format!("{source}: not an object: {e}")),
+            }
+        }
+    }
+
+    fn add_group(&mut self, obj: Object, where_: &str) {
+        let Some(ns) = obj.metadata.namespace.clone() else {
+            return self.unnamed.push(format!(
+                "{where_}: SecurityGroup {:?} has no namespace (groups are a namespace's)",
+                obj.metadata.name
+            ));
+        };
+        let spec = serde_json::from_value::<crate::api::SecurityGroupSpec>(Value::Object(
+            obj.spec.rest.clone(),
+        ))
+        .map_err(|e| format!("{where_}: SecurityGroup {ns}/{}: {e}", obj.metadata.name));
+        self.groups.insert((ns, obj.metadata.name), spec);
+    }
+
+    /// The SecurityGroup `name` of `namespace`.
+    pub fn security_group(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&crate::api::SecurityGroupSpec, String> {
+        match self.groups.get(&(namespace.to_string(), name.to_string())) {
+            Some(Ok(spec)) => Ok(spec),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(format!(
+                "security group {name:?} not found in namespace {namespace:?}"
+            )),
         }
     }
 

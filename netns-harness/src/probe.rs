@@ -23,7 +23,12 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts echo servers in `ns` on an ephemeral port.
     pub fn start(ns: &Netns) -> io::Result<EchoServer> {
-        let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
+        EchoServer::start_on(ns, 0)
+    }
+
+    /// Starts echo servers in `ns` on `port` (0: an ephemeral one).
+    pub fn start_on(ns: &Netns, port: u16) -> io::Result<EchoServer> {
+        let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
         let (tcp, udp) = ns.run(|| -> io::Result<(TcpListener, UdpSocket)> {
             let tcp = TcpListener::bind(any)?;
             let port = tcp.local_addr()?.port();

@@ -17,7 +17,7 @@
 use std::path::Path;
 
 use cni::{code, Error};
-use conf::api::{CLUSTER_NETWORK, NAD, PREFIX};
+use conf::api::{CLUSTER_NETWORK, NAD, PREFIX, SECURITY_GROUP};
 use conf::Definitions;
 use ipam::config::EtcdConf;
 use ipam::store::etcd::{describe, EtcdStore};
@@ -196,12 +196,17 @@ impl Api {
     /// The store keys of the ClusterNetworks and of the NADs of
     /// `namespaces` (`None`: all).
     fn prefixes(namespaces: Option<&[String]>) -> Vec<String> {
-        let nad_prefixes: Vec<String> = match namespaces {
-            Some(list) => list.iter().map(|ns| NAD.prefix(Some(ns))).collect(),
-            None => vec![NAD.prefix(None)],
+        let of: Vec<Option<&str>> = match namespaces {
+            Some(list) => list.iter().map(|ns| Some(ns.as_str())).collect(),
+            None => vec![None],
         };
+        // Per namespace, its NADs and its SecurityGroups: one part of the
+        // copy (see [`parts`]).
         std::iter::once(CLUSTER_NETWORK.prefix(None))
-            .chain(nad_prefixes)
+            .chain(
+                of.into_iter()
+                    .flat_map(|ns| [NAD.prefix(ns), SECURITY_GROUP.prefix(ns)]),
+            )
             .map(|p| relative(&p).to_string())
             .collect()
     }
@@ -259,7 +264,7 @@ impl Api {
         });
         match read {
             Ok(ranges) => {
-                let fresh: Vec<Vec<Value>> = ranges.into_iter().map(objects).collect();
+                let fresh = parts(ranges);
                 let same = fresh == spec.copied;
                 self.unsaved.parts.extend(spec.parts.into_iter().zip(fresh));
                 Ok(if same {
@@ -285,16 +290,15 @@ impl Api {
     fn read(&mut self, namespaces: Option<&[String]>) -> Result<copy::Read, ipam::Error> {
         let prefixes = Api::prefixes(namespaces);
         let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
-        let mut ranges = self.run(|s| s.ranges(&prefixes))?.into_iter();
-        let cluster_networks = objects(ranges.next().unwrap_or_default());
+        let mut ranges = parts(self.run(|s| s.ranges(&prefixes))?).into_iter();
+        let cluster_networks = ranges.next().unwrap_or_default();
         self.unsaved.parts.push((None, cluster_networks.clone()));
         let mut read = copy::Read {
             cluster_networks,
             read_at: Some(copy::now()),
             ..Default::default()
         };
-        for (i, kvs) in ranges.enumerate() {
-            let nads = objects(kvs);
+        for (i, nads) in ranges.enumerate() {
             // A read of every namespace is GC's; it keeps no copy (an absent
             // namespace would leave its old file behind).
             if let Some(ns) = namespaces.and_then(|list| list.get(i)) {
@@ -339,6 +343,19 @@ impl Drop for PendingCopy {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+/// The ranges of [`Api::prefixes`] as the parts the copy keeps: the
+/// ClusterNetworks, then per namespace its NADs and SecurityGroups together.
+fn parts(ranges: Vec<Vec<Kv>>) -> Vec<Vec<Value>> {
+    let mut ranges = ranges.into_iter();
+    let mut out = vec![objects(ranges.next().unwrap_or_default())];
+    while let Some(nads) = ranges.next() {
+        let mut part = objects(nads);
+        part.extend(objects(ranges.next().unwrap_or_default()));
+        out.push(part);
+    }
+    out
 }
 
 /// The next transaction with room for one more operation.

@@ -84,6 +84,7 @@ pub fn records(pod: &Pod<'_>, node: &str, delegates: &[Delegate]) -> Vec<(String
                 addresses,
                 mac,
                 pool: pool(&d.list),
+                security_groups: d.groups.clone(),
             };
             let value = attachment_object(pod.namespace, &spec, &created).to_string();
             (key(pod, &d.ifname), value)
@@ -93,7 +94,7 @@ pub fn records(pod: &Pod<'_>, node: &str, delegates: &[Delegate]) -> Vec<(String
 
 /// The addresses (with prefix) and MAC of the pod's interface `ifname` in a
 /// delegate's result.
-fn addresses(raw: &Value, ifname: &str) -> (Vec<String>, String) {
+pub(super) fn addresses(raw: &Value, ifname: &str) -> (Vec<String>, String) {
     let Ok((_, result)) = CniResult::from_json(raw) else {
         return (Vec::new(), String::new());
     };

@@ -4,6 +4,7 @@
 mod api;
 mod attachments;
 mod copy;
+pub mod groups;
 mod journal;
 mod node;
 mod plan;
@@ -72,6 +73,86 @@ impl<'a> Call<'a> {
             networks: Vec::new(),
             nothing: None,
         })
+    }
+
+    /// Puts the delegates' security groups in the pod's netns; the table
+    /// as the kernel then lists it.
+    fn filter(&mut self, delegates: &[Delegate]) -> Result<Option<Value>, Error> {
+        let remote: BTreeSet<&str> = delegates
+            .iter()
+            .flat_map(|d| d.rules.iter())
+            .flat_map(|(_, spec)| spec.rules.iter())
+            .filter_map(|r| r.remote_group.as_deref())
+            .collect();
+        let mut members: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
+        if !remote.is_empty() {
+            let Some(api) = &mut self.api else {
+                return Err(Error::new(
+                    code::INVALID_NETWORK_CONFIG,
+                    format!(
+                        "rules with a remote group ({remote:?}) need the central API: it knows the groups' members"
+                    ),
+                ));
+            };
+            // Members elsewhere, from their Attachment records; a moment
+            // late is safe (a member not yet known is refused, not let in).
+            let prefix = conf::api::ATTACHMENT.prefix(Some(&self.pod_ns));
+            match api.range(&prefix) {
+                Ok(kvs) => {
+                    for kv in kvs {
+                        let Ok(obj) = serde_json::from_slice::<Value>(&kv.value) else {
+                            continue;
+                        };
+                        let Some(spec) = obj.get("spec").and_then(|s| {
+                            serde_json::from_value::<conf::api::AttachmentSpec>(s.clone()).ok()
+                        }) else {
+                            continue;
+                        };
+                        for g in spec
+                            .security_groups
+                            .iter()
+                            .filter(|g| remote.contains(g.as_str()))
+                        {
+                            members.entry(g.clone()).or_default().extend(
+                                spec.addresses
+                                    .iter()
+                                    .filter_map(|a| a.parse::<IpNetwork>().ok())
+                                    .map(|n| n.ip()),
+                            );
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e,
+                    "members of remote groups unknown (etcd): their traffic is refused until they are"),
+            }
+        }
+        // The pod itself is a member of its groups.
+        for d in delegates {
+            let Some(raw) = &d.result else { continue };
+            let (addresses, _) = attachments::addresses(raw, &d.ifname);
+            for g in d.groups.iter().filter(|g| remote.contains(g.as_str())) {
+                members.entry(g.clone()).or_default().extend(
+                    addresses
+                        .iter()
+                        .filter_map(|a| a.parse::<IpNetwork>().ok())
+                        .map(|n| n.ip()),
+                );
+            }
+        }
+        let filtered: Vec<groups::Filtered<'_>> = delegates
+            .iter()
+            .filter(|d| !d.groups.is_empty())
+            .map(|d| groups::Filtered {
+                ifname: &d.ifname,
+                rules: &d.rules,
+            })
+            .collect();
+        let ruleset = groups::ruleset(&filtered, &members)?;
+        let netns = Path::new(&self.req.netns);
+        groups::apply(netns, &ruleset)?;
+        debug!(interfaces = filtered.len(), groups = ?delegates.iter().flat_map(|d| d.groups.iter()).collect::<BTreeSet<_>>(),
+            "security groups applied");
+        groups::listed(netns)
     }
 
     /// The networks as the pod asked for them (before a plan names them).
@@ -264,6 +345,7 @@ impl<'a> Call<'a> {
                 &Record {
                     delegates: left,
                     attachments: Vec::new(),
+                    filter: None,
                 },
             )
         };
@@ -364,6 +446,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     let mut record = Record {
         delegates: delegates.clone(),
         attachments: call.attachment_keys(&delegates),
+        filter: None,
     };
     call.save(&mut entry, &record)?;
     let mut merged: Option<CniResult> = None;
@@ -425,6 +508,22 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             return Ok(Attempt::Again);
         }
         Err(e) => return Err(call.undo(e, &mut entry, &delegates, None)),
+    }
+    // Security groups: the pod never runs unfiltered on a network whose
+    // groups say otherwise; if they cannot be put in place, nothing stays.
+    if delegates.iter().any(|d| !d.groups.is_empty()) {
+        match call.filter(&delegates) {
+            Ok(listed) => record.filter = listed,
+            Err(e) => {
+                let e = e.context("security groups");
+                warn!(error = %e, "security groups not applied, undoing");
+                // nft applies all or nothing; a table that is there goes.
+                if let Err(gone) = groups::remove(Path::new(&req.netns)) {
+                    warn!(error = %gone, "security groups: the pod's table not removed");
+                }
+                return Err(call.undo(e, &mut entry, &delegates, None));
+            }
+        }
     }
     entry.result = Some(merged.to_json(req.version));
     let Some(mut api) = call.api.take() else {
@@ -600,6 +699,15 @@ fn add(call: &mut Call<'_>, req: &Request) -> Result<CniResult, Error> {
 fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
     if let Some((_, record)) = call.record() {
         call.planned(&record.delegates);
+        let netns = Path::new(&req.netns);
+        if record.delegates.iter().any(|d| !d.groups.is_empty())
+            && !req.netns.is_empty()
+            && netns.exists()
+        {
+            if let Err(e) = groups::remove(netns) {
+                warn!(error = %e, "security groups: the pod's table not removed");
+            }
+        }
         cni::error::combine(call.del_all(&record.delegates))?;
         let journal = call.journal();
         if let Some(conf) = &call.node.api {
@@ -665,6 +773,27 @@ fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
         .with_details(format!("cache dir {}", call.node.cache_dir.display())));
     };
     call.planned(&record.delegates);
+    if let Some(want) = &record.filter {
+        let have = groups::listed(Path::new(&req.netns))?;
+        if have.as_ref() != Some(want) {
+            let why = match &have {
+                None => "its table is gone".to_string(),
+                Some(_) => "a rule, chain or set differs from what ADD put there".to_string(),
+            };
+            return Err(Error::new(
+                crate::sublink::DRIFT,
+                format!(
+                    "the security groups of {} ({}) are not in force: {why}",
+                    req.container_id, req.ifname
+                ),
+            )
+            .with_details(format!(
+                "nftables table inet {} in {}",
+                groups::TABLE,
+                req.netns
+            )));
+        }
+    }
     for d in &record.delegates {
         let Some(result) = &d.result else {
             return Err(Error::new(

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use cni::{code, Error, NetConfList, RuntimeConfig};
-use conf::api::{CLUSTER_NETWORK, NAD};
+use conf::api::{SecurityGroupSpec, CLUSTER_NETWORK, NAD, SECURITY_GROUPS_ANNOTATION};
 use conf::{Definition, Definitions, Scope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -34,6 +34,13 @@ pub struct Delegate {
     /// only ADD needs it, for the Attachment records.
     #[serde(skip)]
     pub origin: Option<Origin>,
+    /// Its security groups (the network's and the pod's), of the pod's
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Those groups' rules, when ADD planned them.
+    #[serde(skip)]
+    pub rules: Vec<(String, SecurityGroupSpec)>,
 }
 
 /// A definition in the central API's terms.
@@ -43,6 +50,10 @@ pub struct Origin {
     pub network: String,
     /// `NetworkAttachmentDefinition` or `ClusterNetwork`.
     pub kind: &'static str,
+    /// The definition's default security groups.
+    pub security_groups: Vec<String>,
+    /// Whether pods may add groups.
+    pub pod_security_groups: bool,
 }
 
 impl Origin {
@@ -56,6 +67,8 @@ impl Origin {
                 Scope::Allowed(_) => CLUSTER_NETWORK.kind,
                 _ => NAD.kind,
             },
+            security_groups: def.security_groups.clone(),
+            pod_security_groups: def.pod_security_groups,
         }
     }
 }
@@ -67,6 +80,10 @@ pub struct Record {
     /// The etcd keys of the Attachment records ADD wrote, which DEL removes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<String>,
+    /// The pod's security-group table as the kernel listed it after ADD
+    /// (without handles and set elements), for CHECK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Value>,
 }
 
 /// Where one call's network definitions come from: `confDir`, or the central API.
@@ -183,6 +200,8 @@ pub fn build(
         default_route: Vec::new(),
         result: None,
         origin,
+        groups: Vec::new(),
+        rules: Vec::new(),
     }];
     let mut used: BTreeSet<String> = BTreeSet::from([ifname.to_string()]);
     for (i, sel) in wanted.iter().enumerate() {
@@ -219,6 +238,7 @@ pub fn build(
         }
     }
     if !lenient {
+        security_groups(&mut delegates, &defs, rt, pod_ns)?;
         for v6 in [false, true] {
             let asking: Vec<&str> = delegates
                 .iter()
@@ -239,6 +259,124 @@ pub fn build(
         }
     }
     Ok(delegates)
+}
+
+/// The pod's own groups from its `plexus.io/security-groups` annotation:
+/// the same list for every network that lets pods add groups, or a JSON
+/// object from a network (as the pod names it, or as defined) or an
+/// interface to its list.
+enum PodGroups {
+    None,
+    Every(Vec<String>),
+    Per(std::collections::BTreeMap<String, Vec<String>>),
+}
+
+fn pod_groups(rt: Option<&RuntimeConfig>) -> Result<PodGroups, Error> {
+    let Some(text) = rt
+        .and_then(|rt| rt.pod_annotations.as_ref())
+        .and_then(|a| a.get(SECURITY_GROUPS_ANNOTATION))
+    else {
+        return Ok(PodGroups::None);
+    };
+    let text = text.trim();
+    if text.starts_with('{') {
+        return serde_json::from_str(text).map(PodGroups::Per).map_err(|e| {
+            Error::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("the pod's {SECURITY_GROUPS_ANNOTATION} annotation does not parse"),
+            )
+            .with_details(format!(
+                "{e}; write \"g1,g2\" or {{\"network or interface\": [\"g1\"]}}"
+            ))
+        });
+    }
+    Ok(PodGroups::Every(
+        text.split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(String::from)
+            .collect(),
+    ))
+}
+
+/// Each delegate's security groups: its network's, and the pod's where the
+/// network lets pods add groups; each must exist in the pod's namespace. A
+/// pod never gets a network its groups cannot be applied to.
+fn security_groups(
+    delegates: &mut [Delegate],
+    defs: &Definitions,
+    rt: Option<&RuntimeConfig>,
+    pod_ns: &str,
+) -> Result<(), Error> {
+    let refused = |msg: String| Error::new(code::INVALID_NETWORK_CONFIG, msg);
+    let pods = pod_groups(rt)?;
+    let mut used_keys: BTreeSet<String> = BTreeSet::new();
+    let mut any_allows = false;
+    for d in delegates.iter_mut() {
+        let (mut groups, allows) = match &d.origin {
+            Some(o) => (o.security_groups.clone(), o.pod_security_groups),
+            None => (Vec::new(), false),
+        };
+        any_allows |= allows;
+        let names: Vec<&str> = [Some(d.network.as_str()), Some(d.ifname.as_str())]
+            .into_iter()
+            .chain(std::iter::once(
+                d.origin.as_ref().map(|o| o.network.as_str()),
+            ))
+            .flatten()
+            .collect();
+        let own: Vec<String> = match &pods {
+            PodGroups::None => Vec::new(),
+            PodGroups::Every(list) if allows => list.clone(),
+            PodGroups::Every(_) => Vec::new(),
+            PodGroups::Per(map) => {
+                let mut own = Vec::new();
+                for n in &names {
+                    if let Some(list) = map.get(*n) {
+                        used_keys.insert(n.to_string());
+                        own.extend(list.iter().cloned());
+                    }
+                }
+                if !own.is_empty() && !allows {
+                    return Err(refused(format!(
+                        "network {:?} does not let pods choose security groups ({SECURITY_GROUPS_ANNOTATION} names {own:?} for it)",
+                        d.network
+                    ))
+                    .with_details(format!(
+                        "its definition would need the annotation {}: \"true\"",
+                        conf::api::POD_GROUPS_ANNOTATION
+                    )));
+                }
+                own
+            }
+        };
+        for g in own {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        let mut rules = Vec::new();
+        for g in &groups {
+            let spec = defs
+                .security_group(pod_ns, g)
+                .map_err(|e| refused(format!("network {:?} ({}): {e}", d.network, d.ifname)))?;
+            rules.push((g.clone(), spec.clone()));
+        }
+        d.groups = groups;
+        d.rules = rules;
+    }
+    match &pods {
+        PodGroups::Every(list) if !list.is_empty() && !any_allows => Err(refused(format!(
+            "the pod asks for security groups {list:?}, and none of its networks lets pods choose them"
+        ))),
+        PodGroups::Per(map) => match map.keys().find(|k| !used_keys.contains(*k)) {
+            Some(k) => Err(refused(format!(
+                "{SECURITY_GROUPS_ANNOTATION} names {k:?}, which is none of the pod's networks or interfaces"
+            ))),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
 }
 
 /// With the central API, a network's `plexus-ipam` gets what is the node's
@@ -354,5 +492,7 @@ fn secondary(
         default_route: sel.default_route.clone(),
         result: None,
         origin: None,
+        groups: Vec::new(),
+        rules: Vec::new(),
     })
 }

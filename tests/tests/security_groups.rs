@@ -1,0 +1,319 @@
+//! Security groups in force in the pod's netns: real traffic between pods,
+//! allowed where a rule says so and dropped elsewhere, on the interfaces of
+//! the networks that carry groups only; removed by DEL; drift found by
+//! CHECK; remote groups from the central API's Attachment records.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use cni::NetConfList;
+use conf::api::{NAD, SECURITY_GROUP};
+use netns_harness::etcd::EtcdCluster;
+use netns_harness::probe::{self, EchoServer};
+use netns_harness::{kernel, Netns};
+use plexus_tests::*;
+use serde_json::{json, Value};
+
+const OPEN: u16 = 8080;
+const SHUT: u16 = 8081;
+const WAIT: Duration = Duration::from_millis(400);
+
+fn addr(ns: &Netns, dev: &str, v6: bool) -> IpAddr {
+    addr_ip(&family_addrs(ns.name(), dev, v6)[0])
+}
+
+fn tcp_ok(from: &Netns, ip: IpAddr, port: u16) -> bool {
+    probe::tcp(from, SocketAddr::new(ip, port), WAIT).is_ok()
+}
+
+fn nft_table(ns: &Netns) -> String {
+    kernel::ip(&["netns", "exec", ns.name(), "nft", "list", "ruleset"]).unwrap_or_default()
+}
+
+fn group(ns: &str, name: &str, rules: Value) -> String {
+    format!(
+        "apiVersion: plexus.io/v1\nkind: SecurityGroup\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  rules: {rules}\n"
+    )
+}
+
+fn network_with_groups(
+    ns: &str,
+    name: &str,
+    config: &Value,
+    annotations: &[(&str, &str)],
+) -> String {
+    let mut yaml = nad(name, Some(ns), config);
+    let notes: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    yaml = yaml.replacen(
+        &format!("  namespace: {ns}\n"),
+        &format!("  namespace: {ns}\n  annotations:\n{notes}"),
+        1,
+    );
+    yaml
+}
+
+#[test]
+fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
+    let node = Node::new("sg-cidr");
+    let ipam = node.ipam_dir();
+    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &["10.95.0.0/24"], &ipam));
+    node.define(
+        "web.yaml",
+        &group(
+            "a",
+            "web",
+            json!([
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                 "portRangeMax": OPEN, "remoteIpPrefix": "192.168.95.0/24"},
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                 "remoteIpPrefix": "fd00:95::/64"},
+                {"direction": "ingress", "protocol": "icmp", "icmpType": 8}
+            ]),
+        ),
+    );
+    let data = macvlan("1.0.0", &["192.168.95.0/24", "fd00:95::/64"], &ipam);
+    node.define(
+        "data.yaml",
+        &network_with_groups("a", "data", &data, &[("plexus.io/security-groups", "web")]),
+    );
+    let (server_ns, server) = node.pod("a");
+    let server = server.networks("data");
+    let (client_ns, client) = node.pod("a");
+    let client = client.networks("data");
+    node.runtime.add(&list, &server).expect("ADD server");
+    node.runtime.add(&list, &client).expect("ADD client");
+    assert!(
+        nft_table(&server_ns).contains("in-net1"),
+        "{}",
+        nft_table(&server_ns)
+    );
+    let _open = EchoServer::start_on(&server_ns, OPEN).expect("echo");
+    let _shut = EchoServer::start_on(&server_ns, SHUT).expect("echo");
+
+    for v6 in [false, true] {
+        let ip = addr(&server_ns, "net1", v6);
+        assert!(
+            tcp_ok(&client_ns, ip, OPEN),
+            "tcp/{OPEN} to {ip} is allowed"
+        );
+        assert!(
+            !tcp_ok(&client_ns, ip, SHUT),
+            "tcp/{SHUT} to {ip} is dropped"
+        );
+    }
+    let v4 = addr(&server_ns, "net1", false);
+    probe::ping(&client_ns, v4, WAIT).expect("ICMP echo is allowed");
+    let v6 = addr(&server_ns, "net1", true);
+    assert!(
+        probe::ping(&client_ns, v6, WAIT).is_err(),
+        "no rule allows ICMPv6 echo"
+    );
+    // The cluster network carries no group: nothing filters eth0.
+    let eth0 = addr(&server_ns, "eth0", false);
+    assert!(tcp_ok(&node.netns, eth0, SHUT), "eth0 is not filtered");
+
+    // CHECK passes, then finds a rule taken away.
+    node.runtime.check(&list, &server).expect("CHECK");
+    kernel::ip(&[
+        "netns",
+        "exec",
+        server_ns.name(),
+        "nft",
+        "flush",
+        "chain",
+        "inet",
+        "plexus",
+        "in-net1",
+    ])
+    .expect("flush");
+    let err = node.runtime.check(&list, &server).expect_err("drift");
+    assert!(err.msg.contains("security groups"), "{err:?}");
+
+    for pod in [&server, &client] {
+        node.runtime.del(&list, pod).expect("DEL");
+    }
+    assert!(
+        !nft_table(&server_ns).contains("plexus"),
+        "the table goes with DEL"
+    );
+    node.assert_released(&server_ns, "DEL");
+    node.assert_released(&client_ns, "DEL");
+}
+
+#[test]
+fn pods_choose_groups_only_where_allowed_and_unknown_groups_refuse_the_pod() {
+    let node = Node::new("sg-refuse");
+    let ipam = node.ipam_dir();
+    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &["10.96.0.0/24"], &ipam));
+    let data = macvlan("1.0.0", &["192.168.96.0/24"], &ipam);
+    node.define("data.yaml", &nad("data", Some("a"), &data));
+    node.define(
+        "open.yaml",
+        &network_with_groups(
+            "a",
+            "open",
+            &macvlan("1.0.0", &["192.168.97.0/24"], &ipam),
+            &[("plexus.io/pod-security-groups", "true")],
+        ),
+    );
+    node.define("web.yaml", &group("a", "web", json!([])));
+    let cases: [(&str, &str, &str); 3] = [
+        ("data", "web", "none of its networks"),
+        ("data", r#"{"data": ["web"]}"#, "does not let pods choose"),
+        ("open", "nosuch", "\"nosuch\" not found"),
+    ];
+    for (networks, groups, says) in cases {
+        let (ns, pod) = node.pod("a");
+        let pod = pod.annotate(&[
+            ("k8s.v1.cni.cncf.io/networks", networks),
+            ("plexus.io/security-groups", groups),
+        ]);
+        let err = node.runtime.add(&list, &pod).expect_err(groups);
+        assert_eq!(err.code, 7, "{err:?}");
+        assert!(err.msg.contains(says), "{says:?} in {}", err.msg);
+        node.assert_released(&ns, groups);
+    }
+    // Where the network allows it, the pod's own group is in force.
+    let (ns, pod) = node.pod("a");
+    let pod = pod.annotate(&[
+        ("k8s.v1.cni.cncf.io/networks", "open"),
+        ("plexus.io/security-groups", "web"),
+    ]);
+    node.runtime
+        .add(&list, &pod)
+        .expect("ADD with the pod's group");
+    assert!(nft_table(&ns).contains("in-net1"), "{}", nft_table(&ns));
+    node.runtime.del(&list, &pod).expect("DEL");
+    node.assert_released(&ns, "DEL");
+}
+
+/// A node whose definitions come from an etcd as `plexusd` keeps them.
+struct ApiNode {
+    node: Node,
+    etcd: EtcdCluster,
+    list: NetConfList,
+}
+
+impl ApiNode {
+    fn new(tag: &str) -> ApiNode {
+        let node = Node::new(tag);
+        let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+        let list = NetConfList::parse_value(&json!({
+            "cniVersion": "1.1.0", "name": "plexus",
+            "plugins": [{
+                "type": "plexus",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                "clusterNetwork": "pods",
+                "api": {"endpoints": etcd.endpoints(), "timeoutSeconds": 1},
+                "nodeName": "node-1",
+                "cacheDir": node.plexus_cache(),
+                "logFile": node.log_file(),
+            }]
+        }))
+        .expect("conflist");
+        let n = ApiNode { node, etcd, list };
+        let pods = ptp("pods", "1.0.0", &["10.97.0.0/24"], &n.node.ipam_dir());
+        n.put(
+            &conf::api::CLUSTER_NETWORK.key(None, "pods"),
+            &json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork",
+                    "metadata": {"name": "pods"},
+                    "spec": {"config": pods.to_string(), "allowedNamespaces": ["*"]}}),
+        );
+        n
+    }
+
+    fn put(&self, key: &str, obj: &Value) {
+        self.etcd
+            .put_get(0, key, &obj.to_string())
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+}
+
+#[test]
+fn remote_groups_admit_their_members_from_the_apis_records() {
+    let n = ApiNode::new("sg-remote");
+    let data = macvlan(
+        "1.0.0",
+        &["192.168.98.0/24", "fd00:98::/64"],
+        &n.node.ipam_dir(),
+    );
+    n.put(
+        &NAD.key(Some("a"), "data"),
+        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": "data", "namespace": "a",
+                             "annotations": {"plexus.io/pod-security-groups": "true"}},
+                "spec": {"config": data.to_string()}}),
+    );
+    for (name, rules) in [
+        (
+            "web",
+            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                    "portRangeMax": OPEN, "remoteGroup": "client"}]),
+        ),
+        ("client", json!([])),
+    ] {
+        n.put(
+            &SECURITY_GROUP.key(Some("a"), name),
+            &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+                    "metadata": {"name": name, "namespace": "a"}, "spec": {"rules": rules}}),
+        );
+    }
+    let pod_in = |group: Option<&str>| {
+        let (ns, pod) = n.node.pod("a");
+        let mut notes = vec![("k8s.v1.cni.cncf.io/networks", "data")];
+        if let Some(g) = group {
+            notes.push(("plexus.io/security-groups", g));
+        }
+        (ns, pod.annotate(&notes))
+    };
+    let (client_ns, client) = pod_in(Some("client"));
+    let (other_ns, other) = pod_in(None);
+    n.node.runtime.add(&n.list, &client).expect("ADD client");
+    n.node.runtime.add(&n.list, &other).expect("ADD other");
+    // The server's ADD reads the members from the Attachment records.
+    assert!(n.node.published(), "records published");
+    let (server_ns, server) = pod_in(Some("web"));
+    n.node.runtime.add(&n.list, &server).expect("ADD server");
+    let _open = EchoServer::start_on(&server_ns, OPEN).expect("echo");
+    for v6 in [false, true] {
+        let ip = addr(&server_ns, "net1", v6);
+        assert!(tcp_ok(&client_ns, ip, OPEN), "a client member reaches {ip}");
+        assert!(
+            !tcp_ok(&other_ns, ip, OPEN),
+            "a non-member does not reach {ip}"
+        );
+    }
+    // The records say which groups each interface is in.
+    assert!(n.node.published(), "records published");
+    let out = n
+        .etcd
+        .etcdctl(
+            0,
+            &[
+                "get",
+                "--prefix",
+                "--print-value-only",
+                &conf::api::ATTACHMENT.prefix(Some("a")),
+            ],
+        )
+        .expect("etcdctl");
+    assert_eq!(
+        out.matches("\"securityGroups\":[\"web\"]").count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("\"securityGroups\":[\"client\"]").count(),
+        1,
+        "{out}"
+    );
+    for pod in [&server, &client, &other] {
+        n.node.runtime.del(&n.list, pod).expect("DEL");
+    }
+    for ns in [&server_ns, &client_ns, &other_ns] {
+        n.node.assert_released(ns, "DEL");
+    }
+}
