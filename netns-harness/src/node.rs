@@ -97,6 +97,24 @@ impl Node {
         }
     }
 
+    /// Starts `plexus agent` in the node netns with `list` as its conflist;
+    /// killed when the handle goes.
+    pub fn start_agent(&self, list: &NetConfList) -> io::Result<AgentProcess> {
+        let conf = self.scratch.join("agent.conflist");
+        std::fs::write(&conf, serde_json::to_vec(list).map_err(io::Error::other)?)?;
+        let log = std::fs::File::create(self.scratch.join("agent.out"))?;
+        let mut cmd = std::process::Command::new(scratch::plexus_bin());
+        cmd.arg("agent")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        (self.netns.enter_hook()?)(&mut cmd);
+        Ok(AgentProcess {
+            child: cmd.spawn()?,
+        })
+    }
+
     /// Plexus' log file.
     pub fn log_file(&self) -> PathBuf {
         self.scratch.join("plexus.log")
@@ -203,5 +221,24 @@ fn collect_leases(dir: &Path, out: &mut Vec<String>) {
                 out.push(name.to_string());
             }
         }
+    }
+}
+
+/// A running `plexus agent`, killed on drop.
+pub struct AgentProcess {
+    child: std::process::Child,
+}
+
+impl AgentProcess {
+    /// Kills it (SIGKILL) now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         "plexus" if std::env::args().nth(1).as_deref() == Some(meta::publisher::ARG) => {
             meta::publisher::main()
         }
+        "plexus" if std::env::args().nth(1).as_deref() == Some("agent") => {
+            meta::agent::main(std::env::args().nth(2).as_deref())
+        }
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
         "plexus-ipvlan" => cni::plugin::run(&ipvlan::IPVLAN, "Plexus IPVLAN plugin"),

@@ -317,3 +317,170 @@ fn remote_groups_admit_their_members_from_the_apis_records() {
         n.node.assert_released(ns, "DEL");
     }
 }
+
+/// Polls `what` every 50 ms until it holds or `limit` passes; how long it took.
+fn within(limit: Duration, mut what: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        if what() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The elements of set `name` in the pod's table.
+fn set_elements(ns: &Netns, name: &str) -> Vec<String> {
+    let out = kernel::ip(&[
+        "netns",
+        "exec",
+        ns.name(),
+        "nft",
+        "-j",
+        "list",
+        "set",
+        "inet",
+        "plexus",
+        name,
+    ])
+    .unwrap_or_default();
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let mut elems: Vec<String> = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| e.as_str().map(String::from))
+        .collect();
+    elems.sort();
+    elems
+}
+
+/// The agent's output and the node log, for a failure's message.
+fn report(n: &ApiNode) -> String {
+    let out = std::fs::read_to_string(n.node.scratch.join("agent.out")).unwrap_or_default();
+    let log = std::fs::read_to_string(n.node.log_file()).unwrap_or_default();
+    format!("agent output:\n{out}\nlog:\n{log}")
+}
+
+fn foreign_member(n: &ApiNode, name: &str, address: &str) -> String {
+    let key = conf::api::ATTACHMENT.key(Some("a"), name);
+    n.put(
+        &key,
+        &json!({"apiVersion": "plexus.io/v1", "kind": "Attachment",
+                "metadata": {"name": name, "namespace": "a", "labels": {"plexus.io/node": "node-2"}},
+                "spec": {"pod": name, "node": "node-2", "containerId": "f00d", "interface": "net1",
+                         "network": "a/data", "addresses": [address],
+                         "securityGroups": ["client"]}}),
+    );
+    key
+}
+
+/// The node agent keeps running pods' groups current: members that join or
+/// leave anywhere, and rules that change, are in force within 2 s; killed,
+/// and with etcd away meanwhile, it brings every table back to what the API
+/// says once both are back.
+#[test]
+fn the_agent_keeps_members_and_rules_current() {
+    let mut n = ApiNode::new("sg-agent");
+    let data = macvlan("1.0.0", &["192.168.99.0/24"], &n.node.ipam_dir());
+    n.put(
+        &NAD.key(Some("a"), "data"),
+        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": "data", "namespace": "a",
+                             "annotations": {"plexus.io/pod-security-groups": "true"}},
+                "spec": {"config": data.to_string()}}),
+    );
+    let web = |ports: &[u16]| {
+        let rules: Vec<Value> = ports
+            .iter()
+            .map(|p| {
+                json!({"direction": "ingress", "protocol": "tcp", "portRangeMin": p,
+                            "remoteGroup": "client"})
+            })
+            .collect();
+        json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+               "metadata": {"name": "web", "namespace": "a"}, "spec": {"rules": rules}})
+    };
+    n.put(&SECURITY_GROUP.key(Some("a"), "web"), &web(&[OPEN]));
+    n.put(
+        &SECURITY_GROUP.key(Some("a"), "client"),
+        &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+                "metadata": {"name": "client", "namespace": "a"}, "spec": {"rules": []}}),
+    );
+    let pod_in = |group: &str| {
+        let (ns, pod) = n.node.pod("a");
+        let pod = pod.annotate(&[
+            ("k8s.v1.cni.cncf.io/networks", "data"),
+            ("plexus.io/security-groups", group),
+        ]);
+        (ns, pod)
+    };
+    let (server_ns, server) = pod_in("web");
+    n.node.runtime.add(&n.list, &server).expect("ADD server");
+    let _echo = (
+        EchoServer::start_on(&server_ns, OPEN).expect("echo"),
+        EchoServer::start_on(&server_ns, SHUT).expect("echo"),
+    );
+    let target = addr(&server_ns, "net1", false);
+    let mut agent = n.node.start_agent(&n.list).expect("agent");
+    let limit = Duration::from_secs(2);
+    let mut took = Vec::new();
+
+    // A client that starts after the server: in within 2 s.
+    let (c1_ns, c1) = pod_in("client");
+    n.node.runtime.add(&n.list, &c1).expect("ADD client 1");
+    let t = within(limit, || tcp_ok(&c1_ns, target, OPEN))
+        .unwrap_or_else(|| panic!("client 1 let in within 2 s; {}", report(&n)));
+    took.push(("new member", t));
+    // A member on another node: its address in the set within 2 s.
+    let f1 = foreign_member(&n, "remote-1", "192.168.99.201/24");
+    let t = within(limit, || {
+        set_elements(&server_ns, "g-client-v4").contains(&"192.168.99.201".to_string())
+    })
+    .expect("the other node's member in the set within 2 s");
+    took.push(("member elsewhere", t));
+    // A rule added: in force within 2 s.
+    n.put(&SECURITY_GROUP.key(Some("a"), "web"), &web(&[OPEN, SHUT]));
+    let t = within(limit, || tcp_ok(&c1_ns, target, SHUT)).expect("new rule within 2 s");
+    took.push(("rule added", t));
+    n.node
+        .runtime
+        .check(&n.list, &server)
+        .expect("CHECK after the agent rewrote the rules");
+    // A member that leaves: out within 2 s.
+    let c1_addr = addr(&c1_ns, "net1", false).to_string();
+    n.node.runtime.del(&n.list, &c1).expect("DEL client 1");
+    let t = within(limit, || {
+        !set_elements(&server_ns, "g-client-v4").contains(&c1_addr)
+    })
+    .expect("a member that left is out within 2 s");
+    took.push(("member left", t));
+    println!("agent propagation: {took:?}");
+
+    // Killed; meanwhile members change and etcd goes away and comes back.
+    agent.kill();
+    n.etcd.etcdctl(0, &["del", &f1]).expect("remove remote-1");
+    foreign_member(&n, "remote-2", "192.168.99.202/24");
+    n.etcd.stop_member(0).expect("stop etcd");
+    let _agent = n.node.start_agent(&n.list).expect("agent again");
+    std::thread::sleep(Duration::from_millis(500));
+    n.etcd.restart_member(0).expect("restart etcd");
+    let want = vec!["192.168.99.202".to_string()];
+    within(Duration::from_secs(10), || {
+        set_elements(&server_ns, "g-client-v4") == want
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "after the resync: {:?}",
+            set_elements(&server_ns, "g-client-v4")
+        )
+    });
+    n.node.runtime.del(&n.list, &server).expect("DEL server");
+    n.node.assert_released(&server_ns, "DEL");
+    n.node.assert_released(&c1_ns, "DEL");
+}

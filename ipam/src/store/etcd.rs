@@ -20,6 +20,9 @@ use super::{Kv, Op, Store, Txn, TxnOutcome};
 use crate::config::EtcdConf;
 use crate::Error;
 
+/// How long a watch waits for an event before it ends (see [`EtcdStore::watch`]).
+const WATCH_IDLE: Duration = Duration::from_secs(10);
+
 pub struct EtcdStore {
     /// Shared with the other stores of a shared connection.
     rt: Arc<tokio::runtime::Runtime>,
@@ -165,6 +168,11 @@ impl EtcdStore {
     /// data read far more often than it changes (the API's definitions),
     /// where a moment late is harmless and a round trip per read is not.
     pub fn ranges(&mut self, prefixes: &[&str]) -> Result<Vec<Vec<Kv>>, Error> {
+        self.ranges_at(prefixes).map(|(out, _)| out)
+    }
+
+    /// [`EtcdStore::ranges`], and the revision the reads saw.
+    pub fn ranges_at(&mut self, prefixes: &[&str]) -> Result<(Vec<Vec<Kv>>, i64), Error> {
         let gets: Vec<TxnOp> = prefixes
             .iter()
             .map(|p| {
@@ -192,7 +200,57 @@ impl EtcdStore {
                 prefixes.len()
             )));
         }
-        Ok(out)
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok((out, revision))
+    }
+
+    /// Watches every key under `prefix` from `revision` on, calling
+    /// `changed` with each batch's revision until it returns false; returns
+    /// when the watch ends (etcd gone, the revision compacted, or no event
+    /// for a while): the caller reads again and watches from there.
+    pub fn watch(
+        &mut self,
+        prefix: &str,
+        revision: i64,
+        mut changed: impl FnMut(i64) -> bool,
+    ) -> Result<(), Error> {
+        let key = self.full(prefix);
+        let client = self.client.clone();
+        let store = self.describe();
+        let failed = |e: etcd_client::Error| Error::Unreachable {
+            store: store.clone(),
+            detail: format!("watch {key}: {e}"),
+        };
+        self.rt.block_on(async {
+            let mut client = client;
+            let options = etcd_client::WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision);
+            let mut stream = client
+                .watch(key.clone(), Some(options))
+                .await
+                .map_err(failed)?;
+            loop {
+                // A quiet watch ends now and then, so that the caller reads
+                // everything again (what a lost event would have missed).
+                let Ok(message) = tokio::time::timeout(WATCH_IDLE, stream.message()).await else {
+                    return Ok(());
+                };
+                match message {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() || resp.compact_revision() > 0 {
+                            return Ok(());
+                        }
+                        let rev = resp.header().map_or(revision, |h| h.revision());
+                        if !resp.events().is_empty() && !changed(rev) {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+        })
     }
 
     fn full(&self, key: &str) -> String {

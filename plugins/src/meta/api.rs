@@ -46,6 +46,8 @@ pub struct Api {
     offline: bool,
     /// Plan from the local copy while etcd is read (ADD; see the module).
     speculate: bool,
+    /// No etcd call of this `Api` returns later (connection included).
+    deadline: Option<std::time::Instant>,
     /// That read, running.
     pending: Option<Speculation>,
 }
@@ -97,7 +99,14 @@ impl Api {
             offline: false,
             speculate: false,
             pending: None,
+            deadline: None,
         }
+    }
+
+    /// No etcd call returns after `deadline`.
+    pub fn with_deadline(mut self, deadline: std::time::Instant) -> Api {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// ADD: plan from the local copy while etcd is read, when the copy has
@@ -143,7 +152,10 @@ impl Api {
         let store = match self.store.take() {
             Some(s) => s,
             None => match EtcdStore::connect_shared(&self.conf) {
-                Ok(s) => s,
+                Ok(s) => match self.deadline {
+                    Some(d) => s.with_deadline(d),
+                    None => s,
+                },
                 Err(e) => {
                     self.note(&e);
                     return Err(e);
@@ -267,6 +279,11 @@ impl Api {
                 let fresh = parts(ranges);
                 let same = fresh == spec.copied;
                 self.unsaved.parts.extend(spec.parts.into_iter().zip(fresh));
+                if !same {
+                    // The copy is stale: the next plan falls back on what
+                    // was just read, should etcd go away in between.
+                    self.unsaved.flush();
+                }
                 Ok(if same {
                     Confirmed::Same
                 } else {

@@ -101,7 +101,14 @@ impl Journal {
         let mut files: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json") && Some(p) != own.as_ref())
+            // Not another process's file being written (`.<pid>.<name>`).
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    && Some(p) != own.as_ref()
+            })
             .collect();
         files.sort();
         for path in files {
@@ -114,28 +121,6 @@ impl Journal {
             let gone = valid.is_some_and(|v| !v.contains(&p.container_id));
             for (key, value) in p.puts {
                 replay.ops.insert(key, (!gone).then_some(value));
-            }
-            for key in p.deletes {
-                replay.ops.insert(key, None);
-            }
-            replay.files.push(path);
-        }
-        replay
-    }
-
-    /// What `(container_id, ifname)` alone owes, nothing else.
-    pub fn own(&self, container_id: &str, ifname: &str) -> Replay {
-        let path = self.file(container_id, ifname);
-        let mut replay = Replay {
-            files: Vec::new(),
-            ops: BTreeMap::new(),
-        };
-        if let Some(p) = fs::read(&path)
-            .ok()
-            .and_then(|raw| serde_json::from_slice::<Pending>(&raw).ok())
-        {
-            for (key, value) in p.puts {
-                replay.ops.insert(key, Some(value));
             }
             for key in p.deletes {
                 replay.ops.insert(key, None);

@@ -1,6 +1,7 @@
 //! `plexus`, the meta-plugin: attaches the cluster network and the secondary
 //! networks a pod asks for, by running each network's plugins as delegates.
 
+pub mod agent;
 mod api;
 mod attachments;
 mod copy;
@@ -31,7 +32,7 @@ use journal::Journal;
 pub use node::NodeConf;
 use plan::{Delegate, Record, Source};
 
-const RECORD_KEY: &str = "plexus";
+pub(crate) const RECORD_KEY: &str = "plexus";
 
 /// The meta-plugin.
 pub struct Meta;
@@ -484,7 +485,12 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     let mut merged = merged.unwrap_or_default();
     if let Err(e) = default_routes(req, &delegates, &mut merged) {
         warn!(error = %e, "default-route failed, undoing");
-        return Err(call.undo(e, &mut entry, &delegates, None));
+        let undo_errors = call.undo_all(&mut entry, &delegates, None);
+        if !undo_errors.is_empty() {
+            return Err(with_undo_errors(e, undo_errors));
+        }
+        // Planned from the local copy: maybe not what etcd says.
+        return call.failed(e, false);
     }
     // Definitions planned from the local copy are what etcd holds, or all
     // of it is undone and done again from etcd.
@@ -547,7 +553,6 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             conf,
             &node.cache_dir,
             &node.log,
-            &journal,
             &req.container_id,
             &req.ifname,
             &records,
@@ -572,6 +577,14 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         };
         (saved, prepared)
     });
+    if let Err(e) = saved {
+        // ADD fails: nothing to publish (the runtime's DEL removes what
+        // the earlier record named).
+        if let Ok(handoff) = prepared {
+            handoff.cancel();
+        }
+        return Err(e);
+    }
     let started = prepared.and_then(publisher::Handoff::start);
     match started {
         Ok(()) => {}
@@ -584,7 +597,6 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             attachments::publish(&mut api, &journal, &req.container_id, &req.ifname, records);
         }
     }
-    saved?;
     Ok(Attempt::Done(merged))
 }
 
@@ -711,12 +723,13 @@ fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
         cni::error::combine(call.del_all(&record.delegates))?;
         let journal = call.journal();
         if let Some(conf) = &call.node.api {
-            // The records are removed after they were written.
+            // The records are removed after they were written (the
+            // publisher gives up after one timeout; this waits two).
             publisher::wait(
                 &call.node.cache_dir,
                 &req.container_id,
                 &req.ifname,
-                conf.timeout() + std::time::Duration::from_secs(1),
+                conf.timeout() * 2 + std::time::Duration::from_secs(1),
             );
         }
         if let Some(api) = &mut call.api {
@@ -775,7 +788,15 @@ fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
     call.planned(&record.delegates);
     if let Some(want) = &record.filter {
         let have = groups::listed(Path::new(&req.netns))?;
-        if have.as_ref() != Some(want) {
+        // What the agent wrote since, when it rewrote the rules.
+        let agents: Option<Value> = std::fs::read(agent::filter_file(
+            &call.node.cache_dir,
+            &req.container_id,
+            &req.ifname,
+        ))
+        .ok()
+        .and_then(|raw| serde_json::from_slice(&raw).ok());
+        if have.as_ref() != Some(want) && (have.is_none() || have != agents) {
             let why = match &have {
                 None => "its table is gone".to_string(),
                 Some(_) => "a rule, chain or set differs from what ADD put there".to_string(),
@@ -871,6 +892,10 @@ fn gc(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
     let node = call.node.node_name.clone();
     if let Some(api) = &mut call.api {
         let containers: BTreeSet<String> = valid.iter().map(|a| a.container_id.clone()).collect();
+        let swept = publisher::sweep(&call.node.cache_dir, &containers);
+        if swept > 0 {
+            info!(removed = swept, "GC: requests of publishers that are gone");
+        }
         // Records are a view: a GC that cannot reach etcd still succeeds.
         let collected = attachments::node_name(node.as_deref()).and_then(|node| {
             attachments::collect(api, &journal, &node, &containers).map_err(Error::from)

@@ -47,6 +47,10 @@ struct Job {
     cache_dir: PathBuf,
     log: LogConf,
     api: EtcdConf,
+    /// The records to write: full key and JSON text. Only this process
+    /// has them until it wrote them (or journaled them, failing): other
+    /// calls replaying the journal never race it for them.
+    records: Vec<(String, String)>,
 }
 
 fn request(cache_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
@@ -84,31 +88,23 @@ pub fn prepare(
     api: &EtcdConf,
     cache_dir: &Path,
     log: &LogConf,
-    journal: &Journal,
     container_id: &str,
     ifname: &str,
     records: &[(String, String)],
 ) -> Result<Handoff, String> {
-    let pending = Pending {
-        container_id: container_id.to_string(),
-        puts: records.to_vec(),
-        deletes: Vec::new(),
-    };
-    journal
-        .keep(ifname, &pending)
-        .map_err(|e| format!("journal: {e}"))?;
     let job = Job {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
         cache_dir: cache_dir.to_path_buf(),
         log: log.clone(),
         api: api.clone(),
+        records: records.to_vec(),
     };
     let path = request(cache_dir, container_id, ifname);
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let mut request = locked(&path)?;
+    let mut request = locked(&path, api.timeout())?;
     let raw = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
     let written = request
         .set_len(0)
@@ -122,6 +118,11 @@ pub fn prepare(
 }
 
 impl Handoff {
+    /// Not started after all (ADD failed): the request goes.
+    pub fn cancel(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+
     /// Starts the publisher, last thing before ADD answers: it competes for
     /// no CPU with the ADD. `Err` when it did not start (the records stay
     /// journaled for the caller to write).
@@ -154,8 +155,9 @@ impl Handoff {
 /// The request file at `path`, locked. Only a publisher still writing this
 /// interface's records of an earlier ADD holds it: that one is waited for,
 /// and when it removed the file meanwhile, a new one is made.
-fn locked(path: &Path) -> Result<File, String> {
+fn locked(path: &Path, limit: Duration) -> Result<File, String> {
     let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let deadline = Instant::now() + limit;
     loop {
         let f = OpenOptions::new()
             .read(true)
@@ -165,7 +167,17 @@ fn locked(path: &Path) -> Result<File, String> {
             .mode(0o600)
             .open(path)
             .map_err(|e| fail(&e))?;
-        lock(&f, true).map_err(|e| fail(&e))?;
+        // Never an unbounded wait on a stuck publisher: after `limit`, the
+        // caller writes the records itself.
+        loop {
+            match lock(&f, false) {
+                Ok(()) => break,
+                Err(Errno::EWOULDBLOCK | Errno::EINTR) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(fail(&format!("locked by an earlier publisher: {e}"))),
+            }
+        }
         let mine = f.metadata().map_err(|e| fail(&e))?;
         match fs::metadata(path) {
             Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => return Ok(f),
@@ -200,6 +212,31 @@ pub fn wait(cache_dir: &Path, container_id: &str, ifname: &str, limit: Duration)
     let _ = fs::remove_file(&path);
 }
 
+/// GC: removes the requests of sandboxes not in `valid` whose publisher is
+/// gone (their lock is free): what a crash between ADD's hand-off and the
+/// publisher's end leaves. Returns how many.
+pub fn sweep(cache_dir: &Path, valid: &std::collections::BTreeSet<String>) -> usize {
+    let dir = cache_dir.join("api").join("publishing");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for path in entries.flatten().map(|e| e.path()) {
+        let Ok(f) = File::open(&path) else { continue };
+        let container = fs::read(&path)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Job>(&raw).ok())
+            .map(|j| j.container_id);
+        if container.is_some_and(|c| valid.contains(&c)) || lock(&f, false).is_err() {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// `plexus publish-attachments`: the job on stdin (locked by ADD for it);
 /// the records journaled for it go to etcd, or stay journaled.
 pub fn main() -> ExitCode {
@@ -217,15 +254,21 @@ pub fn main() -> ExitCode {
     crate::log::init(&job.log);
     let span = tracing::info_span!("publish", container = %job.container_id, ifname = %job.ifname);
     let _entered = span.enter();
-    let journal = Journal::new(&job.cache_dir);
-    let own = journal.own(&job.container_id, &job.ifname);
-    if !own.ops.is_empty() {
-        let (puts, deletes) = own.split(&Default::default());
-        let mut api = Api::new(&job.api, &job.cache_dir);
-        match api.write(puts, deletes) {
-            Ok(()) => journal.settle(own),
-            Err(e) => warn!(error = %e, container = %job.container_id,
+    // One deadline for all of it, connection included: the pod's DEL waits
+    // for this process at most twice as long.
+    let deadline = Instant::now() + job.api.timeout();
+    let mut api = Api::new(&job.api, &job.cache_dir).with_deadline(deadline);
+    if let Err(e) = api.write(job.records.clone(), Vec::new()) {
+        let pending = Pending {
+            container_id: job.container_id.clone(),
+            puts: job.records,
+            deletes: Vec::new(),
+        };
+        match Journal::new(&job.cache_dir).keep(&job.ifname, &pending) {
+            Ok(()) => warn!(error = %e,
                 "Attachment records not written: journaled for the next call that reaches etcd"),
+            Err(io) => warn!(error = %e, journal = %io,
+                "Attachment records not written, nor journaled"),
         }
     }
     // Gone before the lock (held by stdin, until exit) is: a DEL that finds

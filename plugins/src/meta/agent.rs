@@ -1,0 +1,357 @@
+//! `plexus agent <conflist>`: the node agent that keeps the security groups
+//! of this node's pods current. It reads the API's SecurityGroups and
+//! Attachment records of the namespaces its pods are in, watches the API's
+//! etcd, and after each change:
+//!
+//! - a pod whose groups' rules changed gets its table written again, whole,
+//!   in one transaction (never a moment unfiltered);
+//! - a pod whose remote groups' members changed gets only the set elements
+//!   that differ added and deleted.
+//!
+//! It knows the pods from this node's records (`cacheDir`), never touches a
+//! netns whose pod has no Plexus record with groups, and never removes a
+//! table (DEL does). Started again, or after etcd was away, it writes every
+//! pod's table once, then goes on with elements. What it wrote last for a
+//! pod is kept in `cacheDir/agent/filters`, which CHECK accepts as well as
+//! what ADD wrote.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cni::cache::Cache;
+use cni::{Error, NetConfList};
+use conf::api::{AttachmentSpec, SecurityGroupSpec, ATTACHMENT, SECURITY_GROUP};
+use ipam::store::etcd::EtcdStore;
+use ipnetwork::IpNetwork;
+use serde_json::{json, Value};
+use tracing::{debug, info, warn};
+
+use super::groups::{self, Filtered};
+use super::journal::file_name;
+use super::node::NodeConf;
+use super::plan::Record;
+use super::RECORD_KEY;
+
+/// A pod of this node with groups on some interface.
+struct LocalPod {
+    /// `container-ifname`, as the node's record names it.
+    key: String,
+    netns: PathBuf,
+    namespace: String,
+    /// Filtered interfaces and their groups.
+    interfaces: Vec<(String, Vec<String>)>,
+}
+
+/// What the agent last put in a pod's table.
+struct Applied {
+    /// The table without set elements, as the agent generated it.
+    rules: String,
+    /// Each set's elements.
+    elements: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
+struct Agent {
+    node: NodeConf,
+    network: String,
+    applied: HashMap<String, Applied>,
+}
+
+/// Where the agent keeps what it last wrote of a pod's table, for CHECK.
+pub fn filter_file(cache_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
+    cache_dir
+        .join("agent")
+        .join("filters")
+        .join(file_name(container_id, ifname))
+}
+
+impl Agent {
+    fn pods(&self) -> Vec<LocalPod> {
+        Cache::new(&self.node.cache_dir)
+            .list(&self.network)
+            .into_iter()
+            .filter_map(|entry| {
+                let record: Record =
+                    serde_json::from_value(entry.extra.get(RECORD_KEY)?.clone()).ok()?;
+                let interfaces: Vec<(String, Vec<String>)> = record
+                    .delegates
+                    .iter()
+                    .filter(|d| !d.groups.is_empty())
+                    .map(|d| (d.ifname.clone(), d.groups.clone()))
+                    .collect();
+                if interfaces.is_empty() || entry.netns.is_empty() {
+                    return None;
+                }
+                let namespace = entry
+                    .cni_args
+                    .iter()
+                    .find(|[k, _]| k == "K8S_POD_NAMESPACE")
+                    .map_or_else(|| "default".to_string(), |[_, v]| v.clone());
+                Some(LocalPod {
+                    key: file_name(&entry.container_id, &entry.ifname),
+                    netns: PathBuf::from(&entry.netns),
+                    namespace,
+                    interfaces,
+                })
+            })
+            .collect()
+    }
+
+    /// One pass: reads what the pods' namespaces hold, brings every pod's
+    /// table there. Returns the revision read.
+    fn pass(&mut self, store: &mut EtcdStore) -> Result<i64, ipam::Error> {
+        let pods = self.pods();
+        let namespaces: BTreeSet<&str> = pods.iter().map(|p| p.namespace.as_str()).collect();
+        let prefixes: Vec<String> = namespaces
+            .iter()
+            .flat_map(|ns| [SECURITY_GROUP.prefix(Some(ns)), ATTACHMENT.prefix(Some(ns))])
+            .map(|p| p.strip_prefix(conf::api::PREFIX).unwrap_or(&p).to_string())
+            .collect();
+        let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+        let (ranges, revision) = store.ranges_at(&refs)?;
+        let mut specs: BTreeMap<(String, String), SecurityGroupSpec> = BTreeMap::new();
+        let mut members: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
+        for (ns, pair) in namespaces.iter().zip(ranges.chunks(2)) {
+            for kv in pair.first().into_iter().flatten() {
+                let obj: Option<Value> = serde_json::from_slice(&kv.value).ok();
+                let name = obj
+                    .as_ref()
+                    .and_then(|o| o.pointer("/metadata/name")?.as_str().map(String::from));
+                let spec = obj.and_then(|o| serde_json::from_value(o.get("spec")?.clone()).ok());
+                if let (Some(name), Some(spec)) = (name, spec) {
+                    specs.insert((ns.to_string(), name), spec);
+                }
+            }
+            for kv in pair.get(1).into_iter().flatten() {
+                let Some(spec) = serde_json::from_slice::<Value>(&kv.value)
+                    .ok()
+                    .and_then(|o| {
+                        serde_json::from_value::<AttachmentSpec>(o.get("spec")?.clone()).ok()
+                    })
+                else {
+                    continue;
+                };
+                for g in &spec.security_groups {
+                    members
+                        .entry((ns.to_string(), g.clone()))
+                        .or_default()
+                        .extend(
+                            spec.addresses
+                                .iter()
+                                .filter_map(|a| a.parse::<IpNetwork>().ok())
+                                .map(|n| n.ip()),
+                        );
+                }
+            }
+        }
+        let present: BTreeSet<String> = pods.iter().map(|p| p.key.clone()).collect();
+        for pod in &pods {
+            if let Err(e) = self.bring(pod, &specs, &members) {
+                warn!(pod = %pod.key, error = %e, "security groups not brought up to date");
+                self.applied.remove(&pod.key);
+            }
+        }
+        let gone: Vec<String> = self
+            .applied
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.applied.remove(&key);
+            let _ =
+                std::fs::remove_file(self.node.cache_dir.join("agent").join("filters").join(&key));
+        }
+        Ok(revision)
+    }
+
+    fn bring(
+        &mut self,
+        pod: &LocalPod,
+        specs: &BTreeMap<(String, String), SecurityGroupSpec>,
+        members: &BTreeMap<(String, String), Vec<IpAddr>>,
+    ) -> Result<(), Error> {
+        if !pod.netns.exists() {
+            return Ok(());
+        }
+        let rules: Vec<Vec<(String, SecurityGroupSpec)>> = pod
+            .interfaces
+            .iter()
+            .map(|(_, groups)| {
+                groups
+                    .iter()
+                    .map(|g| {
+                        let spec = specs
+                            .get(&(pod.namespace.clone(), g.clone()))
+                            .cloned()
+                            .unwrap_or_default();
+                        (g.clone(), spec)
+                    })
+                    .collect()
+            })
+            .collect();
+        let filtered: Vec<Filtered<'_>> = pod
+            .interfaces
+            .iter()
+            .zip(&rules)
+            .map(|((ifname, _), rules)| Filtered { ifname, rules })
+            .collect();
+        let remote: BTreeSet<&str> = rules
+            .iter()
+            .flatten()
+            .flat_map(|(_, s)| s.rules.iter())
+            .filter_map(|r| r.remote_group.as_deref())
+            .collect();
+        let mut by_group: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        let mut elements: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        for g in &remote {
+            let addrs = members
+                .get(&(pod.namespace.clone(), g.to_string()))
+                .cloned()
+                .unwrap_or_default();
+            for v6 in [false, true] {
+                elements.insert(
+                    groups::set_name(g, v6),
+                    addrs
+                        .iter()
+                        .filter(|a| a.is_ipv6() == v6)
+                        .copied()
+                        .collect(),
+                );
+            }
+            by_group.insert(g.to_string(), addrs);
+        }
+        let shape = groups::ruleset(&filtered, &BTreeMap::new())?.to_string();
+        let same_rules = self.applied.get(&pod.key).is_some_and(|a| a.rules == shape);
+        if !same_rules {
+            let ruleset = groups::ruleset(&filtered, &by_group)?;
+            groups::apply(&pod.netns, &ruleset)?;
+            if let Some(listed) = groups::listed(&pod.netns)? {
+                let file = self
+                    .node
+                    .cache_dir
+                    .join("agent")
+                    .join("filters")
+                    .join(&pod.key);
+                if let Some(dir) = file.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let _ = std::fs::write(&file, listed.to_string());
+            }
+            info!(pod = %pod.key, "security groups written");
+            self.applied.insert(
+                pod.key.clone(),
+                Applied {
+                    rules: shape,
+                    elements,
+                },
+            );
+            return Ok(());
+        }
+        let Some(applied) = self.applied.get_mut(&pod.key) else {
+            return Ok(());
+        };
+        let mut cmds = Vec::new();
+        for (set, want) in &elements {
+            let have = applied.elements.get(set).cloned().unwrap_or_default();
+            let add: Vec<String> = want.difference(&have).map(IpAddr::to_string).collect();
+            let del: Vec<String> = have.difference(want).map(IpAddr::to_string).collect();
+            let element = |elem: Vec<String>| json!({"element": {"family": "inet", "table": groups::TABLE, "name": set, "elem": elem}});
+            if !add.is_empty() {
+                cmds.push(json!({"add": element(add)}));
+            }
+            if !del.is_empty() {
+                cmds.push(json!({"delete": element(del)}));
+            }
+        }
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        groups::apply(&pod.netns, &json!({"nftables": cmds}))?;
+        debug!(pod = %pod.key, changes = cmds.len(), "security group members updated");
+        applied.elements = elements;
+        Ok(())
+    }
+}
+
+/// `plexus agent <conflist>`: runs until killed.
+pub fn main(conflist: Option<&str>) -> ExitCode {
+    let Some(path) = conflist else {
+        eprintln!("usage: plexus agent /etc/cni/net.d/<plexus conflist>");
+        return ExitCode::from(2);
+    };
+    let (network, node) = match read_conf(Path::new(path)) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("plexus agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::log::init(&node.log);
+    let span = tracing::info_span!("agent");
+    let _entered = span.enter();
+    let Some(conf) = node.api.clone() else {
+        eprintln!("plexus agent: {path} has no \"api\": the agent follows the central API");
+        return ExitCode::from(2);
+    };
+    info!(conflist = %path, "agent started");
+    let mut agent = Agent {
+        node,
+        network,
+        applied: HashMap::new(),
+    };
+    loop {
+        let mut store = match EtcdStore::connect(&conf) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "etcd of the API unreachable; trying again");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        loop {
+            let revision = match agent.pass(&mut store) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "reading the API failed; trying again");
+                    // Everything is written again once etcd is back.
+                    agent.applied.clear();
+                    std::thread::sleep(Duration::from_secs(1));
+                    break;
+                }
+            };
+            // Until something changes (or a while passes): then again.
+            if let Err(e) = store.watch("", revision + 1, |_| false) {
+                warn!(error = %e, "watch ended");
+                agent.applied.clear();
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+            // Changes come in bursts: one pass for the burst.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn read_conf(path: &Path) -> Result<(String, NodeConf), String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: Value =
+        serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", path.display()))?;
+    let list = NetConfList::parse_value(&value).map_err(|e| format!("{}: {e}", path.display()))?;
+    let plexus = list
+        .plugins
+        .iter()
+        .find(|p| p.get("type").and_then(Value::as_str) == Some("plexus"))
+        .ok_or_else(|| format!("{}: no plugin of type plexus", path.display()))?;
+    // The plugin's config as the runtime would hand it over: the spec's
+    // fields apart, Plexus' own in `extra`.
+    let mut conf = plexus.clone();
+    conf.insert("cniVersion".into(), json!(list.cni_version));
+    conf.insert("name".into(), json!(list.name));
+    let raw = serde_json::to_vec(&conf).map_err(|e| e.to_string())?;
+    let (conf, _) = cni::config::NetConf::parse(&raw).map_err(|e| e.to_string())?;
+    let node = NodeConf::parse(&conf.extra).map_err(|e| e.to_string())?;
+    Ok((list.name.clone(), node))
+}
