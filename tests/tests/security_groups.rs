@@ -484,3 +484,63 @@ fn the_agent_keeps_members_and_rules_current() {
     n.node.assert_released(&server_ns, "DEL");
     n.node.assert_released(&c1_ns, "DEL");
 }
+
+/// The cluster network carries groups too (a named cluster definition with
+/// the annotation, Plexus' routed veth): the pod's eth0 is filtered, both
+/// families.
+#[test]
+fn the_cluster_network_carries_groups_too() {
+    let node = Node::new("sg-cluster");
+    let ipam = node.ipam_dir();
+    let pods = plexus_veth("pods", &["10.98.0.0/24", "fd00:980::/64"], &ipam);
+    let mut def = nad("pods", None, &pods);
+    def = def.replacen(
+        "  name: pods\n",
+        "  name: pods\n  annotations:\n    plexus.io/security-groups: \"web\"\n",
+        1,
+    );
+    node.define("pods.yaml", &def);
+    node.define(
+        "web.yaml",
+        &group(
+            "a",
+            "web",
+            json!([
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                 "remoteIpPrefix": "10.98.0.0/24"},
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                 "remoteIpPrefix": "fd00:980::/64"}
+            ]),
+        ),
+    );
+    let list = node.plexus_list("1.0.0", json!("pods"));
+    let (server_ns, server) = node.pod("a");
+    let (client_ns, client) = node.pod("a");
+    node.runtime.add(&list, &server).expect("ADD server");
+    node.runtime.add(&list, &client).expect("ADD client");
+    assert!(
+        nft_table(&server_ns).contains("in-eth0"),
+        "{}",
+        nft_table(&server_ns)
+    );
+    let _echo = (
+        EchoServer::start_on(&server_ns, OPEN).expect("echo"),
+        EchoServer::start_on(&server_ns, SHUT).expect("echo"),
+    );
+    for v6 in [false, true] {
+        let ip = addr(&server_ns, "eth0", v6);
+        assert!(
+            tcp_ok(&client_ns, ip, OPEN),
+            "tcp/{OPEN} to {ip} is allowed"
+        );
+        assert!(
+            !tcp_ok(&client_ns, ip, SHUT),
+            "tcp/{SHUT} to {ip} is dropped"
+        );
+    }
+    for pod in [&server, &client] {
+        node.runtime.del(&list, pod).expect("DEL");
+    }
+    node.assert_released(&server_ns, "DEL");
+    node.assert_released(&client_ns, "DEL");
+}
