@@ -261,5 +261,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
     }
     crate::bench_ipam::run()?;
     crate::bench_api::run()?;
-    crate::bench_nodeapi::run(cycles)
+    crate::bench_nodeapi::run(cycles)?;
+    crate::bench_groups::run(cycles)
 }

@@ -1,5 +1,6 @@
-//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-api` and
-//! `bench-nodeapi [cycles]` (only the IPAM, central API or node-side API part)
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-api`,
+//! `bench-nodeapi [cycles]`, `bench-groups [cycles]` (only the IPAM, central
+//! API, node-side API or security-group part)
 //! and `vm COMMAND…`.
 
 use std::process::ExitCode;
@@ -50,11 +51,12 @@ fn main() -> ExitCode {
         Some("demo") => netns_harness::demo::run(),
         Some("bench") => cycles(&args).and_then(netns_harness::bench::run),
         Some("bench-nodeapi") => cycles(&args).and_then(netns_harness::bench_nodeapi::run),
+        Some("bench-groups") => cycles(&args).and_then(netns_harness::bench_groups::run),
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
         Some("bench-api") => netns_harness::bench_api::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-api | bench-nodeapi [cycles] | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

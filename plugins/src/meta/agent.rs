@@ -228,18 +228,17 @@ impl Agent {
         if !same_rules {
             let ruleset = groups::ruleset(&filtered, &by_group)?;
             groups::apply(&pod.netns, &ruleset)?;
-            if let Some(listed) = groups::listed(&pod.netns)? {
-                let file = self
-                    .node
-                    .cache_dir
-                    .join("agent")
-                    .join("filters")
-                    .join(&pod.key);
-                if let Some(dir) = file.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                let _ = std::fs::write(&file, listed.to_string());
+            // What CHECK accepts from now on (members aside).
+            let file = self
+                .node
+                .cache_dir
+                .join("agent")
+                .join("filters")
+                .join(&pod.key);
+            if let Some(dir) = file.parent() {
+                let _ = std::fs::create_dir_all(dir);
             }
+            let _ = std::fs::write(&file, &shape);
             info!(pod = %pod.key, "security groups written");
             self.applied.insert(
                 pod.key.clone(),

@@ -165,16 +165,21 @@ fn preamble(chain: &str) -> Vec<Value> {
 }
 
 /// The whole table for the pod's filtered interfaces, as one `nft -j`
-/// transaction that replaces any table of the same name. `members`: each
+/// transaction that replaces the rules and set elements of any table of the
+/// same name (a chain or set it no longer names stays, empty and
+/// unreferenced). `members`: each
 /// remote group's addresses.
 pub fn ruleset(
     filtered: &[Filtered<'_>],
     members: &BTreeMap<String, Vec<IpAddr>>,
 ) -> Result<Value, Error> {
+    // Replaced in place: added (a no-op when there) and flushed (rules and
+    // set elements go), then everything added again, in one transaction. A
+    // delete of the table would make the kernel wait out an RCU grace
+    // period (some 15 ms) to unhook its chains.
     let mut cmds = vec![
         json!({"add": {"table": table()}}),
-        json!({"delete": {"table": table()}}),
-        json!({"add": {"table": table()}}),
+        json!({"flush": {"table": table()}}),
     ];
     for (name, hook) in [("input", "input"), ("output", "output")] {
         let mut c = chain(name);
@@ -199,12 +204,16 @@ pub fn ruleset(
                 .filter(|a| a.is_ipv6() == v6)
                 .map(|a| json!(a.to_string()))
                 .collect();
-            let mut set = json!({"family": "inet", "table": TABLE, "name": set_name(g, v6),
-                                 "type": if v6 { "ipv6_addr" } else { "ipv4_addr" }});
-            if !elems.is_empty() {
-                set["elem"] = json!(elems);
-            }
+            let name = set_name(g, v6);
+            let set = json!({"family": "inet", "table": TABLE, "name": name,
+                             "type": if v6 { "ipv6_addr" } else { "ipv4_addr" }});
+            // `flush table` keeps set elements: the set's own flush.
             cmds.push(json!({"add": {"set": set}}));
+            cmds.push(json!({"flush": {"set": {"family": "inet", "table": TABLE, "name": name}}}));
+            if !elems.is_empty() {
+                cmds.push(json!({"add": {"element": {"family": "inet", "table": TABLE,
+                                                     "name": name, "elem": elems}}}));
+            }
         }
     }
     let mut rules = Vec::new();
@@ -249,6 +258,33 @@ fn nft() -> &'static str {
     }
 }
 
+/// Runs `nft args` with `stdin` in this thread's netns; its stdout.
+fn run_here(what: &str, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, Error> {
+    let fail = |e: String| Error::new(code::INTERNAL, format!("{what}: {e}"));
+    let mut child = Command::new(nft())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("start: {e}")))?;
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin)
+            .map_err(|e| fail(format!("stdin: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("wait: {e}")))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
 /// Runs `nft args` inside the netns at `netns` with `stdin`; its stdout.
 fn run_in(netns: &Path, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, Error> {
     let what = format!("nft {} in {}", args.join(" "), netns.display());
@@ -258,32 +294,30 @@ fn run_in(netns: &Path, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, Error> {
         s.spawn(|| {
             // A process started from this thread is in the pod's netns.
             setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| fail(e.to_string()))?;
-            let mut child = Command::new(nft())
-                .args(args)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| fail(format!("start: {e}")))?;
-            if let Some(mut input) = child.stdin.take() {
-                input
-                    .write_all(stdin)
-                    .map_err(|e| fail(format!("stdin: {e}")))?;
-            }
-            let out = child
-                .wait_with_output()
-                .map_err(|e| fail(format!("wait: {e}")))?;
-            if out.status.success() {
-                Ok(out.stdout)
-            } else {
-                Err(fail(
-                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                ))
-            }
+            run_here(&what, args, stdin)
         })
         .join()
         .unwrap_or_else(|_| Err(fail("thread panicked".into())))
     })
+}
+
+/// `ruleset` as the kernel lists it once written (see [`listed`]): written
+/// in a netns of its own that goes when done. CHECK compares this with the
+/// pod's table, so that ADD need not list the table it just wrote.
+pub fn normalized(ruleset: &Value) -> Result<Value, Error> {
+    let raw = serde_json::to_vec(ruleset).map_err(|e| Error::new(code::INTERNAL, e.to_string()))?;
+    let what = "nft in a scratch netns";
+    let fail = |e: String| Error::new(code::INTERNAL, format!("{what}: {e}"));
+    let listing = std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| fail(e.to_string()))?;
+            run_here(what, &["-j", "-f", "-"], &raw)?;
+            run_here(what, &["-j", "list", "table", "inet", TABLE], b"")
+        })
+        .join()
+        .unwrap_or_else(|_| Err(fail("thread panicked".into())))
+    })?;
+    canonical(&listing)
 }
 
 /// Writes `ruleset` (see [`ruleset`]) in one transaction.
@@ -296,12 +330,16 @@ pub fn apply(netns: &Path, ruleset: &Value) -> Result<(), Error> {
 /// members change; the rules must not): what CHECK compares. `None` when
 /// there is no such table.
 pub fn listed(netns: &Path) -> Result<Option<Value>, Error> {
-    let raw = match run_in(netns, &["-j", "list", "table", "inet", TABLE], b"") {
-        Ok(raw) => raw,
-        Err(e) if e.msg.contains("No such file") => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let v: Value = serde_json::from_slice(&raw)
+    match run_in(netns, &["-j", "list", "table", "inet", TABLE], b"") {
+        Ok(raw) => canonical(&raw).map(Some),
+        Err(e) if e.msg.contains("No such file") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// nft's JSON listing without its metainfo, handles and set elements.
+fn canonical(raw: &[u8]) -> Result<Value, Error> {
+    let v: Value = serde_json::from_slice(raw)
         .map_err(|e| Error::new(code::INTERNAL, format!("nft's listing does not parse: {e}")))?;
     let items = v
         .get("nftables")
@@ -316,7 +354,7 @@ pub fn listed(netns: &Path) -> Result<Option<Value>, Error> {
             i
         })
         .collect();
-    Ok(Some(Value::Array(kept)))
+    Ok(Value::Array(kept))
 }
 
 fn strip(v: &mut Value) {

@@ -150,10 +150,13 @@ impl<'a> Call<'a> {
             .collect();
         let ruleset = groups::ruleset(&filtered, &members)?;
         let netns = Path::new(&self.req.netns);
+        let ms = |t: std::time::Instant| (t.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+        let started = std::time::Instant::now();
         groups::apply(netns, &ruleset)?;
         debug!(interfaces = filtered.len(), groups = ?delegates.iter().flat_map(|d| d.groups.iter()).collect::<BTreeSet<_>>(),
-            "security groups applied");
-        groups::listed(netns)
+            duration_ms = ms(started), "security groups applied");
+        // What CHECK compares the kernel's table with (members aside).
+        groups::ruleset(&filtered, &Default::default()).map(Some)
     }
 
     /// The networks as the pod asked for them (before a plan names them).
@@ -788,7 +791,8 @@ fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
     call.planned(&record.delegates);
     if let Some(want) = &record.filter {
         let have = groups::listed(Path::new(&req.netns))?;
-        // What the agent wrote since, when it rewrote the rules.
+        // What ADD wrote, or what the agent wrote since (when it rewrote
+        // the rules), as the kernel lists it.
         let agents: Option<Value> = std::fs::read(agent::filter_file(
             &call.node.cache_dir,
             &req.container_id,
@@ -796,7 +800,16 @@ fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
         ))
         .ok()
         .and_then(|raw| serde_json::from_slice(&raw).ok());
-        if have.as_ref() != Some(want) && (have.is_none() || have != agents) {
+        let mut in_force = false;
+        if let Some(have) = &have {
+            for shape in std::iter::once(want).chain(agents.as_ref()) {
+                if groups::normalized(shape)? == *have {
+                    in_force = true;
+                    break;
+                }
+            }
+        }
+        if !in_force {
             let why = match &have {
                 None => "its table is gone".to_string(),
                 Some(_) => "a rule, chain or set differs from what ADD put there".to_string(),
