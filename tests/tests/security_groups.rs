@@ -160,10 +160,23 @@ fn pods_choose_groups_only_where_allowed_and_unknown_groups_refuse_the_pod() {
         ),
     );
     node.define("web.yaml", &group("a", "web", json!([])));
-    let cases: [(&str, &str, &str); 3] = [
+    // A network whose interface the kernel cannot filter.
+    node.define(
+        "tapnet.yaml",
+        &network_with_groups(
+            "a",
+            "tapnet",
+            &json!({"cniVersion": "1.0.0", "type": "tap",
+                    "ipam": {"type": "host-local", "dataDir": ipam,
+                             "ranges": [[{"subnet": "192.168.94.0/24"}]]}}),
+            &[("plexus.io/security-groups", "web")],
+        ),
+    );
+    let cases: [(&str, &str, &str); 4] = [
         ("data", "web", "none of its networks"),
         ("data", r#"{"data": ["web"]}"#, "does not let pods choose"),
         ("open", "nosuch", "\"nosuch\" not found"),
+        ("tapnet", "", "not one the kernel can filter"),
     ];
     for (networks, groups, says) in cases {
         let (ns, pod) = node.pod("a");

@@ -261,6 +261,21 @@ pub fn build(
     Ok(delegates)
 }
 
+/// Plugin types whose interface in the pod is a kernel netdev that nftables
+/// filters: security groups are refused on anything else (a vhost-user
+/// socket, a VF bound to a user-space driver), never silently unenforced.
+pub const FILTERABLE: &[&str] = &[
+    "plexus-veth",
+    "plexus-macvlan",
+    "plexus-ipvlan",
+    "ptp",
+    "bridge",
+    "macvlan",
+    "ipvlan",
+    "vlan",
+    "host-device",
+];
+
 /// The pod's own groups from its `plexus.io/security-groups` annotation:
 /// the same list for every network that lets pods add groups, or a JSON
 /// object from a network (as the pod names it, or as defined) or an
@@ -353,6 +368,19 @@ fn security_groups(
         for g in own {
             if !groups.contains(&g) {
                 groups.push(g);
+            }
+        }
+        if !groups.is_empty() {
+            let kind = d.list.plugin_type(0);
+            if !FILTERABLE.contains(&kind) {
+                return Err(refused(format!(
+                    "network {:?} has security groups {groups:?}, and its interface ({kind}) is not one the kernel can filter",
+                    d.network
+                ))
+                .with_details(format!(
+                    "groups are enforced on kernel interfaces: {}",
+                    FILTERABLE.join(", ")
+                )));
             }
         }
         let mut rules = Vec::new();
