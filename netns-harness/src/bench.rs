@@ -17,7 +17,7 @@ use crate::fixtures::{plexus_veth, ptp};
 use crate::node::Node;
 use crate::runtime::Runtime;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

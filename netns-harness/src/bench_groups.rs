@@ -76,5 +76,180 @@ pub fn run(cycles: usize) -> Result<(), String> {
     if !node.leases().is_empty() {
         return Err(format!("leases left: {:?}", node.leases()));
     }
+    propagation(200)
+}
+
+/// Members joining a remote group: `count` Attachment records written in a
+/// burst (as pods of two nodes), with the node agent running; from each
+/// write to its address in the set of a pod whose rule names the group.
+pub fn propagation(count: usize) -> Result<(), String> {
+    use crate::etcd::EtcdCluster;
+    use conf::api::{ATTACHMENT, CLUSTER_NETWORK, NAD, SECURITY_GROUP};
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    let node = Node::try_new("bench-propagation").map_err(|e| format!("create node: {e}"))?;
+    let etcd = EtcdCluster::start_in(1, &node.netns).map_err(|e| format!("etcd: {e}"))?;
+    let put = |key: &str, obj: &Value| {
+        etcd.put_get(0, key, &obj.to_string())
+            .map(|_| ())
+            .map_err(|e| format!("put {key}: {e}"))
+    };
+    let ipam = node.ipam_dir();
+    let pods = plexus_veth("pods", &["10.232.0.0/16"], &ipam);
+    put(
+        &CLUSTER_NETWORK.key(None, "pods"),
+        &json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork", "metadata": {"name": "pods"},
+                "spec": {"config": pods.to_string(), "allowedNamespaces": ["*"]}}),
+    )?;
+    let mut data = macvlan("1.0.0", &["192.168.232.0/24"], &ipam);
+    data["type"] = json!("plexus-macvlan");
+    put(
+        &NAD.key(Some("default"), "data"),
+        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": "data", "namespace": "default",
+                             "annotations": {"plexus.io/pod-security-groups": "true"}},
+                "spec": {"config": data.to_string()}}),
+    )?;
+    for (name, rules) in [
+        (
+            "web",
+            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": 80,
+                    "remoteGroup": "client"}]),
+        ),
+        ("client", json!([])),
+    ] {
+        put(
+            &SECURITY_GROUP.key(Some("default"), name),
+            &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+                    "metadata": {"name": name, "namespace": "default"}, "spec": {"rules": rules}}),
+        )?;
+    }
+    let list = cni::NetConfList::parse_value(&json!({
+        "cniVersion": "1.1.0", "name": "plexus",
+        "plugins": [{
+            "type": "plexus",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            "clusterNetwork": "pods",
+            "api": {"endpoints": etcd.endpoints()},
+            "nodeName": "node-1",
+            "cacheDir": node.plexus_cache(),
+            "logFile": node.log_file(),
+        }]
+    }))
+    .map_err(|e| e.to_string())?;
+    let (server_ns, server) = node.try_pod("default").map_err(|e| e.to_string())?;
+    let server = server.annotate(&[
+        ("k8s.v1.cni.cncf.io/networks", "data"),
+        ("plexus.io/security-groups", "web"),
+    ]);
+    node.runtime
+        .add(&list, &server)
+        .map_err(|e| format!("ADD server: {e}"))?;
+    let _agent = node.start_agent(&list).map_err(|e| format!("agent: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let address = |i: usize| format!("10.240.{}.{}", i / 250, 1 + i % 250);
+    let seen: std::sync::Mutex<BTreeMap<String, Instant>> = Default::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut written: Vec<(String, Instant)> = Vec::new();
+    std::thread::scope(|s| -> Result<(), String> {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = crate::kernel::ip(&[
+                    "netns",
+                    "exec",
+                    server_ns.name(),
+                    "nft",
+                    "-j",
+                    "list",
+                    "set",
+                    "inet",
+                    "plexus",
+                    "g-client-v4",
+                ])
+                .unwrap_or_default();
+                let now = Instant::now();
+                let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+                let mut seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for e in v["nftables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["set"]["elem"].as_array())
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    seen.entry(e.to_string()).or_insert(now);
+                }
+                drop(seen);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        for i in 0..count {
+            let node_name = if i % 2 == 0 { "node-1" } else { "node-2" };
+            let name = format!("client-{i}");
+            let obj = json!({"apiVersion": "plexus.io/v1", "kind": "Attachment",
+                "metadata": {"name": name, "namespace": "default",
+                             "labels": {"plexus.io/node": node_name}},
+                "spec": {"pod": name, "node": node_name, "containerId": format!("c{i:04}"),
+                         "interface": "net1", "network": "default/data",
+                         "addresses": [format!("{}/32", address(i))],
+                         "securityGroups": ["client"]}});
+            put(&ATTACHMENT.key(Some("default"), &name), &obj)?;
+            written.push((address(i), Instant::now()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let n = seen.lock().map(|s| s.len()).unwrap_or(0);
+            if n >= count {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    })?;
+    let seen = seen.into_inner().unwrap_or_default();
+    let mut delays: Vec<Duration> = written
+        .iter()
+        .filter_map(|(a, t)| seen.get(a).map(|s| s.saturating_duration_since(*t)))
+        .collect();
+    delays.sort();
+    let missing = count - delays.len();
+    println!(
+        "\nSecurity-group membership: {count} members joining group \"client\" (Attachment records of \
+         pods on two nodes, written in a burst through etcdctl), node agent running; from each write \
+         to its address in the set of a pod whose rule names the group (set polled every 10 ms)"
+    );
+    if delays.is_empty() {
+        return Err(format!(
+            "no member reached the set; log {}",
+            node.log_file().display()
+        ));
+    }
+    let p50 = crate::bench::percentile(&delays, 0.5);
+    let p99 = crate::bench::percentile(&delays, 0.99);
+    println!(
+        "  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms, not there after 10 s: {missing}",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        delays[delays.len() - 1].as_secs_f64() * 1e3
+    );
+    verdict(
+        "membership propagation p99 (s)",
+        if missing > 0 {
+            f64::INFINITY
+        } else {
+            p99.as_secs_f64()
+        },
+        1.0,
+        false,
+    );
+    node.runtime
+        .del(&list, &server)
+        .map_err(|e| format!("DEL server: {e}"))?;
     Ok(())
 }
