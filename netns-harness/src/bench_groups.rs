@@ -156,33 +156,13 @@ pub fn propagation(count: usize) -> Result<(), String> {
     std::thread::scope(|s| -> Result<(), String> {
         s.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = crate::kernel::ip(&[
-                    "netns",
-                    "exec",
-                    server_ns.name(),
-                    "nft",
-                    "-j",
-                    "list",
-                    "set",
-                    "inet",
-                    "plexus",
-                    "g-client-v4",
-                ])
-                .unwrap_or_default();
+                let elems = crate::kernel::nft_set_elements(server_ns.name(), "g-client-v4");
                 let now = Instant::now();
-                let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
                 let mut seen = seen
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                for e in v["nftables"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i["set"]["elem"].as_array())
-                    .flatten()
-                    .filter_map(Value::as_str)
-                {
-                    seen.entry(e.to_string()).or_insert(now);
+                for e in elems {
+                    seen.entry(e).or_insert(now);
                 }
                 drop(seen);
                 std::thread::sleep(Duration::from_millis(10));

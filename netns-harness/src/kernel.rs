@@ -159,3 +159,23 @@ pub fn snapshot(ns: &str) -> io::Result<Vec<String>> {
     lines.sort();
     Ok(lines)
 }
+
+/// The elements of set `set` of Plexus' table (`inet plexus`) in netns
+/// `ns`, sorted; none when there is no such set.
+pub fn nft_set_elements(ns: &str, set: &str) -> Vec<String> {
+    let out = ip(&[
+        "netns", "exec", ns, "nft", "-j", "list", "set", "inet", "plexus", set,
+    ])
+    .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut elems: Vec<String> = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| e.as_str().map(String::from))
+        .collect();
+    elems.sort();
+    elems
+}

@@ -6,9 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use cni::NetConfList;
 use conf::api::{NAD, SECURITY_GROUP};
-use netns_harness::etcd::EtcdCluster;
 use netns_harness::probe::{self, EchoServer};
 use netns_harness::{kernel, Netns};
 use plexus_tests::*;
@@ -203,48 +201,6 @@ fn pods_choose_groups_only_where_allowed_and_unknown_groups_refuse_the_pod() {
     node.assert_released(&ns, "DEL");
 }
 
-/// A node whose definitions come from an etcd as `plexusd` keeps them.
-struct ApiNode {
-    node: Node,
-    etcd: EtcdCluster,
-    list: NetConfList,
-}
-
-impl ApiNode {
-    fn new(tag: &str) -> ApiNode {
-        let node = Node::new(tag);
-        let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
-        let list = NetConfList::parse_value(&json!({
-            "cniVersion": "1.1.0", "name": "plexus",
-            "plugins": [{
-                "type": "plexus",
-                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-                "clusterNetwork": "pods",
-                "api": {"endpoints": etcd.endpoints(), "timeoutSeconds": 1},
-                "nodeName": "node-1",
-                "cacheDir": node.plexus_cache(),
-                "logFile": node.log_file(),
-            }]
-        }))
-        .expect("conflist");
-        let n = ApiNode { node, etcd, list };
-        let pods = ptp("pods", "1.0.0", &["10.97.0.0/24"], &n.node.ipam_dir());
-        n.put(
-            &conf::api::CLUSTER_NETWORK.key(None, "pods"),
-            &json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork",
-                    "metadata": {"name": "pods"},
-                    "spec": {"config": pods.to_string(), "allowedNamespaces": ["*"]}}),
-        );
-        n
-    }
-
-    fn put(&self, key: &str, obj: &Value) {
-        self.etcd
-            .put_get(0, key, &obj.to_string())
-            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-    }
-}
-
 #[test]
 fn remote_groups_admit_their_members_from_the_apis_records() {
     let n = ApiNode::new("sg-remote");
@@ -347,30 +303,7 @@ fn within(limit: Duration, mut what: impl FnMut() -> bool) -> Option<Duration> {
 
 /// The elements of set `name` in the pod's table.
 fn set_elements(ns: &Netns, name: &str) -> Vec<String> {
-    let out = kernel::ip(&[
-        "netns",
-        "exec",
-        ns.name(),
-        "nft",
-        "-j",
-        "list",
-        "set",
-        "inet",
-        "plexus",
-        name,
-    ])
-    .unwrap_or_default();
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    let mut elems: Vec<String> = v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["set"]["elem"].as_array())
-        .flatten()
-        .filter_map(|e| e.as_str().map(String::from))
-        .collect();
-    elems.sort();
-    elems
+    kernel::nft_set_elements(ns.name(), name)
 }
 
 /// The agent's output and the node log, for a failure's message.
