@@ -24,6 +24,16 @@ fn tcp_ok(from: &Netns, ip: IpAddr, port: u16) -> bool {
     probe::tcp(from, SocketAddr::new(ip, port), WAIT).is_ok()
 }
 
+/// From `client`, `OPEN` on `server`'s `dev` answers and `SHUT` does not,
+/// on both families.
+fn only_open_port(client: &Netns, server: &Netns, dev: &str) {
+    for v6 in [false, true] {
+        let ip = addr(server, dev, v6);
+        assert!(tcp_ok(client, ip, OPEN), "tcp/{OPEN} to {ip} is allowed");
+        assert!(!tcp_ok(client, ip, SHUT), "tcp/{SHUT} to {ip} is dropped");
+    }
+}
+
 fn nft_table(ns: &Netns) -> String {
     kernel::ip(&["netns", "exec", ns.name(), "nft", "list", "ruleset"]).unwrap_or_default()
 }
@@ -91,17 +101,7 @@ fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
     let _open = EchoServer::start_on(&server_ns, OPEN).expect("echo");
     let _shut = EchoServer::start_on(&server_ns, SHUT).expect("echo");
 
-    for v6 in [false, true] {
-        let ip = addr(&server_ns, "net1", v6);
-        assert!(
-            tcp_ok(&client_ns, ip, OPEN),
-            "tcp/{OPEN} to {ip} is allowed"
-        );
-        assert!(
-            !tcp_ok(&client_ns, ip, SHUT),
-            "tcp/{SHUT} to {ip} is dropped"
-        );
-    }
+    only_open_port(&client_ns, &server_ns, "net1");
     let v4 = addr(&server_ns, "net1", false);
     probe::ping(&client_ns, v4, WAIT).expect("ICMP echo is allowed");
     let v6 = addr(&server_ns, "net1", true);
@@ -473,17 +473,7 @@ fn the_cluster_network_carries_groups_too() {
         EchoServer::start_on(&server_ns, OPEN).expect("echo"),
         EchoServer::start_on(&server_ns, SHUT).expect("echo"),
     );
-    for v6 in [false, true] {
-        let ip = addr(&server_ns, "eth0", v6);
-        assert!(
-            tcp_ok(&client_ns, ip, OPEN),
-            "tcp/{OPEN} to {ip} is allowed"
-        );
-        assert!(
-            !tcp_ok(&client_ns, ip, SHUT),
-            "tcp/{SHUT} to {ip} is dropped"
-        );
-    }
+    only_open_port(&client_ns, &server_ns, "eth0");
     for pod in [&server, &client] {
         node.runtime.del(&list, pod).expect("DEL");
     }
