@@ -38,6 +38,8 @@ pub struct EtcdCluster {
     netns: Option<(PathBuf, cni::exec::Hook)>,
     /// Client URLs over TLS with client-certificate authentication.
     tls: Option<Tls>,
+    /// An address of the netns clients elsewhere reach the members on too.
+    also_on: Option<String>,
     _dir: Scratch,
 }
 
@@ -164,6 +166,30 @@ impl EtcdCluster {
         )
     }
 
+    /// The same as [`EtcdCluster::start_in`], the members also answering
+    /// clients on `ip` (an address of `ns`, e.g. on a link to other nodes).
+    pub fn start_in_on(size: usize, ns: &Netns, ip: &str) -> io::Result<EtcdCluster> {
+        let mut c = EtcdCluster::start_with(
+            size,
+            Some((ns.path().to_path_buf(), ns.enter_hook()?)),
+            None,
+        )?;
+        c.also_on = Some(ip.to_string());
+        for i in 0..size {
+            c.restart_member(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Client endpoints on the address of [`EtcdCluster::start_in_on`].
+    pub fn endpoints_on(&self) -> Vec<String> {
+        let ip = self.also_on.as_deref().unwrap_or("127.0.0.1");
+        self.members
+            .iter()
+            .map(|m| format!("http://{ip}:{}", m.client_port))
+            .collect()
+    }
+
     fn start_with(
         size: usize,
         netns: Option<(PathBuf, cni::exec::Hook)>,
@@ -216,6 +242,7 @@ impl EtcdCluster {
             token,
             netns,
             tls,
+            also_on: None,
             _dir: dir,
         };
         for i in 0..size {
@@ -230,6 +257,10 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) -> io::Result<()> {
         let m = &self.members[i];
         let client = self.url(i);
+        let listen = match &self.also_on {
+            Some(ip) => format!("{client},http://{ip}:{}", m.client_port),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -254,7 +285,7 @@ impl EtcdCluster {
             .arg(&m.data_dir)
             .args([
                 "--listen-client-urls",
-                &client,
+                &listen,
                 "--advertise-client-urls",
                 &client,
             ])

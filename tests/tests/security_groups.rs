@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use conf::api::{NAD, SECURITY_GROUP};
+use netns_harness::etcd::EtcdCluster;
 use netns_harness::probe::{self, EchoServer};
 use netns_harness::{kernel, Netns};
 use plexus_tests::*;
@@ -479,4 +480,110 @@ fn the_cluster_network_carries_groups_too() {
     }
     node.assert_released(&server_ns, "DEL");
     node.assert_released(&client_ns, "DEL");
+}
+
+/// Two nodes on one link, one API: a `client` pod on node 1 reaches a `web`
+/// pod on node 2 on the port web's rule opens, both families, once node 2's
+/// agent has it in the set; a pod outside the group, and another port, are
+/// dropped.
+#[test]
+fn a_member_on_another_node_connects_across_nodes() {
+    let n1 = Node::new("sg-node1");
+    let n2 = Node::new("sg-node2");
+    kernel::veth(n1.ns(), "under0", n2.ns(), "under0").expect("link");
+    for (n, v4) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
+        kernel::ip(&["-n", n.ns(), "addr", "add", v4, "dev", "under0"]).expect("v4");
+    }
+    let etcd = EtcdCluster::start_in_on(1, &n1.netns, "192.0.2.1").expect("etcd");
+    let put = |key: &str, obj: &Value| {
+        etcd.put_get(0, key, &obj.to_string())
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let pods = ptp("pods", "1.0.0", &["10.99.0.0/24"], &n1.ipam_dir());
+    put(
+        &conf::api::CLUSTER_NETWORK.key(None, "pods"),
+        &json!({"apiVersion": "plexus.io/v1", "kind": "ClusterNetwork", "metadata": {"name": "pods"},
+                "spec": {"config": pods.to_string(), "allowedNamespaces": ["*"]}}),
+    );
+    let data = json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "master": "under0",
+        "mode": "bridge", "ipam": {"type": "plexus-ipam",
+        "ranges": [[{"subnet": "192.168.150.0/24"}], [{"subnet": "fd00:150::/64"}]]}});
+    put(
+        &NAD.key(Some("a"), "data"),
+        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": "data", "namespace": "a",
+                             "annotations": {"plexus.io/pod-security-groups": "true"}},
+                "spec": {"config": data.to_string()}}),
+    );
+    for (name, rules) in [
+        (
+            "web",
+            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+                    "portRangeMax": OPEN, "remoteGroup": "client"}]),
+        ),
+        ("client", json!([])),
+    ] {
+        put(
+            &SECURITY_GROUP.key(Some("a"), name),
+            &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
+                    "metadata": {"name": name, "namespace": "a"}, "spec": {"rules": rules}}),
+        );
+    }
+    let list = |n: &Node, name: &str| {
+        cni::NetConfList::parse_value(&json!({
+            "cniVersion": "1.1.0", "name": "plexus",
+            "plugins": [{
+                "type": "plexus",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                "clusterNetwork": "pods",
+                "api": {"endpoints": etcd.endpoints_on(), "timeoutSeconds": 2},
+                "nodeName": name,
+                "cacheDir": n.plexus_cache(),
+                "logFile": n.log_file(),
+            }]
+        }))
+        .expect("conflist")
+    };
+    let (l1, l2) = (list(&n1, "node-1"), list(&n2, "node-2"));
+    let _agents = (
+        n1.start_agent(&l1).expect("agent 1"),
+        n2.start_agent(&l2).expect("agent 2"),
+    );
+    let pod_in = |n: &Node, group: Option<&str>| {
+        let (ns, pod) = n.pod("a");
+        let mut notes = vec![("k8s.v1.cni.cncf.io/networks", "data")];
+        if let Some(g) = group {
+            notes.push(("plexus.io/security-groups", g));
+        }
+        (ns, pod.annotate(&notes))
+    };
+    let (server_ns, server) = pod_in(&n2, Some("web"));
+    n2.runtime.add(&l2, &server).expect("ADD web on node 2");
+    let _echo = (
+        EchoServer::start_on(&server_ns, OPEN).expect("echo"),
+        EchoServer::start_on(&server_ns, SHUT).expect("echo"),
+    );
+    let (client_ns, client) = pod_in(&n1, Some("client"));
+    let (other_ns, other) = pod_in(&n1, None);
+    n1.runtime.add(&l1, &client).expect("ADD client on node 1");
+    n1.runtime.add(&l1, &other).expect("ADD other on node 1");
+    for v6 in [false, true] {
+        let ip = addr(&server_ns, "net1", v6);
+        within(Duration::from_secs(2), || tcp_ok(&client_ns, ip, OPEN))
+            .unwrap_or_else(|| panic!("the client on node 1 reaches {ip} within 2 s"));
+        assert!(
+            !tcp_ok(&client_ns, ip, SHUT),
+            "tcp/{SHUT} to {ip} is dropped"
+        );
+        assert!(
+            !tcp_ok(&other_ns, ip, OPEN),
+            "a non-member does not reach {ip}"
+        );
+    }
+    n2.runtime.del(&l2, &server).expect("DEL web");
+    n1.runtime.del(&l1, &client).expect("DEL client");
+    n1.runtime.del(&l1, &other).expect("DEL other");
+    n2.assert_released(&server_ns, "DEL");
+    n1.assert_released(&client_ns, "DEL");
+    n1.assert_released(&other_ns, "DEL");
 }
