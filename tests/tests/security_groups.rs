@@ -202,20 +202,16 @@ fn pods_choose_groups_only_where_allowed_and_unknown_groups_refuse_the_pod() {
     node.assert_released(&ns, "DEL");
 }
 
-#[test]
-fn remote_groups_admit_their_members_from_the_apis_records() {
-    let n = ApiNode::new("sg-remote");
-    let data = macvlan(
-        "1.0.0",
-        &["192.168.98.0/24", "fd00:98::/64"],
-        &n.node.ipam_dir(),
-    );
-    n.put(
+/// In the API's etcd (through `put`): the NetworkAttachmentDefinition
+/// `a/data` with `config`, letting pods choose groups, and the groups `web`
+/// (tcp/`OPEN` from group `client`) and `client` (no rules).
+fn web_and_client(put: impl Fn(&str, &Value), config: &Value) {
+    put(
         &NAD.key(Some("a"), "data"),
         &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
                 "metadata": {"name": "data", "namespace": "a",
                              "annotations": {"plexus.io/pod-security-groups": "true"}},
-                "spec": {"config": data.to_string()}}),
+                "spec": {"config": config.to_string()}}),
     );
     for (name, rules) in [
         (
@@ -225,12 +221,23 @@ fn remote_groups_admit_their_members_from_the_apis_records() {
         ),
         ("client", json!([])),
     ] {
-        n.put(
+        put(
             &SECURITY_GROUP.key(Some("a"), name),
             &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
                     "metadata": {"name": name, "namespace": "a"}, "spec": {"rules": rules}}),
         );
     }
+}
+
+#[test]
+fn remote_groups_admit_their_members_from_the_apis_records() {
+    let n = ApiNode::new("sg-remote");
+    let data = macvlan(
+        "1.0.0",
+        &["192.168.98.0/24", "fd00:98::/64"],
+        &n.node.ipam_dir(),
+    );
+    web_and_client(|k, v| n.put(k, v), &data);
     let pod_in = |group: Option<&str>| {
         let (ns, pod) = n.node.pod("a");
         let mut notes = vec![("k8s.v1.cni.cncf.io/networks", "data")];
@@ -335,13 +342,8 @@ fn foreign_member(n: &ApiNode, name: &str, address: &str) -> String {
 fn the_agent_keeps_members_and_rules_current() {
     let mut n = ApiNode::new("sg-agent");
     let data = macvlan("1.0.0", &["192.168.99.0/24"], &n.node.ipam_dir());
-    n.put(
-        &NAD.key(Some("a"), "data"),
-        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-                "metadata": {"name": "data", "namespace": "a",
-                             "annotations": {"plexus.io/pod-security-groups": "true"}},
-                "spec": {"config": data.to_string()}}),
-    );
+    web_and_client(|k, v| n.put(k, v), &data);
+    // `web` as the test changes it: tcp to each of `ports` from `client`.
     let web = |ports: &[u16]| {
         let rules: Vec<Value> = ports
             .iter()
@@ -353,12 +355,6 @@ fn the_agent_keeps_members_and_rules_current() {
         json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
                "metadata": {"name": "web", "namespace": "a"}, "spec": {"rules": rules}})
     };
-    n.put(&SECURITY_GROUP.key(Some("a"), "web"), &web(&[OPEN]));
-    n.put(
-        &SECURITY_GROUP.key(Some("a"), "client"),
-        &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
-                "metadata": {"name": "client", "namespace": "a"}, "spec": {"rules": []}}),
-    );
     let pod_in = |group: &str| {
         let (ns, pod) = n.node.pod("a");
         let pod = pod.annotate(&[
@@ -508,27 +504,7 @@ fn a_member_on_another_node_connects_across_nodes() {
     let data = json!({"cniVersion": "1.0.0", "type": "plexus-macvlan", "master": "under0",
         "mode": "bridge", "ipam": {"type": "plexus-ipam",
         "ranges": [[{"subnet": "192.168.150.0/24"}], [{"subnet": "fd00:150::/64"}]]}});
-    put(
-        &NAD.key(Some("a"), "data"),
-        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-                "metadata": {"name": "data", "namespace": "a",
-                             "annotations": {"plexus.io/pod-security-groups": "true"}},
-                "spec": {"config": data.to_string()}}),
-    );
-    for (name, rules) in [
-        (
-            "web",
-            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
-                    "portRangeMax": OPEN, "remoteGroup": "client"}]),
-        ),
-        ("client", json!([])),
-    ] {
-        put(
-            &SECURITY_GROUP.key(Some("a"), name),
-            &json!({"apiVersion": "plexus.io/v1", "kind": "SecurityGroup",
-                    "metadata": {"name": name, "namespace": "a"}, "spec": {"rules": rules}}),
-        );
-    }
+    web_and_client(put, &data);
     let list = |n: &Node, name: &str| {
         cni::NetConfList::parse_value(&json!({
             "cniVersion": "1.1.0", "name": "plexus",
