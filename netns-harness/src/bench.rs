@@ -105,6 +105,97 @@ fn timed_bin_dir(node: &Node, entry: &str, out: &Path) -> Result<PathBuf, String
     Ok(dir)
 }
 
+/// Where one call's time went, from its debug log lines (their
+/// `duration_ms`): the call's own span, plugins, IPAM, netlink, records.
+#[derive(Default)]
+struct Spans {
+    call: f64,
+    ipam: f64,
+    netlink: f64,
+    records: f64,
+    execd: f64,
+    groups: f64,
+}
+
+fn duration_of(line: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("duration_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn spans(log: &str, cmd: &str) -> Spans {
+    let mut s = Spans::default();
+    for line in log
+        .lines()
+        .filter(|l| l.contains(&format!("cmd=\"{cmd}\"")))
+    {
+        let d = duration_of(line);
+        if line.contains(&format!("}}: {cmd} pod=")) {
+            s.call = d;
+        } else if line.contains("plugin ok") {
+            let ipam = ["host-local", "plexus-ipam", "static", "dhcp"]
+                .iter()
+                .any(|p| line.contains(&format!("plugin=\"{p}\"")));
+            if ipam {
+                s.ipam += d;
+            } else if line.contains("run=\"exec'd\"") {
+                s.execd += d;
+            }
+        } else if line.contains("}: netlink") {
+            s.netlink += d;
+        } else if line.contains("record written") {
+            s.records += d;
+        } else if line.contains("security groups applied") {
+            s.groups += d;
+        }
+    }
+    s
+}
+
+/// One ADD and one DEL of a `plexus` variant with `logLevel: debug`: the
+/// wall time against the call's own spans, printed as a breakdown.
+fn breakdown(node: &Node, v: &Variant) -> Result<(), String> {
+    let log = node
+        .scratch
+        .join(format!("{}.log", crate::scratch::unique("breakdown")));
+    let mut list = v.list.clone();
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), serde_json::json!("debug"));
+        p.insert("logFile".into(), serde_json::json!(log));
+    }
+    let (_ns, pod) = v.pod(node)?;
+    let t = Instant::now();
+    node.runtime
+        .add(&list, &pod)
+        .map_err(|e| format!("{} ADD (debug): {e}", v.label))?;
+    let add = ms(t.elapsed());
+    let t = Instant::now();
+    node.runtime
+        .del(&list, &pod)
+        .map_err(|e| format!("{} DEL (debug): {e}", v.label))?;
+    let del = ms(t.elapsed());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    for (cmd, wall) in [("ADD", add), ("DEL", del)] {
+        let s = spans(&text, cmd);
+        let rest = s.call - s.netlink - s.records - s.execd - s.groups;
+        println!(
+            "  {:<32} {cmd} {wall:>6.2}ms = process start/exit {:.2} + call {:.2} (netlink {:.2}, \
+             records {:.2}, exec'd delegates {:.2}, groups {:.2}, rest {:.2}; IPAM {:.2} beside)",
+            v.label,
+            wall - s.call,
+            s.call,
+            s.netlink,
+            s.records,
+            s.execd,
+            s.groups,
+            rest.max(0.0),
+            s.ipam
+        );
+    }
+    Ok(())
+}
+
 fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
     let out = node
         .scratch
@@ -188,6 +279,13 @@ pub(crate) fn scenario(
             "  ratio {:<26} {:>10} {:>10} {:>10} {:>10}",
             v.label, r[0], r[1], r[2], r[3]
         );
+    }
+    let plexus: Vec<&Variant> = variants.iter().filter(|v| v.entry == "plexus").collect();
+    if !plexus.is_empty() {
+        println!("  one ADD and one DEL with logLevel debug, from the call's own timing spans:");
+        for v in plexus {
+            breakdown(node, v)?;
+        }
     }
     Ok(rows)
 }
