@@ -123,18 +123,18 @@ impl Executor {
         stdin: &[u8],
     ) -> Result<Vec<u8>, Error> {
         let started = Instant::now();
-        let out = match self.builtin(plugin_type) {
-            Some(plugin) => self.run_builtin(plugin.as_ref(), command, inv, stdin),
-            None => self
-                .find(plugin_type)
-                .and_then(|program| self.exec_program(&program, command, inv, stdin)),
+        let (out, how) = match self.builtin(plugin_type) {
+            Some(plugin) => (
+                self.run_builtin(plugin.as_ref(), command, inv, stdin),
+                "in process",
+            ),
+            None => (
+                self.find(plugin_type)
+                    .and_then(|program| self.exec_program(&program, command, inv, stdin)),
+                "exec'd",
+            ),
         };
-        let how = if self.is_builtin(plugin_type) {
-            "in process"
-        } else {
-            "exec'd"
-        };
-        ran(plugin_type, how, command, inv, started, &out);
+        ran(plugin_type, how, command, &inv.ifname, started, &out);
         out
     }
 
@@ -372,15 +372,15 @@ fn ran(
     plugin_type: &str,
     how: &str,
     command: Command,
-    inv: &Invocation,
+    ifname: &str,
     started: Instant,
     out: &Result<Vec<u8>, Error>,
 ) {
     let ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
     match out {
-        Ok(_) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %inv.ifname,
+        Ok(_) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %ifname,
             duration_ms = ms, run = how, "plugin ok"),
-        Err(e) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %inv.ifname,
+        Err(e) => debug!(plugin = plugin_type, command = command.as_str(), ifname = %ifname,
             duration_ms = ms, run = how, code = e.code, error = %e.msg, "plugin failed"),
     }
 }
@@ -399,19 +399,15 @@ pub struct Running {
 
 impl Running {
     /// Waits for the plugin: its stdout on success, its error otherwise.
-    pub fn wait(self) -> Result<Vec<u8>, Error> {
-        let beside = self.beside.clone();
+    pub fn wait(mut self) -> Result<Vec<u8>, Error> {
+        let beside = self.beside.take();
         let out = self.finish();
         if let Some((plugin, command, ifname, started)) = beside {
-            let inv = Invocation {
-                ifname,
-                ..Invocation::default()
-            };
             ran(
                 &plugin,
                 "exec'd beside other work",
                 command,
-                &inv,
+                &ifname,
                 started,
                 &out,
             );

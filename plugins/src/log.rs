@@ -16,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use nix::fcntl::FlockArg;
 use serde::{Deserialize, Serialize};
 use tracing::level_filters::LevelFilter;
 
@@ -47,6 +48,11 @@ impl Default for LogConf {
             max_backups: DEFAULT_MAX_BACKUPS,
         }
     }
+}
+
+/// Milliseconds since `t`, to 0.01 ms: the `duration_ms` of log lines.
+pub fn ms_since(t: std::time::Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
 }
 
 /// Installs the subscriber once per process; later calls do nothing.
@@ -94,26 +100,6 @@ pub struct Rotating {
 
 fn append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
-}
-
-/// `flock` held while it lives.
-struct Locked<'a>(&'a File);
-
-impl<'a> Locked<'a> {
-    fn new(f: &'a File) -> Option<Locked<'a>> {
-        use std::os::fd::AsRawFd;
-        #[allow(deprecated)]
-        nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).ok()?;
-        Some(Locked(f))
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        #[allow(deprecated)]
-        let _ = nix::fcntl::flock(self.0.as_raw_fd(), nix::fcntl::FlockArg::Unlock);
-    }
 }
 
 impl Rotating {
@@ -171,8 +157,8 @@ impl Write for Rotating {
         if self.max_size == 0 {
             return self.file.write(buf);
         }
-        let lock = self.lock.try_clone()?;
-        let _held = Locked::new(&lock);
+        // Held until the line is written (unlocked when dropped).
+        let _held = nix::fcntl::Flock::lock(self.lock.try_clone()?, FlockArg::LockExclusive);
         // A log that cannot rotate still takes the line.
         let _ = self.make_room(buf.len());
         self.file.write_all(buf)?;

@@ -569,7 +569,7 @@ fn changed<T>(
     done: Result<T, Error>,
 ) -> Result<T, Error> {
     if tracing::enabled!(tracing::Level::DEBUG) {
-        let ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+        let ms = crate::log::ms_since(started);
         match &done {
             Ok(_) => tracing::debug!(change = %what(), duration_ms = ms, "netlink"),
             Err(e) => tracing::debug!(change = %what(), duration_ms = ms, error = %e.msg,

@@ -23,9 +23,8 @@ use std::time::Duration;
 
 use cni::cache::Cache;
 use cni::{Error, NetConfList};
-use conf::api::{AttachmentSpec, SecurityGroupSpec, ATTACHMENT, SECURITY_GROUP};
+use conf::api::{SecurityGroupSpec, ATTACHMENT, SECURITY_GROUP};
 use ipam::store::etcd::EtcdStore;
-use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
@@ -33,7 +32,6 @@ use super::groups::{self, Filtered};
 use super::journal::file_name;
 use super::node::NodeConf;
 use super::plan::Record;
-use super::RECORD_KEY;
 
 /// A pod of this node with groups on some interface.
 struct LocalPod {
@@ -61,10 +59,12 @@ struct Agent {
 
 /// Where the agent keeps what it last wrote of a pod's table, for CHECK.
 pub fn filter_file(cache_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
-    cache_dir
-        .join("agent")
-        .join("filters")
-        .join(file_name(container_id, ifname))
+    filters(cache_dir).join(file_name(container_id, ifname))
+}
+
+/// The directory of those files, one per pod: `<container>-<ifname>.json`.
+fn filters(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("agent").join("filters")
 }
 
 impl Agent {
@@ -73,8 +73,7 @@ impl Agent {
             .list(&self.network)
             .into_iter()
             .filter_map(|entry| {
-                let record: Record =
-                    serde_json::from_value(entry.extra.get(RECORD_KEY)?.clone()).ok()?;
+                let record = Record::of(&entry)?;
                 let interfaces: Vec<(String, Vec<String>)> = record
                     .delegates
                     .iter()
@@ -112,7 +111,8 @@ impl Agent {
         let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let (ranges, revision) = store.ranges_at(&refs)?;
         let mut specs: BTreeMap<(String, String), SecurityGroupSpec> = BTreeMap::new();
-        let mut members: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
+        // Per namespace, each group's members.
+        let mut members: BTreeMap<String, BTreeMap<String, Vec<IpAddr>>> = BTreeMap::new();
         for (ns, pair) in namespaces.iter().zip(ranges.chunks(2)) {
             for kv in pair.first().into_iter().flatten() {
                 let obj: Option<Value> = serde_json::from_slice(&kv.value).ok();
@@ -124,26 +124,14 @@ impl Agent {
                     specs.insert((ns.to_string(), name), spec);
                 }
             }
-            for kv in pair.get(1).into_iter().flatten() {
-                let Some(spec) = serde_json::from_slice::<Value>(&kv.value)
-                    .ok()
-                    .and_then(|o| {
-                        serde_json::from_value::<AttachmentSpec>(o.get("spec")?.clone()).ok()
-                    })
-                else {
-                    continue;
-                };
-                for g in &spec.security_groups {
-                    members
-                        .entry((ns.to_string(), g.clone()))
-                        .or_default()
-                        .extend(
-                            spec.addresses
-                                .iter()
-                                .filter_map(|a| a.parse::<IpNetwork>().ok())
-                                .map(|n| n.ip()),
-                        );
-                }
+            let of_ns = members.entry(ns.to_string()).or_default();
+            for spec in pair
+                .get(1)
+                .into_iter()
+                .flatten()
+                .filter_map(|kv| groups::attachment(&kv.value))
+            {
+                groups::add_members(of_ns, &spec.security_groups, &spec.addresses);
             }
         }
         let present: BTreeSet<String> = pods.iter().map(|p| p.key.clone()).collect();
@@ -161,8 +149,7 @@ impl Agent {
             .collect();
         for key in gone {
             self.applied.remove(&key);
-            let _ =
-                std::fs::remove_file(self.node.cache_dir.join("agent").join("filters").join(&key));
+            let _ = std::fs::remove_file(filters(&self.node.cache_dir).join(&key));
         }
         Ok(revision)
     }
@@ -171,7 +158,7 @@ impl Agent {
         &mut self,
         pod: &LocalPod,
         specs: &BTreeMap<(String, String), SecurityGroupSpec>,
-        members: &BTreeMap<(String, String), Vec<IpAddr>>,
+        members: &BTreeMap<String, BTreeMap<String, Vec<IpAddr>>>,
     ) -> Result<(), Error> {
         if !pod.netns.exists() {
             return Ok(());
@@ -198,17 +185,13 @@ impl Agent {
             .zip(&rules)
             .map(|((ifname, _), rules)| Filtered { ifname, rules })
             .collect();
-        let remote: BTreeSet<&str> = rules
-            .iter()
-            .flatten()
-            .flat_map(|(_, s)| s.rules.iter())
-            .filter_map(|r| r.remote_group.as_deref())
-            .collect();
+        let remote = groups::remote_groups(rules.iter().flatten());
         let mut by_group: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         let mut elements: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
         for g in &remote {
             let addrs = members
-                .get(&(pod.namespace.clone(), g.to_string()))
+                .get(&pod.namespace)
+                .and_then(|m| m.get(*g))
                 .cloned()
                 .unwrap_or_default();
             for v6 in [false, true] {
@@ -229,16 +212,9 @@ impl Agent {
             let ruleset = groups::ruleset(&filtered, &by_group)?;
             groups::apply(&pod.netns, &ruleset)?;
             // What CHECK accepts from now on (members aside).
-            let file = self
-                .node
-                .cache_dir
-                .join("agent")
-                .join("filters")
-                .join(&pod.key);
-            if let Some(dir) = file.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let _ = std::fs::write(&file, &shape);
+            let dir = filters(&self.node.cache_dir);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(dir.join(&pod.key), &shape);
             info!(pod = %pod.key, "security groups written");
             self.applied.insert(
                 pod.key.clone(),

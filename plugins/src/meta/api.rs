@@ -205,8 +205,8 @@ impl Api {
         Ok(())
     }
 
-    /// The store keys of the ClusterNetworks and of the NADs of
-    /// `namespaces` (`None`: all).
+    /// The store keys of the ClusterNetworks, and of the NADs and
+    /// SecurityGroups of `namespaces` (`None`: all).
     fn prefixes(namespaces: Option<&[String]>) -> Vec<String> {
         let of: Vec<Option<&str>> = match namespaces {
             Some(list) => list.iter().map(|ns| Some(ns.as_str())).collect(),
@@ -223,7 +223,8 @@ impl Api {
             .collect()
     }
 
-    /// Starts reading the ClusterNetworks and `namespaces`' NADs on a thread
+    /// Starts reading the ClusterNetworks and `namespaces`' NADs and
+    /// SecurityGroups on a thread
     /// of its own (and a connection of its own: the in-process IPAM uses the
     /// shared one meanwhile), when the copy has each of them; returns the
     /// copy's.
@@ -233,7 +234,7 @@ impl Api {
             .collect();
         let loaded: Vec<(u64, Vec<Value>)> = parts
             .iter()
-            .map(|p| self.copy.load_part(p.as_deref()))
+            .map(|p| self.copy.load_one(p.as_deref()))
             .collect::<Option<_>>()?;
         let read_at = loaded.iter().map(|(t, _)| *t).min().unwrap_or_default();
         let copied: Vec<Vec<Value>> = loaded.into_iter().map(|(_, o)| o).collect();

@@ -81,19 +81,14 @@ impl LocalCopy {
         }
     }
 
-    /// The objects of one file and when they were read.
-    fn load_one(&self, namespace: Option<&str>) -> Option<(u64, Vec<Value>)> {
+    /// The objects of one part (`None`: the ClusterNetworks), when the copy
+    /// has it, and when it was read.
+    pub fn load_one(&self, namespace: Option<&str>) -> Option<(u64, Vec<Value>)> {
         let path = self.path(namespace);
         let file = File::open(&path).ok()?;
         let read_at = secs(file.metadata().ok()?.modified().ok()?);
         let objects = serde_json::from_reader(std::io::BufReader::new(file)).ok()?;
         Some((read_at, objects))
-    }
-
-    /// The objects of one part (`None`: the ClusterNetworks), when the copy
-    /// has it, and when it was read.
-    pub fn load_part(&self, namespace: Option<&str>) -> Option<(u64, Vec<Value>)> {
-        self.load_one(namespace)
     }
 
     /// The ClusterNetworks and the NADs of `namespaces` (`None`: every

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use cni::{code, Error};
-use conf::api::{SecurityGroupSpec, SecurityRule};
+use conf::api::{AttachmentSpec, SecurityGroupSpec, SecurityRule};
 use ipnetwork::IpNetwork;
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
@@ -54,6 +54,40 @@ fn meta(key: &str) -> Value {
 
 fn payload(protocol: &str, field: &str) -> Value {
     json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+/// The groups `rules` name as remotes.
+pub fn remote_groups<'a>(
+    rules: impl IntoIterator<Item = &'a (String, SecurityGroupSpec)>,
+) -> BTreeSet<&'a str> {
+    rules
+        .into_iter()
+        .flat_map(|(_, spec)| spec.rules.iter())
+        .filter_map(|r| r.remote_group.as_deref())
+        .collect()
+}
+
+/// The Attachment object stored as `raw`: its `spec`.
+pub fn attachment(raw: &[u8]) -> Option<AttachmentSpec> {
+    let obj: Value = serde_json::from_slice(raw).ok()?;
+    serde_json::from_value(obj.get("spec")?.clone()).ok()
+}
+
+/// Adds an interface's `addresses` (with or without prefix) to the members
+/// of each of its `groups`.
+pub fn add_members(
+    members: &mut BTreeMap<String, Vec<IpAddr>>,
+    groups: &[String],
+    addresses: &[String],
+) {
+    let ips: Vec<IpAddr> = addresses
+        .iter()
+        .filter_map(|a| a.parse::<IpNetwork>().ok())
+        .map(|n| n.ip())
+        .collect();
+    for g in groups {
+        members.entry(g.clone()).or_default().extend(&ips);
+    }
 }
 
 /// The set of `group`'s members of one family.
@@ -189,12 +223,7 @@ pub fn ruleset(
         c["policy"] = json!("accept");
         cmds.push(json!({"add": {"chain": c}}));
     }
-    let remote_groups: BTreeSet<&str> = filtered
-        .iter()
-        .flat_map(|f| f.rules.iter())
-        .flat_map(|(_, spec)| spec.rules.iter())
-        .filter_map(|r| r.remote_group.as_deref())
-        .collect();
+    let remote_groups = remote_groups(filtered.iter().flat_map(|f| f.rules.iter()));
     for g in &remote_groups {
         for v6 in [false, true] {
             let elems: Vec<Value> = members

@@ -30,9 +30,7 @@ use tracing::{debug, info, warn};
 use api::Api;
 use journal::Journal;
 pub use node::NodeConf;
-use plan::{Delegate, Record, Source};
-
-pub(crate) const RECORD_KEY: &str = "plexus";
+use plan::{Delegate, Record, Source, RECORD_KEY};
 
 /// The meta-plugin.
 pub struct Meta;
@@ -76,15 +74,10 @@ impl<'a> Call<'a> {
         })
     }
 
-    /// Puts the delegates' security groups in the pod's netns; the table
-    /// as the kernel then lists it.
+    /// Puts the delegates' security groups in the pod's netns; the ruleset
+    /// without members, which CHECK compares the kernel's table with.
     fn filter(&mut self, delegates: &[Delegate]) -> Result<Option<Value>, Error> {
-        let remote: BTreeSet<&str> = delegates
-            .iter()
-            .flat_map(|d| d.rules.iter())
-            .flat_map(|(_, spec)| spec.rules.iter())
-            .filter_map(|r| r.remote_group.as_deref())
-            .collect();
+        let remote = groups::remote_groups(delegates.iter().flat_map(|d| d.rules.iter()));
         let mut members: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
         if !remote.is_empty() {
             let Some(api) = &mut self.api else {
@@ -100,27 +93,8 @@ impl<'a> Call<'a> {
             let prefix = conf::api::ATTACHMENT.prefix(Some(&self.pod_ns));
             match api.range(&prefix) {
                 Ok(kvs) => {
-                    for kv in kvs {
-                        let Ok(obj) = serde_json::from_slice::<Value>(&kv.value) else {
-                            continue;
-                        };
-                        let Some(spec) = obj.get("spec").and_then(|s| {
-                            serde_json::from_value::<conf::api::AttachmentSpec>(s.clone()).ok()
-                        }) else {
-                            continue;
-                        };
-                        for g in spec
-                            .security_groups
-                            .iter()
-                            .filter(|g| remote.contains(g.as_str()))
-                        {
-                            members.entry(g.clone()).or_default().extend(
-                                spec.addresses
-                                    .iter()
-                                    .filter_map(|a| a.parse::<IpNetwork>().ok())
-                                    .map(|n| n.ip()),
-                            );
-                        }
+                    for spec in kvs.iter().filter_map(|kv| groups::attachment(&kv.value)) {
+                        groups::add_members(&mut members, &spec.security_groups, &spec.addresses);
                     }
                 }
                 Err(e) => warn!(error = %e,
@@ -131,14 +105,7 @@ impl<'a> Call<'a> {
         for d in delegates {
             let Some(raw) = &d.result else { continue };
             let (addresses, _) = attachments::addresses(raw, &d.ifname);
-            for g in d.groups.iter().filter(|g| remote.contains(g.as_str())) {
-                members.entry(g.clone()).or_default().extend(
-                    addresses
-                        .iter()
-                        .filter_map(|a| a.parse::<IpNetwork>().ok())
-                        .map(|n| n.ip()),
-                );
-            }
+            groups::add_members(&mut members, &d.groups, &addresses);
         }
         let filtered: Vec<groups::Filtered<'_>> = delegates
             .iter()
@@ -150,11 +117,10 @@ impl<'a> Call<'a> {
             .collect();
         let ruleset = groups::ruleset(&filtered, &members)?;
         let netns = Path::new(&self.req.netns);
-        let ms = |t: std::time::Instant| (t.elapsed().as_secs_f64() * 1e5).round() / 100.0;
         let started = std::time::Instant::now();
         groups::apply(netns, &ruleset)?;
         debug!(interfaces = filtered.len(), groups = ?delegates.iter().flat_map(|d| d.groups.iter()).collect::<BTreeSet<_>>(),
-            duration_ms = ms(started), "security groups applied");
+            duration_ms = crate::log::ms_since(started), "security groups applied");
         // What CHECK compares the kernel's table with (members aside).
         groups::ruleset(&filtered, &Default::default()).map(Some)
     }
@@ -270,7 +236,7 @@ impl<'a> Call<'a> {
             &self.req.container_id,
             &self.req.ifname,
         )?;
-        let record = serde_json::from_value(entry.extra.get(RECORD_KEY)?.clone()).ok()?;
+        let record = Record::of(&entry)?;
         Some((entry, record))
     }
 
@@ -282,7 +248,7 @@ impl<'a> Call<'a> {
         debug!(record = %self.cache.path(&entry.network_name, &entry.container_id, &entry.ifname).display(),
             delegates = record.delegates.len(),
             attached = record.delegates.iter().filter(|d| d.result.is_some()).count(),
-            duration_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+            duration_ms = crate::log::ms_since(started),
             ok = saved.is_ok(), "record written");
         saved
     }
@@ -522,7 +488,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     // groups say otherwise; if they cannot be put in place, nothing stays.
     if delegates.iter().any(|d| !d.groups.is_empty()) {
         match call.filter(&delegates) {
-            Ok(listed) => record.filter = listed,
+            Ok(shape) => record.filter = shape,
             Err(e) => {
                 let e = e.context("security groups");
                 warn!(error = %e, "security groups not applied, undoing");
@@ -613,20 +579,21 @@ fn logged<T>(req: &Request, f: impl FnOnce(&mut Call<'_>) -> Result<T, Error>) -
     let cmd = req.command.as_str();
     let span = tracing::info_span!("cni", cmd, container = %req.container_id);
     let _entered = span.enter();
-    let pod = || {
-        let args = CniArgs::parse(&req.args).unwrap_or_default();
-        let name = args.get("K8S_POD_NAME").unwrap_or_default().to_string();
-        format!("{}/{name}", plan::pod_namespace(&args))
-    };
-    let ms = || (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    let ms = || crate::log::ms_since(started);
     let mut call = match Call::with(req, node) {
         Ok(call) => call,
         Err(e) => {
-            warn!(pod = %pod(), ifname = %req.ifname, code = e.code, error = %e.msg,
+            // `CNI_ARGS` did not parse: the pod is not known by name.
+            warn!(pod = "?", ifname = %req.ifname, code = e.code, error = %e.msg,
                 details = %e.details, duration_ms = ms(), "{cmd} failed");
             return Err(e);
         }
     };
+    let pod = format!(
+        "{}/{}",
+        call.pod_ns,
+        call.args.get("K8S_POD_NAME").unwrap_or_default()
+    );
     let outcome = f(&mut call);
     let networks = if call.networks.is_empty() && matches!(req.command, Command::Add) {
         call.asked()
@@ -635,9 +602,9 @@ fn logged<T>(req: &Request, f: impl FnOnce(&mut Call<'_>) -> Result<T, Error>) -
     };
     let networks = networks.join(",");
     match &outcome {
-        Ok(_) => info!(pod = %pod(), ifname = %req.ifname, %networks,
+        Ok(_) => info!(%pod, ifname = %req.ifname, %networks,
             outcome = call.nothing.unwrap_or("ok"), duration_ms = ms(), "{cmd}"),
-        Err(e) => warn!(pod = %pod(), ifname = %req.ifname, %networks, code = e.code,
+        Err(e) => warn!(%pod, ifname = %req.ifname, %networks, code = e.code,
             error = %e.msg, details = %e.details, duration_ms = ms(), "{cmd} failed"),
     }
     outcome
@@ -857,11 +824,7 @@ fn gc(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
             container_id: entry.container_id.clone(),
             ifname: entry.ifname.clone(),
         };
-        let record: Record = entry
-            .extra
-            .get(RECORD_KEY)
-            .and_then(|r| serde_json::from_value(r.clone()).ok())
-            .unwrap_or_default();
+        let record = Record::of(&entry).unwrap_or_default();
         if valid.contains(&att) {
             still_valid.extend(record.delegates.iter().map(|d| Attachment {
                 container_id: att.container_id.clone(),

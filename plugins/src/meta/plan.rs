@@ -80,10 +80,20 @@ pub struct Record {
     /// The etcd keys of the Attachment records ADD wrote, which DEL removes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<String>,
-    /// The pod's security-group table as the kernel listed it after ADD
-    /// (without handles and set elements), for CHECK.
+    /// The pod's security-group ruleset as ADD wrote it, without set
+    /// elements (`nft -j` input), for CHECK.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Value>,
+}
+
+/// The key of the record in a cache entry's extra fields.
+pub const RECORD_KEY: &str = "plexus";
+
+impl Record {
+    /// The record a cache entry holds, if it holds one that reads.
+    pub fn of(entry: &cni::cache::CacheEntry) -> Option<Record> {
+        serde_json::from_value(entry.extra.get(RECORD_KEY)?.clone()).ok()
+    }
 }
 
 /// Where one call's network definitions come from: `confDir`, or the central API.

@@ -62,16 +62,18 @@ fn request(cache_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
 
 /// `flock` on `f`'s open file; the lock stays with every descriptor of that
 /// open file (the publisher's stdin), not with this handle.
-fn lock(f: &File, wait: bool) -> Result<(), Errno> {
-    use nix::fcntl::FlockArg;
-    let arg = if wait {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    // `Flock` would unlock when dropped, taking the lock from the publisher.
-    #[allow(deprecated)]
-    nix::fcntl::flock(f.as_raw_fd(), arg)
+/// Tries until `deadline` (at least once), never blocking for long.
+fn lock(f: &File, deadline: Instant) -> Result<(), Errno> {
+    loop {
+        // `Flock` would unlock when dropped, taking the lock from the publisher.
+        #[allow(deprecated)]
+        match nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Err(Errno::EWOULDBLOCK | Errno::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// A publisher ready to start: its records journaled, its request written
@@ -169,15 +171,7 @@ fn locked(path: &Path, limit: Duration) -> Result<File, String> {
             .map_err(|e| fail(&e))?;
         // Never an unbounded wait on a stuck publisher: after `limit`, the
         // caller writes the records itself.
-        loop {
-            match lock(&f, false) {
-                Ok(()) => break,
-                Err(Errno::EWOULDBLOCK | Errno::EINTR) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(fail(&format!("locked by an earlier publisher: {e}"))),
-            }
-        }
+        lock(&f, deadline).map_err(|e| fail(&format!("locked by an earlier publisher: {e}")))?;
         let mine = f.metadata().map_err(|e| fail(&e))?;
         match fs::metadata(path) {
             Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => return Ok(f),
@@ -195,19 +189,9 @@ pub fn wait(cache_dir: &Path, container_id: &str, ifname: &str, limit: Duration)
     let Ok(f) = File::open(&path) else {
         return;
     };
-    let deadline = Instant::now() + limit;
-    loop {
-        match lock(&f, false) {
-            Ok(()) => break,
-            Err(Errno::EWOULDBLOCK) | Err(Errno::EINTR) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => {
-                warn!(container = %container_id, error = %e,
-                    "the Attachment records' publisher did not finish in time: removing them anyway");
-                break;
-            }
-        }
+    if let Err(e) = lock(&f, Instant::now() + limit) {
+        warn!(container = %container_id, error = %e,
+            "the Attachment records' publisher did not finish in time: removing them anyway");
     }
     let _ = fs::remove_file(&path);
 }
@@ -227,7 +211,7 @@ pub fn sweep(cache_dir: &Path, valid: &std::collections::BTreeSet<String>) -> us
             .ok()
             .and_then(|raw| serde_json::from_slice::<Job>(&raw).ok())
             .map(|j| j.container_id);
-        if container.is_some_and(|c| valid.contains(&c)) || lock(&f, false).is_err() {
+        if container.is_some_and(|c| valid.contains(&c)) || lock(&f, Instant::now()).is_err() {
             continue;
         }
         if fs::remove_file(&path).is_ok() {
