@@ -125,19 +125,7 @@ pub fn propagation(count: usize) -> Result<(), String> {
                     "metadata": {"name": name, "namespace": "default"}, "spec": {"rules": rules}}),
         )?;
     }
-    let list = cni::NetConfList::parse_value(&json!({
-        "cniVersion": "1.1.0", "name": "plexus",
-        "plugins": [{
-            "type": "plexus",
-            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-            "clusterNetwork": "pods",
-            "api": {"endpoints": etcd.endpoints()},
-            "nodeName": "node-1",
-            "cacheDir": node.plexus_cache(),
-            "logFile": node.log_file(),
-        }]
-    }))
-    .map_err(|e| e.to_string())?;
+    let list = node.plexus_api_list(json!({"endpoints": etcd.endpoints()}), "node-1");
     let (server_ns, server) = node.try_pod("default").map_err(|e| e.to_string())?;
     let server = server.annotate(&[
         ("k8s.v1.cni.cncf.io/networks", "data"),

@@ -137,6 +137,26 @@ impl Node {
         NetConfList::parse_value(&v).expect("plexus conflist")
     }
 
+    /// The node conflist with `plexus` reading definitions from the central
+    /// API (`api`: its etcd, as the node conf's `api` field), the
+    /// ClusterNetwork `pods` as the cluster network, as node `node_name`.
+    pub fn plexus_api_list(&self, api: Value, node_name: &str) -> NetConfList {
+        let v = json!({
+            "cniVersion": "1.1.0",
+            "name": "plexus",
+            "plugins": [{
+                "type": "plexus",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                "clusterNetwork": "pods",
+                "api": api,
+                "nodeName": node_name,
+                "cacheDir": self.plexus_cache(),
+                "logFile": self.log_file(),
+            }]
+        });
+        NetConfList::parse_value(&v).expect("plexus conflist")
+    }
+
     /// Writes a definition file into the conf dir.
     pub fn define(&self, file: &str, text: &str) {
         let path = self.conf_dir().join(file);

@@ -27,20 +27,10 @@ impl ApiNode {
     pub fn new(tag: &str) -> ApiNode {
         let node = Node::new(tag);
         let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
-        let list = NetConfList::parse_value(&json!({
-            "cniVersion": "1.1.0",
-            "name": "plexus",
-            "plugins": [{
-                "type": "plexus",
-                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-                "clusterNetwork": "pods",
-                "api": {"endpoints": etcd.endpoints(), "timeoutSeconds": 1},
-                "nodeName": NODE,
-                "cacheDir": node.plexus_cache(),
-                "logFile": node.log_file(),
-            }]
-        }))
-        .expect("plexus conflist");
+        let list = node.plexus_api_list(
+            json!({"endpoints": etcd.endpoints(), "timeoutSeconds": 1}),
+            NODE,
+        );
         let n = ApiNode { node, etcd, list };
         let ipam = n.node.ipam_dir();
         n.cluster_network(

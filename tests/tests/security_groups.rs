@@ -506,19 +506,10 @@ fn a_member_on_another_node_connects_across_nodes() {
         "ranges": [[{"subnet": "192.168.150.0/24"}], [{"subnet": "fd00:150::/64"}]]}});
     web_and_client(put, &data);
     let list = |n: &Node, name: &str| {
-        cni::NetConfList::parse_value(&json!({
-            "cniVersion": "1.1.0", "name": "plexus",
-            "plugins": [{
-                "type": "plexus",
-                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-                "clusterNetwork": "pods",
-                "api": {"endpoints": etcd.endpoints_on(), "timeoutSeconds": 2},
-                "nodeName": name,
-                "cacheDir": n.plexus_cache(),
-                "logFile": n.log_file(),
-            }]
-        }))
-        .expect("conflist")
+        n.plexus_api_list(
+            json!({"endpoints": etcd.endpoints_on(), "timeoutSeconds": 2}),
+            name,
+        )
     };
     let (l1, l2) = (list(&n1, "node-1"), list(&n2, "node-2"));
     let _agents = (
