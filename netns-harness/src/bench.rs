@@ -146,7 +146,9 @@ fn spans(log: &str, cmd: &str) -> Spans {
             s.netlink += d;
         } else if line.contains("record written") {
             s.records += d;
-        } else if line.contains("security groups applied") {
+        } else if line.contains("security groups applied")
+            || line.contains("security groups removed")
+        {
             s.groups += d;
         }
     }

@@ -54,7 +54,7 @@ pub fn run(cycles: usize) -> Result<(), String> {
     println!(
         "\nSecurity groups: cluster network plexus-veth + host-local, 1 secondary plexus-macvlan \
          + host-local, both dual stack; the secondary with two groups of 20 rules (one nftables \
-         table per pod, written by nft -j) or none"
+         table per pod, written over netlink) or none"
     );
     let rows = scenario(
         &node,

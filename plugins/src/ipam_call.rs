@@ -9,7 +9,7 @@ use cni::result::Route;
 use cni::{code, CniResult, Error};
 use serde_json::Value;
 
-use crate::netlink::Netns;
+use crate::kernel::netlink::Netns;
 
 /// The IPAM plugin of one request.
 pub struct Ipam<'a> {

@@ -6,7 +6,7 @@ use cni::plugin::Request;
 use cni::{code, Error};
 use serde_json::Value;
 
-use crate::netlink::SubLink;
+use crate::kernel::netlink::SubLink;
 use crate::sublink::{self, Conf, SubLinkPlugin};
 
 /// The plugin.

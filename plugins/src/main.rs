@@ -3,10 +3,10 @@
 mod ipam;
 mod ipam_call;
 mod ipvlan;
+mod kernel;
 mod log;
 mod macvlan;
 mod meta;
-mod netlink;
 mod sublink;
 mod veth;
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::ipam_call::{self, Ipam};
-use crate::netlink::{mac_string, Link, Netns, SubLink};
+use crate::kernel::netlink::{mac_string, Link, Netns, SubLink};
 
 /// A CHECK that finds the attachment different from what ADD made.
 pub const DRIFT: u32 = 100;

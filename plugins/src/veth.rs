@@ -17,7 +17,7 @@ use ipnetwork::IpNetwork;
 use tracing::warn;
 
 use crate::ipam_call::{self, Ipam};
-use crate::netlink::{mac_string, Link, Netns};
+use crate::kernel::netlink::{mac_string, Link, Netns};
 
 /// The pod's IPv4 gateway, answered by the host side.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

@@ -28,7 +28,7 @@ use ipam::store::etcd::EtcdStore;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
-use super::groups::{self, Filtered};
+use super::groups::{self, Filtered, Step};
 use super::journal::file_name;
 use super::node::NodeConf;
 use super::plan::Record;
@@ -206,10 +206,11 @@ impl Agent {
             }
             by_group.insert(g.to_string(), addrs);
         }
-        let shape = groups::ruleset(&filtered, &BTreeMap::new())?.to_string();
+        let ruleset = groups::ruleset(&filtered, &by_group)?;
+        let shape = serde_json::to_string(&groups::shape(&ruleset))
+            .map_err(|e| Error::new(cni::code::INTERNAL, e.to_string()))?;
         let same_rules = self.applied.get(&pod.key).is_some_and(|a| a.rules == shape);
         if !same_rules {
-            let ruleset = groups::ruleset(&filtered, &by_group)?;
             groups::apply(&pod.netns, &ruleset)?;
             // What CHECK accepts from now on (members aside).
             let dir = filters(&self.node.cache_dir);
@@ -228,23 +229,29 @@ impl Agent {
         let Some(applied) = self.applied.get_mut(&pod.key) else {
             return Ok(());
         };
-        let mut cmds = Vec::new();
+        let mut steps = Vec::new();
         for (set, want) in &elements {
             let have = applied.elements.get(set).cloned().unwrap_or_default();
-            let add: Vec<String> = want.difference(&have).map(IpAddr::to_string).collect();
-            let del: Vec<String> = have.difference(want).map(IpAddr::to_string).collect();
-            let element = |elem: Vec<String>| json!({"element": {"family": "inet", "table": groups::TABLE, "name": set, "elem": elem}});
+            let add: Vec<IpAddr> = want.difference(&have).copied().collect();
+            let del: Vec<IpAddr> = have.difference(want).copied().collect();
             if !add.is_empty() {
-                cmds.push(json!({"add": element(add)}));
+                steps.push(Step::AddElements {
+                    set: set.clone(),
+                    elements: add,
+                });
             }
             if !del.is_empty() {
-                cmds.push(json!({"delete": element(del)}));
+                steps.push(Step::DeleteElements {
+                    set: set.clone(),
+                    elements: del,
+                });
             }
         }
-        if cmds.is_empty() {
+        if steps.is_empty() {
             return Ok(());
         }
-        groups::apply(&pod.netns, &json!({"nftables": cmds}))?;
+        let cmds = steps;
+        groups::apply(&pod.netns, &cmds)?;
         debug!(pod = %pod.key, changes = cmds.len(), "security group members updated");
         applied.elements = elements;
         Ok(())

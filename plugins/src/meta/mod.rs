@@ -122,7 +122,9 @@ impl<'a> Call<'a> {
         debug!(interfaces = filtered.len(), groups = ?delegates.iter().flat_map(|d| d.groups.iter()).collect::<BTreeSet<_>>(),
             duration_ms = crate::log::ms_since(started), "security groups applied");
         // What CHECK compares the kernel's table with (members aside).
-        groups::ruleset(&filtered, &Default::default()).map(Some)
+        serde_json::to_value(groups::shape(&ruleset))
+            .map(Some)
+            .map_err(|e| Error::new(code::INTERNAL, format!("security groups: {e}")))
     }
 
     /// The networks as the pod asked for them (before a plan names them).
@@ -686,8 +688,13 @@ fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
             && !req.netns.is_empty()
             && netns.exists()
         {
-            if let Err(e) = groups::remove(netns) {
-                warn!(error = %e, "security groups: the pod's table not removed");
+            let started = std::time::Instant::now();
+            match groups::remove(netns) {
+                Ok(()) => debug!(
+                    duration_ms = crate::log::ms_since(started),
+                    "security groups removed"
+                ),
+                Err(e) => warn!(error = %e, "security groups: the pod's table not removed"),
             }
         }
         cni::error::combine(call.del_all(&record.delegates))?;
@@ -770,7 +777,17 @@ fn check(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
         let mut in_force = false;
         if let Some(have) = &have {
             for shape in std::iter::once(want).chain(agents.as_ref()) {
-                if groups::normalized(shape)? == *have {
+                let steps: Vec<groups::Step> =
+                    serde_json::from_value(shape.clone()).map_err(|e| {
+                        Error::new(
+                            code::INTERNAL,
+                            format!(
+                                "the recorded security groups of {} do not parse: {e}",
+                                req.container_id
+                            ),
+                        )
+                    })?;
+                if groups::normalized(&steps)? == *have {
                     in_force = true;
                     break;
                 }
@@ -928,7 +945,7 @@ fn default_routes(
     if wanted.is_empty() {
         return Ok(());
     }
-    let ns = crate::netlink::Netns::open(Path::new(&req.netns))?;
+    let ns = crate::kernel::netlink::Netns::open(Path::new(&req.netns))?;
     for (d, gw) in wanted {
         ns.replace_default_route(&d.ifname, gw)
             .map_err(|e| e.context(format!("network {:?} ({})", d.network, d.ifname)))?;
