@@ -110,11 +110,14 @@ fn timed_bin_dir(node: &Node, entry: &str, out: &Path) -> Result<PathBuf, String
 #[derive(Default)]
 struct Spans {
     call: f64,
+    /// Config, definitions and the plan.
+    plan: f64,
     ipam: f64,
     netlink: f64,
     records: f64,
     execd: f64,
-    groups: f64,
+    /// Written or removed on a thread of its own while the delegates attach.
+    groups_beside: f64,
 }
 
 fn duration_of(line: &str) -> f64 {
@@ -142,14 +145,16 @@ fn spans(log: &str, cmd: &str) -> Spans {
             } else if line.contains("run=\"exec'd\"") {
                 s.execd += d;
             }
+        } else if line.contains("}: planned") {
+            s.plan += d;
         } else if line.contains("}: netlink") {
             s.netlink += d;
         } else if line.contains("record written") {
             s.records += d;
-        } else if line.contains("security groups applied")
+        } else if line.contains("security groups applied beside")
             || line.contains("security groups removed")
         {
-            s.groups += d;
+            s.groups_beside += d;
         }
     }
     s
@@ -180,19 +185,21 @@ fn breakdown(node: &Node, v: &Variant) -> Result<(), String> {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     for (cmd, wall) in [("ADD", add), ("DEL", del)] {
         let s = spans(&text, cmd);
-        let rest = s.call - s.netlink - s.records - s.execd - s.groups;
+        let rest = s.call - s.plan - s.netlink - s.records - s.execd;
         println!(
-            "  {:<32} {cmd} {wall:>6.2}ms = process start/exit {:.2} + call {:.2} (netlink {:.2}, \
-             records {:.2}, exec'd delegates {:.2}, groups {:.2}, rest {:.2}; IPAM {:.2} beside)",
+            "  {:<32} {cmd} {wall:>6.2}ms = process start/exit {:.2} + call {:.2} (plan {:.2}, netlink {:.2}, \
+             records {:.2}, exec'd delegates {:.2}, rest {:.2}; IPAM {:.2}, security groups {:.2} \
+             beside)",
             v.label,
             wall - s.call,
             s.call,
+            s.plan,
             s.netlink,
             s.records,
             s.execd,
-            s.groups,
             rest.max(0.0),
-            s.ipam
+            s.ipam,
+            s.groups_beside
         );
     }
     Ok(())

@@ -142,6 +142,52 @@ fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
     node.assert_released(&client_ns, "DEL");
 }
 
+/// The table is written while the delegates attach; when the kernel
+/// refuses it, the ADD fails with its reason and nothing of the pod stays.
+#[test]
+fn a_table_the_kernel_refuses_undoes_the_add() {
+    let node = Node::new("sg-refused");
+    let ipam = node.ipam_dir();
+    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &["10.97.0.0/24"], &ipam));
+    node.define(
+        "web.yaml",
+        &group(
+            "a",
+            "web",
+            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN}]),
+        ),
+    );
+    let data = macvlan("1.0.0", &["192.168.97.0/24"], &ipam);
+    node.define(
+        "data.yaml",
+        &network_with_groups("a", "data", &data, &[("plexus.io/security-groups", "web")]),
+    );
+    let (ns, pod) = node.pod("a");
+    let pod = pod.networks("data");
+    // A chain `input` already there on another priority: the kernel
+    // refuses to hook Plexus' chain of that name differently.
+    kernel::ip(&[
+        "netns",
+        "exec",
+        ns.name(),
+        "nft",
+        "add table inet plexus; add chain inet plexus input \
+         { type filter hook input priority 10; }",
+    ])
+    .expect("a conflicting chain");
+    let err = node.runtime.add(&list, &pod).expect_err("ADD fails");
+    assert_eq!(err.code, 999, "{err:?}");
+    assert!(
+        err.msg.contains("security groups") && err.msg.contains("chain input"),
+        "the error names the groups and what the kernel refused: {err:?}"
+    );
+    node.assert_released(&ns, "the failed ADD");
+    assert!(!nft_table(&ns).contains("plexus"), "{}", nft_table(&ns));
+    node.runtime
+        .del(&list, &pod)
+        .expect("DEL after the failed ADD");
+}
+
 #[test]
 fn pods_choose_groups_only_where_allowed_and_unknown_groups_refuse_the_pod() {
     let node = Node::new("sg-refuse");

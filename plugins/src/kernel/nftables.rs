@@ -70,8 +70,6 @@ pub enum Verdict {
 pub enum Op {
     Eq = 0,
     Neq = 1,
-    Lte = 3,
-    Gte = 5,
 }
 
 /// Where a payload is read (`nft_payload_bases`).
@@ -104,6 +102,8 @@ pub enum Expr {
     /// Register 1 &= mask (its length is the register's).
     And(Vec<u8>),
     Cmp(Op, Vec<u8>),
+    /// Register 1 is within `from..=to` (compared as big-endian bytes).
+    Range(Vec<u8>, Vec<u8>),
     /// Register 1 is an element of the named set.
     Lookup(String),
     Verdict(Verdict),
@@ -179,6 +179,7 @@ impl Expr {
             Expr::Payload { .. } => "payload",
             Expr::And(_) => "bitwise",
             Expr::Cmp(..) => "cmp",
+            Expr::Range(..) => "range",
             Expr::Lookup(_) => "lookup",
             Expr::Verdict(_) => "immediate",
         }
@@ -217,6 +218,13 @@ impl Expr {
                 a.be32(1, REG);
                 a.be32(2, *op as u32);
                 a.data(3, value);
+            }
+            // NFTA_RANGE_SREG, _OP (NFT_RANGE_EQ), _FROM_DATA, _TO_DATA
+            Expr::Range(from, to) => {
+                a.be32(1, REG);
+                a.be32(2, 0);
+                a.data(3, from);
+                a.data(4, to);
             }
             // NFTA_LOOKUP_SET, _SREG
             Expr::Lookup(set) => {

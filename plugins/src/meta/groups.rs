@@ -74,18 +74,21 @@ pub fn set_name(group: &str, v6: bool) -> String {
     format!("g-{group}-{}", if v6 { "v6" } else { "v4" })
 }
 
-/// The families a rule applies to.
-fn families(r: &SecurityRule) -> Vec<bool> {
+/// The families a rule applies to, each as a rule of its own; `None`: one
+/// rule for both (no address in it tells them apart).
+fn families(r: &SecurityRule) -> Vec<Option<bool>> {
     match (r.ethertype.as_deref(), r.protocol.as_deref()) {
-        (Some("IPv4"), _) | (_, Some("icmp")) => vec![false],
-        (Some("IPv6"), _) | (_, Some("icmpv6")) => vec![true],
+        (Some("IPv4"), _) | (_, Some("icmp")) => vec![Some(false)],
+        (Some("IPv6"), _) | (_, Some("icmpv6")) => vec![Some(true)],
         _ => match r
             .remote_ip_prefix
             .as_deref()
             .and_then(|p| p.parse::<IpNetwork>().ok())
         {
-            Some(net) => vec![net.is_ipv6()],
-            None => vec![false, true],
+            Some(net) => vec![Some(net.is_ipv6())],
+            // A remote group's members are a set per family.
+            None if r.remote_group.is_some() => vec![Some(false), Some(true)],
+            None => vec![None],
         },
     }
 }
@@ -185,11 +188,16 @@ fn rule(chain: &str, matches: Vec<Match>, verdict: Action) -> Step {
     }
 }
 
-/// The conditions of one rule in one family.
-fn rule_matches(r: &SecurityRule, v6: bool, ingress: bool) -> Result<Vec<Match>, Error> {
+/// The conditions of one rule in one family (or both: `None`).
+fn rule_matches(
+    r: &SecurityRule,
+    family: Option<bool>,
+    ingress: bool,
+) -> Result<Vec<Match>, Error> {
     let bad = |why: String| Error::new(code::INVALID_NETWORK_CONFIG, why);
     let source = ingress;
-    let mut m = vec![Match::Family { v6 }];
+    let v6 = family.unwrap_or(false);
+    let mut m: Vec<Match> = family.map(|v6| Match::Family { v6 }).into_iter().collect();
     if let Some(p) = &r.remote_ip_prefix {
         let prefix: IpNetwork = p
             .parse()
@@ -349,8 +357,12 @@ pub fn ruleset(
             rules.extend(preamble(&mine));
             let direction = if ingress { "ingress" } else { "egress" };
             for r in all.iter().filter(|r| r.direction == direction) {
-                for v6 in families(r) {
-                    rules.push(rule(&mine, rule_matches(r, v6, ingress)?, Action::Accept));
+                for family in families(r) {
+                    rules.push(rule(
+                        &mine,
+                        rule_matches(r, family, ingress)?,
+                        Action::Accept,
+                    ));
                 }
             }
             rules.push(rule(&mine, Vec::new(), Action::Drop));
@@ -419,11 +431,20 @@ fn lower(m: &Match, out: &mut Vec<Expr>) {
                 (IpAddr::V6(n), IpAddr::V6(m)) => (n.octets().to_vec(), m.octets().to_vec()),
                 _ => return,
             };
-            out.push(address(*source, prefix.is_ipv6()));
-            if mask.iter().any(|b| *b != 0xff) {
-                out.push(Expr::And(mask));
+            let bits = usize::from(prefix.prefix());
+            let Expr::Payload { base, offset, len } = address(*source, prefix.is_ipv6()) else {
+                return;
+            };
+            if bits % 8 == 0 {
+                // Whole bytes: only those are loaded and compared.
+                let len = (bits / 8) as u32;
+                out.extend([
+                    Expr::Payload { base, offset, len },
+                    eq(ip[..bits / 8].to_vec()),
+                ]);
+            } else {
+                out.extend([Expr::Payload { base, offset, len }, Expr::And(mask), eq(ip)]);
             }
-            out.push(eq(ip));
         }
         Match::InSet { source, v6, set } => {
             out.extend([address(*source, *v6), Expr::Lookup(set.clone())]);
@@ -449,10 +470,7 @@ fn lower(m: &Match, out: &mut Vec<Expr>) {
             if lo == hi {
                 out.push(eq(bytes(*lo)));
             } else {
-                out.extend([
-                    Expr::Cmp(Op::Gte, bytes(*lo)),
-                    Expr::Cmp(Op::Lte, bytes(*hi)),
-                ]);
+                out.push(Expr::Range(bytes(*lo), bytes(*hi)));
             }
         }
     }
@@ -703,9 +721,12 @@ mod tests {
         assert_eq!(
             exprs[2..],
             [
-                address(true, true),
-                Expr::And([vec![0xff], vec![0; 15]].concat()),
-                Expr::Cmp(Op::Eq, [vec![0xfd], vec![0; 15]].concat()),
+                Expr::Payload {
+                    base: Base::Network,
+                    offset: 8,
+                    len: 1
+                },
+                Expr::Cmp(Op::Eq, vec![0xfd]),
                 Expr::Meta(MetaKey::L4Proto),
                 Expr::Cmp(Op::Eq, vec![UDP]),
                 Expr::Payload {
@@ -713,8 +734,7 @@ mod tests {
                     offset: 2,
                     len: 2
                 },
-                Expr::Cmp(Op::Gte, 53u16.to_be_bytes().to_vec()),
-                Expr::Cmp(Op::Lte, 54u16.to_be_bytes().to_vec()),
+                Expr::Range(53u16.to_be_bytes().to_vec(), 54u16.to_be_bytes().to_vec()),
             ]
         );
     }

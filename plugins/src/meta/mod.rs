@@ -12,6 +12,7 @@ mod plan;
 pub mod publisher;
 mod selection;
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -49,6 +50,11 @@ struct Call<'a> {
     networks: Vec<String>,
     /// How the call ended when it did nothing (`already detached`).
     nothing: Option<&'static str>,
+    /// The thread writing the pod's security-group table while the
+    /// delegates attach (see [`Call::start_filter`]).
+    filtering: Cell<Option<std::thread::JoinHandle<Result<(), Error>>>>,
+    /// Whether this ADD may have put a security-group table in the pod.
+    filtered: Cell<bool>,
 }
 
 impl<'a> Call<'a> {
@@ -71,12 +77,18 @@ impl<'a> Call<'a> {
             pod_ns,
             networks: Vec::new(),
             nothing: None,
+            filtering: Cell::new(None),
+            filtered: Cell::new(false),
         })
     }
 
-    /// Puts the delegates' security groups in the pod's netns; the ruleset
-    /// without members, which CHECK compares the kernel's table with.
-    fn filter(&mut self, delegates: &[Delegate]) -> Result<Option<Value>, Error> {
+    /// Starts writing the delegates' security groups into the pod's netns,
+    /// on a thread, while the delegates attach: the table is in force
+    /// before any of its interfaces exists. Members of remote groups come
+    /// from the API's Attachment records; the pod's own addresses, not
+    /// known yet, are added by [`Call::finish_filter`]. Returns the
+    /// table's steps.
+    fn start_filter(&mut self, delegates: &[Delegate]) -> Result<Vec<groups::Step>, Error> {
         let remote = groups::remote_groups(delegates.iter().flat_map(|d| d.rules.iter()));
         let mut members: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
         if !remote.is_empty() {
@@ -101,12 +113,6 @@ impl<'a> Call<'a> {
                     "members of remote groups unknown (etcd): their traffic is refused until they are"),
             }
         }
-        // The pod itself is a member of its groups.
-        for d in delegates {
-            let Some(raw) = &d.result else { continue };
-            let (addresses, _) = attachments::addresses(raw, &d.ifname);
-            groups::add_members(&mut members, &d.groups, &addresses);
-        }
         let filtered: Vec<groups::Filtered<'_>> = delegates
             .iter()
             .filter(|d| !d.groups.is_empty())
@@ -115,15 +121,83 @@ impl<'a> Call<'a> {
                 rules: &d.rules,
             })
             .collect();
-        let ruleset = groups::ruleset(&filtered, &members)?;
-        let netns = Path::new(&self.req.netns);
-        let started = std::time::Instant::now();
-        groups::apply(netns, &ruleset)?;
-        debug!(interfaces = filtered.len(), groups = ?delegates.iter().flat_map(|d| d.groups.iter()).collect::<BTreeSet<_>>(),
-            duration_ms = crate::log::ms_since(started), "security groups applied");
-        // What CHECK compares the kernel's table with (members aside).
-        serde_json::to_value(groups::shape(&ruleset))
-            .map(Some)
+        let steps = groups::ruleset(&filtered, &members)?;
+        let netns = std::path::PathBuf::from(&self.req.netns);
+        let span = tracing::Span::current();
+        let interfaces = filtered.len();
+        let writing = steps.clone();
+        self.filtered.set(true);
+        let thread = std::thread::Builder::new()
+            .spawn(move || {
+                let _entered = span.enter();
+                let started = std::time::Instant::now();
+                groups::apply(&netns, &writing)?;
+                debug!(
+                    interfaces,
+                    duration_ms = crate::log::ms_since(started),
+                    "security groups applied beside the delegates"
+                );
+                Ok(())
+            })
+            .map_err(|e| Error::new(code::INTERNAL, format!("security groups: no thread: {e}")))?;
+        self.filtering.set(Some(thread));
+        Ok(steps)
+    }
+
+    /// Waits for the table [`Call::start_filter`] writes.
+    fn join_filter(&self) -> Result<(), Error> {
+        match self.filtering.take() {
+            None => Ok(()),
+            Some(t) => t.join().unwrap_or_else(|_| {
+                Err(Error::new(
+                    code::INTERNAL,
+                    "security groups: the thread panicked",
+                ))
+            }),
+        }
+    }
+
+    /// Once the delegates attached: the table is in force, and the pod's
+    /// own addresses are in the sets of its groups that its rules name.
+    /// The table's shape (its steps without members), which CHECK compares
+    /// the kernel's table with.
+    fn finish_filter(
+        &self,
+        delegates: &[Delegate],
+        steps: &[groups::Step],
+    ) -> Result<Value, Error> {
+        self.join_filter()?;
+        let mut own: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
+        for d in delegates {
+            let Some(raw) = &d.result else { continue };
+            let (addresses, _) = attachments::addresses(raw, &d.ifname);
+            groups::add_members(&mut own, &d.groups, &addresses);
+        }
+        let sets: BTreeSet<&str> = steps
+            .iter()
+            .filter_map(|s| match s {
+                groups::Step::AddSet { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut adds = Vec::new();
+        for (group, addresses) in &own {
+            for v6 in [false, true] {
+                let set = groups::set_name(group, v6);
+                let elements: Vec<IpAddr> = addresses
+                    .iter()
+                    .filter(|a| a.is_ipv6() == v6)
+                    .copied()
+                    .collect();
+                if sets.contains(set.as_str()) && !elements.is_empty() {
+                    adds.push(groups::Step::AddElements { set, elements });
+                }
+            }
+        }
+        if !adds.is_empty() {
+            groups::apply(Path::new(&self.req.netns), &adds)?;
+        }
+        serde_json::to_value(groups::shape(steps))
             .map_err(|e| Error::new(code::INTERNAL, format!("security groups: {e}")))
     }
 
@@ -292,13 +366,24 @@ impl<'a> Call<'a> {
         attached: &[Delegate],
         failed: Option<&Delegate>,
     ) -> Vec<String> {
+        // The security-group table, written beside the delegates, goes
+        // with them.
+        if let Err(e) = self.join_filter() {
+            warn!(error = %e, "security groups were not applied");
+        }
+        let mut table_left = None;
+        if self.filtered.take() && Path::new(&self.req.netns).exists() {
+            if let Err(e) = groups::remove(Path::new(&self.req.netns)) {
+                table_left = Some(format!("security groups: {e}"));
+            }
+        }
         if let Some(d) = failed {
             for err in self.del_all(std::slice::from_ref(d)) {
                 warn!(error = %err, "cleanup of the failed delegate: ignored");
             }
         }
         let mut left = Vec::new();
-        let mut undo_errors = Vec::new();
+        let mut undo_errors: Vec<String> = table_left.into_iter().collect();
         for d in attached.iter().rev() {
             if let Some(err) = self.del_all(std::slice::from_ref(d)).pop() {
                 undo_errors.push(err.to_string());
@@ -407,10 +492,16 @@ impl Call<'_> {
 
 /// One attempt at an ADD: plans, attaches every delegate, records.
 fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
+    let planning = std::time::Instant::now();
     let mut delegates = match call.plan_runnable() {
         Ok(d) => d,
         Err(e) => return call.failed(e, true),
     };
+    debug!(
+        delegates = delegates.len(),
+        duration_ms = crate::log::ms_since(planning),
+        "planned"
+    );
     // Record the intent first: a crash half-way still leaves DEL a list.
     let mut entry = call.new_entry();
     // The record names the Attachment records from the start: a DEL
@@ -421,6 +512,15 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         filter: None,
     };
     call.save(&mut entry, &record)?;
+    // A network with groups whose table cannot be written attaches nothing.
+    let filter = if delegates.iter().any(|d| !d.groups.is_empty()) {
+        match call.start_filter(&delegates) {
+            Ok(steps) => Some(steps),
+            Err(e) => return Err(call.undo(e.context("security groups"), &mut entry, &[], None)),
+        }
+    } else {
+        None
+    };
     let mut merged: Option<CniResult> = None;
     for i in 0..delegates.len() {
         let d = &delegates[i];
@@ -488,16 +588,12 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     }
     // Security groups: the pod never runs unfiltered on a network whose
     // groups say otherwise; if they cannot be put in place, nothing stays.
-    if delegates.iter().any(|d| !d.groups.is_empty()) {
-        match call.filter(&delegates) {
-            Ok(shape) => record.filter = shape,
+    if let Some(steps) = &filter {
+        match call.finish_filter(&delegates, steps) {
+            Ok(shape) => record.filter = Some(shape),
             Err(e) => {
                 let e = e.context("security groups");
                 warn!(error = %e, "security groups not applied, undoing");
-                // nft applies all or nothing; a table that is there goes.
-                if let Err(gone) = groups::remove(Path::new(&req.netns)) {
-                    warn!(error = %gone, "security groups: the pod's table not removed");
-                }
                 return Err(call.undo(e, &mut entry, &delegates, None));
             }
         }
@@ -684,20 +780,33 @@ fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
     if let Some((_, record)) = call.record() {
         call.planned(&record.delegates);
         let netns = Path::new(&req.netns);
-        if record.delegates.iter().any(|d| !d.groups.is_empty())
+        let filtered = record.delegates.iter().any(|d| !d.groups.is_empty())
             && !req.netns.is_empty()
-            && netns.exists()
-        {
-            let started = std::time::Instant::now();
-            match groups::remove(netns) {
-                Ok(()) => debug!(
-                    duration_ms = crate::log::ms_since(started),
-                    "security groups removed"
-                ),
-                Err(e) => warn!(error = %e, "security groups: the pod's table not removed"),
+            && netns.exists();
+        // The table goes on a thread of its own while the delegates
+        // detach: the kernel's wait to unhook its chains overlaps theirs.
+        let deleted = std::thread::scope(|s| {
+            let span = tracing::Span::current();
+            let removing = filtered.then(|| {
+                s.spawn(move || {
+                    let _entered = span.enter();
+                    let started = std::time::Instant::now();
+                    match groups::remove(netns) {
+                        Ok(()) => debug!(
+                            duration_ms = crate::log::ms_since(started),
+                            "security groups removed"
+                        ),
+                        Err(e) => warn!(error = %e, "security groups: the pod's table not removed"),
+                    }
+                })
+            });
+            let deleted = call.del_all(&record.delegates);
+            if let Some(t) = removing {
+                let _ = t.join();
             }
-        }
-        cni::error::combine(call.del_all(&record.delegates))?;
+            deleted
+        });
+        cni::error::combine(deleted)?;
         let journal = call.journal();
         if let Some(conf) = &call.node.api {
             // The records are removed after they were written (the
