@@ -160,6 +160,40 @@ pub fn snapshot(ns: &str) -> io::Result<Vec<String>> {
     Ok(lines)
 }
 
+/// Plexus' table in `ns` as `nft -j` lists it, without handles and set
+/// elements: its chains, rules and sets. `Null` when there is none.
+pub fn nft_table_shape(ns: &str) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("handle");
+                m.remove("elem");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let out = ip(&[
+        "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "plexus",
+    ])
+    .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut items: Vec<serde_json::Value> = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i.get("metainfo").is_none())
+        .cloned()
+        .collect();
+    items.iter_mut().for_each(strip);
+    if items.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Array(items)
+    }
+}
+
 /// The elements of set `set` of Plexus' table (`inet plexus`) in netns
 /// `ns`, sorted; none when there is no such set.
 pub fn nft_set_elements(ns: &str, set: &str) -> Vec<String> {

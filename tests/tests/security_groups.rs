@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use conf::api::{NAD, SECURITY_GROUP};
-use netns_harness::etcd::EtcdCluster;
+use netns_harness::etcd::{EtcdCluster, Tls};
+use netns_harness::plexusd::Plexusd;
 use netns_harness::probe::{self, EchoServer};
 use netns_harness::{kernel, Netns};
 use plexus_tests::*;
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 const OPEN: u16 = 8080;
 const SHUT: u16 = 8081;
 const WAIT: Duration = Duration::from_millis(400);
+const TENANT_TOKEN: &str = "tenant-a-token-0123456";
 
 fn addr(ns: &Netns, dev: &str, v6: bool) -> IpAddr {
     addr_ip(&family_addrs(ns.name(), dev, v6)[0])
@@ -409,6 +411,31 @@ fn the_agent_keeps_members_and_rules_current() {
         ]);
         (ns, pod)
     };
+    // Rules change as a tenant admin changes them: plexusctl, plexusd.
+    let (tls, _) = Tls::generate(n.node.scratch.path()).expect("certificates");
+    let plexusd = Plexusd::start_in(
+        &n.node.scratch,
+        &n.etcd.endpoints(),
+        &tls,
+        &[(TENANT_TOKEN, "bob", &["plexus:tenant:a"])],
+        &[],
+        Some(&n.node.netns),
+    )
+    .expect("plexusd");
+    let apply = |ports: &[u16]| {
+        let out = plexusd
+            .plexusctl(
+                TENANT_TOKEN,
+                &["apply", "-f", "-"],
+                Some(&web(ports).to_string()),
+            )
+            .expect("plexusctl");
+        assert!(
+            out.status.success(),
+            "plexusctl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let (server_ns, server) = pod_in("web");
     n.node.runtime.add(&n.list, &server).expect("ADD server");
     let _echo = (
@@ -434,13 +461,40 @@ fn the_agent_keeps_members_and_rules_current() {
     .expect("the other node's member in the set within 2 s");
     took.push(("member elsewhere", t));
     // A rule added: in force within 2 s.
-    n.put(&SECURITY_GROUP.key(Some("a"), "web"), &web(&[OPEN, SHUT]));
+    apply(&[OPEN, SHUT]);
     let t = within(limit, || tcp_ok(&c1_ns, target, SHUT)).expect("new rule within 2 s");
     took.push(("rule added", t));
     n.node
         .runtime
         .check(&n.list, &server)
         .expect("CHECK after the agent rewrote the rules");
+    // Bad rules: refused by plexusd, each with its field path; no node's
+    // table changes.
+    let before = kernel::nft_table_shape(server_ns.name());
+    let mut bad = web(&[]);
+    bad["spec"]["rules"] = json!([
+        {"direction": "ingress", "protocol": "tcp", "portRangeMin": 90, "portRangeMax": 80},
+        {"direction": "ingress", "protocol": "gre"},
+        {"direction": "ingress", "protocol": "tcp", "portRangeMin": 22, "remoteGroup": "b/client"}
+    ]);
+    let out = plexusd
+        .plexusctl(TENANT_TOKEN, &["apply", "-f", "-"], Some(&bad.to_string()))
+        .expect("plexusctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bad rules refused: {err}");
+    for path in [
+        "spec.rules[0].portRangeMax",
+        "spec.rules[1].protocol",
+        "spec.rules[2].remoteGroup",
+    ] {
+        assert!(err.contains(path), "the refusal names {path}: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        kernel::nft_table_shape(server_ns.name()),
+        before,
+        "nothing changed"
+    );
     // A member that leaves: out within 2 s.
     let c1_addr = addr(&c1_ns, "net1", false).to_string();
     n.node.runtime.del(&n.list, &c1).expect("DEL client 1");
@@ -451,10 +505,12 @@ fn the_agent_keeps_members_and_rules_current() {
     took.push(("member left", t));
     println!("agent propagation: {took:?}");
 
-    // Killed; meanwhile members change and etcd goes away and comes back.
+    // Killed; meanwhile members and a rule change, and etcd goes away and
+    // comes back.
     agent.kill();
     n.etcd.etcdctl(0, &["del", &f1]).expect("remove remote-1");
     foreign_member(&n, "remote-2", "192.168.99.202/24");
+    apply(&[SHUT]);
     n.etcd.stop_member(0).expect("stop etcd");
     let _agent = n.node.start_agent(&n.list).expect("agent again");
     std::thread::sleep(Duration::from_millis(500));
@@ -469,6 +525,32 @@ fn the_agent_keeps_members_and_rules_current() {
             set_elements(&server_ns, "g-client-v4")
         )
     });
+    // Exactly what the API says: the table a pod of the same groups gets
+    // from a fresh ADD now, rule for rule.
+    let (fresh_ns, fresh) = pod_in("web");
+    n.node
+        .runtime
+        .add(&n.list, &fresh)
+        .expect("ADD a fresh web pod");
+    let expected = kernel::nft_table_shape(fresh_ns.name());
+    assert!(
+        expected.to_string().contains(&format!("{SHUT}"))
+            && !expected.to_string().contains(&format!("{OPEN}")),
+        "the fresh pod has the rule as changed: {expected}"
+    );
+    within(Duration::from_secs(10), || {
+        kernel::nft_table_shape(server_ns.name()) == expected
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "after the resync the server's table is {} instead of {expected}",
+            kernel::nft_table_shape(server_ns.name())
+        )
+    });
+    n.node
+        .runtime
+        .del(&n.list, &fresh)
+        .expect("DEL the fresh pod");
     n.node.runtime.del(&n.list, &server).expect("DEL server");
     n.node.assert_released(&server_ns, "DEL");
     n.node.assert_released(&c1_ns, "DEL");
