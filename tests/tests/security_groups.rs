@@ -133,15 +133,32 @@ fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
     let err = node.runtime.check(&list, &server).expect_err("drift");
     assert!(err.msg.contains("security groups"), "{err:?}");
 
-    for pod in [&server, &client] {
-        node.runtime.del(&list, pod).expect("DEL");
-    }
+    // GC of the client, whose sandbox is still there but no longer valid:
+    // its table goes with its interfaces.
+    let valid = [cni::config::Attachment {
+        container_id: server.container_id.clone(),
+        ifname: "eth0".into(),
+    }];
+    let mut gc_list = list.clone();
+    gc_list.cni_version = "1.1.0".into();
+    node.runtime.gc(&gc_list, &valid).expect("GC");
+    assert!(
+        !nft_table(&client_ns).contains("plexus"),
+        "the table goes with GC: {}",
+        nft_table(&client_ns)
+    );
+    assert_eq!(
+        kernel::link_names(client_ns.name()).expect("links"),
+        ["lo"],
+        "GC took the client's interfaces"
+    );
+    node.runtime.del(&list, &server).expect("DEL");
     assert!(
         !nft_table(&server_ns).contains("plexus"),
         "the table goes with DEL"
     );
-    node.assert_released(&server_ns, "DEL");
-    node.assert_released(&client_ns, "DEL");
+    // No lease or record of either pod is left: GC released the client's.
+    node.assert_released(&server_ns, "DEL and GC");
 }
 
 /// The table is written while the delegates attach; when the kernel

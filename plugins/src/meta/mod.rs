@@ -975,7 +975,13 @@ fn gc(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
             req: &del_req,
             ..Call::new(req)?
         };
-        let failed = stale.del_all(&record.delegates);
+        let mut failed = Vec::new();
+        if !del_req.netns.is_empty() && record.delegates.iter().any(|d| !d.groups.is_empty()) {
+            if let Err(e) = groups::remove(Path::new(&del_req.netns)) {
+                failed.push(e.context("security groups"));
+            }
+        }
+        failed.extend(stale.del_all(&record.delegates));
         if failed.is_empty() {
             let _ = call
                 .cache
