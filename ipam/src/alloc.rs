@@ -24,6 +24,16 @@ use crate::Error;
 /// Transactions that fail their comparison this many times in a row give up.
 const MAX_ATTEMPTS: usize = 64;
 
+/// A node looking for a block to claim reads the claims of this many
+/// candidate blocks at once (one round trip), never every claim of the pool:
+/// that would cost each claim O(nodes).
+const PROBE_WINDOW: usize = 32;
+
+/// Windows read, each from another start point, before a node concludes the
+/// pool is nearly full and reads every claim (to claim what is left, or to
+/// borrow).
+const PROBES: usize = 4;
+
 /// What this node knows of one pool.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PoolCache {
@@ -58,6 +68,15 @@ pub struct Stats {
     pub claims: u64,
     /// Addresses taken from another node's block.
     pub borrows: u64,
+    /// Bytes of the values written by transactions that succeeded.
+    pub written: u64,
+}
+
+/// How a claim ended.
+enum Claim {
+    Won,
+    /// Another claim got there first: its node, when the answer named it.
+    Lost(Option<String>),
 }
 
 /// An address chosen for a handle, not yet written.
@@ -89,6 +108,22 @@ fn spread(node: &str) -> u64 {
     node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The `n`-th of a node's further start points.
+fn respread(node: &str, n: usize) -> u64 {
+    spread(&format!("{node}#{n}"))
+}
+
+/// The bytes a transaction's writes carry.
+fn written(txn: &Txn) -> u64 {
+    txn.success
+        .iter()
+        .map(|op| match op {
+            crate::store::Op::Put(k, v) => (k.len() + v.len()) as u64,
+            crate::store::Op::Delete(k) => k.len() as u64,
+        })
+        .sum()
 }
 
 impl<S: Store> Allocator<S> {
@@ -336,9 +371,11 @@ impl<S: Store> Allocator<S> {
                     .or_read(&p.key);
             }
             txn = txn.put(&hkey, encode(&record)?);
+            let bytes = written(&txn);
             let out = self.store.txn(txn)?;
             self.stats.txns += 1;
             if out.succeeded {
+                self.stats.written += bytes;
                 for p in picks.into_iter().filter(|p| p.own) {
                     self.remember(pool, p.key, out.revision, p.block);
                 }
@@ -407,10 +444,12 @@ impl<S: Store> Allocator<S> {
             for (key, (rev, block)) in &blocks {
                 txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
             }
+            let bytes = written(&txn);
             let out = self.store.txn(txn)?;
             self.stats.txns += 1;
             let own = node_blocks_prefix(&record.pool, &self.node);
             if out.succeeded {
+                self.stats.written += bytes;
                 for (key, (_, block)) in blocks {
                     if key.starts_with(&own) {
                         self.remember_in(&record.pool, key, out.revision, block);
@@ -519,6 +558,71 @@ impl<S: Store> Allocator<S> {
         if let Some(p) = self.free_in_own(pool, family) {
             return Ok(p);
         }
+        // A block near one of this node's start points whose claim the
+        // window read shows free; which of the free ones is the node's own
+        // pick, so that nodes whose start points meet rarely race.
+        let mut seen: BTreeMap<BlockCidr, bool> = BTreeMap::new();
+        for probe in 0..PROBES {
+            let start = if probe == 0 {
+                spread(&self.node)
+            } else {
+                respread(&self.node, probe)
+            };
+            let window: Vec<BlockCidr> = pool
+                .blocks(family, start)
+                .filter(|b| !seen.contains_key(b) && Block::default().free(pool, *b).is_some())
+                .take(PROBE_WINDOW)
+                .collect();
+            if window.is_empty() {
+                break;
+            }
+            let keys: Vec<String> = window.iter().map(|b| claim_key(&pool.name, *b)).collect();
+            let claimed: BTreeMap<String, String> = self
+                .store
+                .get_many(&keys)?
+                .into_iter()
+                .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+                .collect();
+            if claimed.values().any(|n| n == &self.node) && self.claimed_unknown(pool, &claimed) {
+                // Claimed by an earlier run whose answer was lost, or by
+                // another process of this node.
+                self.load(pool, true)?;
+                if let Some(p) = self.free_in_own(pool, family) {
+                    return Ok(p);
+                }
+            }
+            let mut free: Vec<BlockCidr> = Vec::new();
+            for (b, k) in window.iter().zip(&keys) {
+                let taken = claimed.contains_key(k);
+                seen.insert(*b, taken);
+                if !taken {
+                    free.push(*b);
+                }
+            }
+            while !free.is_empty() {
+                let i = (respread(&self.node, PROBES + probe) % free.len() as u64) as usize;
+                let cidr = free.swap_remove(i);
+                match self.claim(pool, cidr)? {
+                    Claim::Won => {
+                        if let Some(p) = self.free_in_own(pool, family) {
+                            return Ok(p);
+                        }
+                    }
+                    Claim::Lost(Some(owner)) if owner == self.node => {
+                        self.load(pool, true)?;
+                        if let Some(p) = self.free_in_own(pool, family) {
+                            return Ok(p);
+                        }
+                    }
+                    Claim::Lost(_) => {
+                        seen.insert(cidr, true);
+                    }
+                }
+            }
+        }
+        // Wherever this node looked, blocks were claimed: the pool is nearly
+        // full. Every claim decides: one left to claim, or an address to
+        // borrow.
         for _ in 0..MAX_ATTEMPTS {
             let claims = self.claims(pool)?;
             let mine_unknown = claims.iter().any(|(k, n)| {
@@ -529,8 +633,6 @@ impl<S: Store> Allocator<S> {
                     })
             });
             if mine_unknown {
-                // Claimed by an earlier run whose answer was lost, or by
-                // another process of this node.
                 self.load(pool, true)?;
                 if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
@@ -542,7 +644,7 @@ impl<S: Store> Allocator<S> {
             let Some(cidr) = candidate else {
                 return self.borrow(pool, family, &claims);
             };
-            if self.claim(pool, cidr)? {
+            if let Claim::Won = self.claim(pool, cidr)? {
                 if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
                 }
@@ -553,22 +655,39 @@ impl<S: Store> Allocator<S> {
         })
     }
 
-    /// Claims `cidr` for this node with an empty block; false when another
-    /// claim got there first.
-    fn claim(&mut self, pool: &Pool, cidr: BlockCidr) -> Result<bool, Error> {
+    /// Whether `claimed` (claim key → node) names a block of this node's
+    /// that its cache does not hold.
+    fn claimed_unknown(&self, pool: &Pool, claimed: &BTreeMap<String, String>) -> bool {
+        let prefix = claim_prefix(&pool.name);
+        claimed.iter().any(|(k, n)| {
+            n == &self.node
+                && k.strip_prefix(&prefix)
+                    .and_then(BlockCidr::parse_key)
+                    .is_some_and(|b| {
+                        !self.cache.get(&pool.name).is_some_and(|c| {
+                            c.blocks
+                                .contains_key(&block_key(&pool.name, &self.node, b))
+                        })
+                    })
+        })
+    }
+
+    /// Claims `cidr` for this node with an empty block.
+    fn claim(&mut self, pool: &Pool, cidr: BlockCidr) -> Result<Claim, Error> {
         let ckey = claim_key(&pool.name, cidr);
         let bkey = block_key(&pool.name, &self.node, cidr);
         let pkey = pool_key(&pool.name);
         let pool_rev = self.pool_rev(pool)?;
-        let out = self.store.txn(
-            Txn::default()
-                .when(&ckey, 0)
-                .when(&bkey, 0)
-                .when(&pkey, pool_rev)
-                .or_read(&pkey)
-                .put(&ckey, self.node.as_bytes().to_vec())
-                .put(&bkey, encode(&Block::default())?),
-        )?;
+        let txn = Txn::default()
+            .when(&ckey, 0)
+            .when(&bkey, 0)
+            .when(&pkey, pool_rev)
+            .or_read(&pkey)
+            .or_read(&ckey)
+            .put(&ckey, self.node.as_bytes().to_vec())
+            .put(&bkey, encode(&Block::default())?);
+        let bytes = written(&txn);
+        let out = self.store.txn(txn)?;
         self.stats.txns += 1;
         if !out.succeeded && out.read(&pkey).map_or(0, |kv| kv.mod_rev) != pool_rev {
             return Err(Error::PoolChanged {
@@ -577,11 +696,15 @@ impl<S: Store> Allocator<S> {
         }
         if out.succeeded {
             self.stats.claims += 1;
+            self.stats.written += bytes;
             self.remember(pool, bkey, out.revision, Block::default());
-        } else {
-            self.stats.conflicts += 1;
+            return Ok(Claim::Won);
         }
-        Ok(out.succeeded)
+        self.stats.conflicts += 1;
+        Ok(Claim::Lost(
+            out.read(&ckey)
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+        ))
     }
 
     /// Every claimed block of `pool` and its node.

@@ -154,6 +154,20 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// Another store on this one's connection (one thread at a time, as
+    /// for [`EtcdStore::connect_shared`]): many simulated nodes of one
+    /// bench thread, each an allocator of its own.
+    pub fn share(&self) -> EtcdStore {
+        EtcdStore {
+            rt: self.rt.clone(),
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            endpoints: self.endpoints.clone(),
+            timeout: self.timeout,
+            deadline: self.deadline,
+        }
+    }
+
     /// No call returns later than `deadline`.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
@@ -318,6 +332,23 @@ impl Store for EtcdStore {
             async move { c.get(full, None).await }
         })?;
         Ok(resp.kvs().first().map(|kv| self.kv(kv)))
+    }
+
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
+        let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(self.full(k), None)).collect();
+        let resp = self.retry("gets", |mut c| {
+            let t = EtcdTxn::new().and_then(gets.clone());
+            async move { c.txn(t).await }
+        })?;
+        Ok(resp
+            .op_responses()
+            .iter()
+            .filter_map(|op| match op {
+                TxnOpResponse::Get(g) => Some(g.kvs().iter().map(|kv| self.kv(kv)).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect())
     }
 
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {

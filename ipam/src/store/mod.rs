@@ -72,6 +72,15 @@ impl TxnOutcome {
 /// A store. Keys are relative to the store's own prefix or directory.
 pub trait Store: Send {
     fn get(&mut self, key: &str) -> Result<Option<Kv>, Error>;
+    /// Those of `keys` that exist, read at one revision where the store can
+    /// (etcd: one round trip).
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
+        let mut out = Vec::new();
+        for k in keys {
+            out.extend(self.get(k)?);
+        }
+        Ok(out)
+    }
     /// Every key under `prefix` (which ends with `/`), in key order.
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error>;
     fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error>;
@@ -82,6 +91,9 @@ pub trait Store: Send {
 impl<S: Store + ?Sized> Store for Box<S> {
     fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
         (**self).get(key)
+    }
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
+        (**self).get_many(keys)
     }
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
         (**self).range(prefix)
