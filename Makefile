@@ -13,7 +13,7 @@ TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 TRIPLE    = $(shell rustc -vV | sed -n 's/^host: //p')
 RELEASE   = $(TARGET)/$(TRIPLE)/release
 
-.PHONY: all deps build build-release lint test demo bench install clean
+.PHONY: all deps build build-release lint test demo bench bench-scale install clean
 
 all: build
 
@@ -49,6 +49,11 @@ demo: build
 
 bench: build-release
 	PLEXUS_BIN=$(RELEASE)/plexus $(RELEASE)/netns-harness bench $(CYCLES)
+
+# plexus-ipam in simulated clusters of 8, 64, 512 and 5,000 nodes against one
+# 3-member etcd (not in `make test`; a few minutes). NODES="8 5000" for others.
+bench-scale: build-release
+	$(RELEASE)/netns-harness bench-scale $(NODES)
 
 # The multi-call binary and one link per plugin name it answers to.
 PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-ipam

@@ -665,8 +665,7 @@ impl<S: Store> Allocator<S> {
                     .and_then(BlockCidr::parse_key)
                     .is_some_and(|b| {
                         !self.cache.get(&pool.name).is_some_and(|c| {
-                            c.blocks
-                                .contains_key(&block_key(&pool.name, &self.node, b))
+                            c.blocks.contains_key(&block_key(&pool.name, &self.node, b))
                         })
                     })
         })
@@ -812,5 +811,85 @@ impl<S: Store> Allocator<S> {
         Err(Error::Contended {
             what: format!("claiming the block of {ip}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::store::local::LocalStore;
+    use crate::store::Kv;
+
+    /// A store that counts reads of every claim of a pool.
+    struct Counting {
+        inner: LocalStore,
+        claim_ranges: usize,
+    }
+
+    impl Store for Counting {
+        fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
+            self.inner.get(key)
+        }
+        fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
+            if prefix.starts_with("claims/") {
+                self.claim_ranges += 1;
+            }
+            self.inner.range(prefix)
+        }
+        fn txn(&mut self, txn: Txn) -> Result<crate::store::TxnOutcome, Error> {
+            self.inner.txn(txn)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    fn pool(v4: &str, v6: &str) -> Pool {
+        serde_json::from_value::<Pool>(serde_json::json!({
+            "name": "pods",
+            "ranges": [{"subnet": v4}, {"subnet": v6}],
+            "blockSizes": {"ipv4": 26, "ipv6": 122},
+        }))
+        .expect("pool")
+        .validated()
+        .expect("valid")
+    }
+
+    #[test]
+    fn nodes_claim_blocks_without_reading_every_claim_until_the_pool_is_full() {
+        let dir = tempfile::tempdir().expect("dir");
+        // 64 blocks per family: 48 nodes fit, the rest must borrow.
+        let pods = pool("10.0.0.0/20", "fd00::/116");
+        let mut claims_read = 0;
+        let mut seen = HashSet::new();
+        for i in 0..80 {
+            let store = Counting {
+                inner: LocalStore::open(dir.path()).expect("store"),
+                claim_ranges: 0,
+            };
+            let mut a = Allocator::new(store, &format!("node-{i:03}"));
+            a.define_pool(&pods).expect("define");
+            let rec = a
+                .assign(&pods, &HandleId::new("pods", &format!("c{i}"), "eth0"), &[])
+                .expect("assign");
+            for addr in &rec.addresses {
+                assert!(seen.insert(addr.ip), "{} handed out twice", addr.ip);
+            }
+            let full = i >= 64;
+            let stats = a.stats();
+            if !full {
+                assert_eq!(stats.borrows, 0, "node {i} claimed a block of its own");
+                assert_eq!(
+                    a.store().claim_ranges,
+                    0,
+                    "node {i} read every claim of a pool with free blocks"
+                );
+            }
+            claims_read += a.store().claim_ranges;
+        }
+        // Once every block is claimed, nodes borrow, reading the claims.
+        assert!(claims_read > 0, "a full pool's claims were read to borrow");
     }
 }

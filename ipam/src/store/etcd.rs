@@ -335,7 +335,10 @@ impl Store for EtcdStore {
     }
 
     fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
-        let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(self.full(k), None)).collect();
+        let gets: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::get(self.full(k), None))
+            .collect();
         let resp = self.retry("gets", |mut c| {
             let t = EtcdTxn::new().and_then(gets.clone());
             async move { c.txn(t).await }
@@ -344,7 +347,9 @@ impl Store for EtcdStore {
             .op_responses()
             .iter()
             .filter_map(|op| match op {
-                TxnOpResponse::Get(g) => Some(g.kvs().iter().map(|kv| self.kv(kv)).collect::<Vec<_>>()),
+                TxnOpResponse::Get(g) => {
+                    Some(g.kvs().iter().map(|kv| self.kv(kv)).collect::<Vec<_>>())
+                }
                 _ => None,
             })
             .flatten()
