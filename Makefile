@@ -4,7 +4,8 @@
 CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
-            qemu-system-x86 linux-image-amd64 busybox-static time openssl nftables
+            qemu-system-x86 linux-image-amd64 busybox-static time openssl nftables \
+            openvswitch-switch-dpdk dpdk-dev
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -56,7 +57,7 @@ bench-scale: build-release
 	$(RELEASE)/netns-harness bench-scale $(NODES)
 
 # The multi-call binary and one link per plugin name it answers to.
-PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-ipam
+PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-userspace plexus-ipam
 
 SBINDIR  ?= /usr/local/bin
 

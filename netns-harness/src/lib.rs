@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod kernel;
 pub mod netns;
 pub mod node;
+pub mod ovs;
 pub mod plexusd;
 pub mod probe;
 pub mod runtime;

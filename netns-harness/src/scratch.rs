@@ -131,11 +131,12 @@ impl Drop for Scratch {
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The names the multi-call `plexus` binary answers to.
-pub const PLEXUS_NAMES: [&str; 5] = [
+pub const PLEXUS_NAMES: [&str; 6] = [
     "plexus",
     "plexus-veth",
     "plexus-ipvlan",
     "plexus-macvlan",
+    "plexus-userspace",
     "plexus-ipam",
 ];
 

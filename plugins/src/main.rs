@@ -8,17 +8,19 @@ mod log;
 mod macvlan;
 mod meta;
 mod sublink;
+mod userspace;
 mod veth;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// The names this binary answers to.
-pub const PLUGINS: [&str; 5] = [
+pub const PLUGINS: [&str; 6] = [
     "plexus",
     "plexus-veth",
     "plexus-ipvlan",
     "plexus-macvlan",
+    "plexus-userspace",
     "plexus-ipam",
 ];
 
@@ -28,6 +30,7 @@ pub fn executor(cni_path: &str) -> cni::exec::Executor {
         .with_builtin("plexus-veth", Arc::new(veth::Veth))
         .with_builtin("plexus-ipvlan", Arc::new(ipvlan::IPVLAN))
         .with_builtin("plexus-macvlan", Arc::new(macvlan::MACVLAN))
+        .with_builtin("plexus-userspace", Arc::new(userspace::Userspace))
         .with_builtin("plexus-ipam", Arc::new(ipam::PlexusIpam))
 }
 
@@ -48,6 +51,10 @@ fn main() -> ExitCode {
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
         "plexus-ipvlan" => cni::plugin::run(&ipvlan::IPVLAN, "Plexus IPVLAN plugin"),
         "plexus-macvlan" => cni::plugin::run(&macvlan::MACVLAN, "Plexus MACVLAN plugin"),
+        "plexus-userspace" => cni::plugin::run(
+            &userspace::Userspace,
+            "Plexus user-space (vhost-user on OVS-DPDK) plugin",
+        ),
         "plexus-ipam" => cni::plugin::run(&ipam::PlexusIpam, "Plexus cluster-wide IPAM"),
         other => {
             eprintln!(
