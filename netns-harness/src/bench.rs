@@ -369,5 +369,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
     crate::bench_ipam::run()?;
     crate::bench_api::run()?;
     crate::bench_nodeapi::run(cycles)?;
-    crate::bench_groups::run(cycles)
+    crate::bench_groups::run(cycles)?;
+    crate::bench_userspace::run(cycles)
 }

@@ -8,6 +8,7 @@ pub mod bench_groups;
 pub mod bench_ipam;
 pub mod bench_nodeapi;
 pub mod bench_scale;
+pub mod bench_userspace;
 pub mod demo;
 pub mod etcd;
 pub mod fixtures;

@@ -1,5 +1,5 @@
 //! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-scale [N…]`, `bench-api`,
-//! `bench-nodeapi [cycles]`, `bench-groups [cycles]` (only the IPAM, central
+//! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]` (only the IPAM, central
 //! API, node-side API or security-group part)
 //! and `vm COMMAND…`.
 
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         Some("demo") => netns_harness::demo::run(),
         Some("bench") => cycles(&args).and_then(netns_harness::bench::run),
         Some("bench-nodeapi") => cycles(&args).and_then(netns_harness::bench_nodeapi::run),
+        Some("bench-userspace") => cycles(&args).and_then(netns_harness::bench_userspace::run),
         Some("bench-groups") => cycles(&args).and_then(netns_harness::bench_groups::run),
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
         Some("bench-scale") => args[1..]
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
         Some("bench-api") => netns_harness::bench_api::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-scale [N…] | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-scale [N…] | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

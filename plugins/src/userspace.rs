@@ -343,15 +343,10 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 impl Userspace {
-    /// The port, the socket, the description; IPAM's addresses in it.
-    fn attach(
-        &self,
-        req: &Request,
-        conf: &Conf,
-        n: &Names,
-        ovs: &mut Ovsdb,
-        ipam: &CniResult,
-    ) -> Result<CniResult, Error> {
+    /// The port on the bridge (made when missing) and its socket in the
+    /// pod's directory; nothing here needs the pod's addresses, so IPAM
+    /// runs meanwhile.
+    fn plug(&self, req: &Request, conf: &Conf, n: &Names, ovs: &mut Ovsdb) -> Result<(), Error> {
         std::fs::create_dir_all(&n.pod_dir)
             .map_err(|e| io_error("cannot create", &n.pod_dir, e))?;
         let mut ops = Vec::new();
@@ -468,6 +463,19 @@ impl Userspace {
                 io_error(&format!("cannot link {} as", made.display()), &n.socket, e)
             })?;
         }
+        debug!(port = %n.port, bridge = %conf.bridge, socket = %socket, "vhost-user port attached");
+        Ok(())
+    }
+
+    /// The result, and the description the pod's application reads.
+    fn describe(
+        &self,
+        req: &Request,
+        conf: &Conf,
+        n: &Names,
+        ipam: &CniResult,
+    ) -> Result<CniResult, Error> {
+        let socket = n.socket.display().to_string();
         let mac = mac_of(req, conf);
         let mut result = CniResult {
             interfaces: vec![Interface {
@@ -521,7 +529,6 @@ impl Userspace {
                 warn!(link = %link.display(), error = %e, "by-pod link not made");
             }
         }
-        debug!(port = %n.port, bridge = %conf.bridge, socket = %socket, "vhost-user port attached");
         Ok(result)
     }
 }
@@ -542,18 +549,26 @@ impl Plugin for Userspace {
             ));
         }
         let ipam = Ipam::of(req)?;
-        let addresses = match &ipam {
-            Some(i) => i.add()?,
-            None => CniResult::default(),
+        let (plugged, addresses) = match &ipam {
+            Some(i) => i.add_beside(|| self.plug(req, &conf, &n, &mut ovs)),
+            None => (
+                self.plug(req, &conf, &n, &mut ovs),
+                Ok(CniResult::default()),
+            ),
         };
-        self.attach(req, &conf, &n, &mut ovs, &addresses)
+        let released = addresses.is_err();
+        plugged
+            .and(addresses)
+            .and_then(|addresses| self.describe(req, &conf, &n, &addresses))
             .inspect_err(|_| {
                 if let Err(e) = remove_port(&mut ovs, &n.port) {
                     warn!(error = %e, "port left after a failed ADD");
                 }
                 remove_files(req, &conf, &n);
-                if let Some(Err(e)) = ipam.as_ref().map(Ipam::del) {
-                    warn!(error = %e, "IPAM release after a failed ADD");
+                if let (Some(i), false) = (&ipam, released) {
+                    if let Err(e) = i.del() {
+                        warn!(error = %e, "IPAM release after a failed ADD");
+                    }
                 }
             })
     }
@@ -564,14 +579,20 @@ impl Plugin for Userspace {
         let conf = Conf::parse(req)?;
         let n = names(req, &conf)?;
         let mut ovs = conf.connect()?;
-        if let Some(port) = find_port(&mut ovs, req)? {
-            remove_port(&mut ovs, &port)?;
-        }
-        remove_files(req, &conf, &n);
-        match Ipam::of(req)? {
-            Some(i) => i.del(),
-            None => Ok(()),
-        }
+        let mut unplug = || -> Result<(), Error> {
+            if let Some(port) = find_port(&mut ovs, req)? {
+                remove_port(&mut ovs, &port)?;
+            }
+            remove_files(req, &conf, &n);
+            Ok(())
+        };
+        // The port and the address go together (ovsdb-server answered just
+        // now); each keeps its own error.
+        let (unplugged, released) = match Ipam::of(req)? {
+            Some(i) => i.del_beside(unplug),
+            None => (unplug(), Ok(())),
+        };
+        unplugged.and(released)
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
