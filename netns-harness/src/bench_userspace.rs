@@ -3,7 +3,9 @@
 //! IPAM call) against what Intel's userspace CNI does for the same port:
 //! `host-local` exec'd, then an `ovs-vsctl add-port` process, which waits
 //! until `ovs-vswitchd` has the port (as plexus-userspace does). DEL
-//! likewise (`ovs-vsctl del-port`, `host-local` DEL). Alternating, one run.
+//! likewise (`ovs-vsctl del-port`, which waits for the switch, then
+//! `host-local` DEL; plexus-userspace's DEL ends once the port is out of
+//! the database, with the address released meanwhile). Alternating, one run.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -134,7 +136,9 @@ pub fn run(cycles: usize) -> Result<(), String> {
     }
     println!(
         "\nUser-space networking: a vhost-user port (client mode) on a real OVS-DPDK bridge, \
-         with an address from host-local, {cycles} ADD/DEL cycles each, alternating"
+         with an address from host-local, {cycles} ADD/DEL cycles each, alternating; both ADDs \
+         wait until ovs-vswitchd has the port; ovs-vsctl del-port waits for the switch too, \
+         plexus-userspace's DEL until the port is out of OVS's database"
     );
     println!(
         "{:<46} {:>10} {:>10} {:>10} {:>10}",

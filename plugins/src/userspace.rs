@@ -246,6 +246,44 @@ fn find_port(ovs: &mut Ovsdb, req: &Request) -> Result<Option<String>, Error> {
         .map(String::from))
 }
 
+/// What ADD needs to know before it changes anything, read in one
+/// round trip.
+struct Survey {
+    initialized: bool,
+    /// This attachment's port, if it has one.
+    existing: Option<String>,
+    /// The bridge: its row's UUID and datapath type, if it exists.
+    bridge: Option<(String, String)>,
+}
+
+fn survey(ovs: &mut Ovsdb, req: &Request, conf: &Conf) -> Result<Survey, Error> {
+    let results = ovs
+        .transact(vec![
+            json!({"op": "select", "table": ovsdb::DB, "where": [], "columns": ["dpdk_initialized"]}),
+            json!({"op": "select", "table": "Interface", "where": ours(req), "columns": ["name"]}),
+            json!({"op": "select", "table": "Bridge", "where": [["name", "==", conf.bridge]],
+                   "columns": ["_uuid", "datapath_type"]}),
+        ])
+        .map_err(ovs_error)?;
+    let first = |i: usize| {
+        results
+            .get(i)
+            .map(|r| r["rows"][0].clone())
+            .unwrap_or_default()
+    };
+    let bridge = first(2);
+    Ok(Survey {
+        initialized: first(0)["dpdk_initialized"].as_bool().unwrap_or(false),
+        existing: first(1)["name"].as_str().map(String::from),
+        bridge: bridge["_uuid"][1].as_str().map(|u| {
+            (
+                u.to_string(),
+                bridge["datapath_type"].as_str().unwrap_or("").to_string(),
+            )
+        }),
+    })
+}
+
 /// The switch is ready for vhost-user ports: DPDK initialized.
 fn ready(ovs: &mut Ovsdb, conf: &Conf) -> Result<(), Error> {
     let rows = ovs
@@ -255,6 +293,10 @@ fn ready(ovs: &mut Ovsdb, conf: &Conf) -> Result<(), Error> {
         .first()
         .and_then(|r| r["dpdk_initialized"].as_bool())
         .unwrap_or(false);
+    not_initialized(initialized, conf)
+}
+
+fn not_initialized(initialized: bool, conf: &Conf) -> Result<(), Error> {
     if !initialized {
         return Err(Error::new(
             code::TRY_AGAIN_LATER,
@@ -268,29 +310,31 @@ fn ready(ovs: &mut Ovsdb, conf: &Conf) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes the port named `port` from every bridge, and waits until the
-/// switch has let it go.
+/// Removes the port named `port` from every bridge.
 fn remove_port(ovs: &mut Ovsdb, port: &str) -> Result<(), Error> {
     let rows = ovs
         .select("Port", json!([["name", "==", port]]), &["_uuid"])
         .map_err(ovs_error)?;
-    let Some(uuid) = rows.first().and_then(|r| r["_uuid"][1].as_str()) else {
-        return Ok(());
-    };
-    let results = ovs
-        .transact(vec![
-            json!({"op": "mutate", "table": "Bridge", "where": [],
-                   "mutations": [["ports", "delete", ["uuid", uuid]]]}),
-            json!({"op": "mutate", "table": ovsdb::DB, "where": [],
-                   "mutations": [["next_cfg", "+=", 1]]}),
-            json!({"op": "select", "table": ovsdb::DB, "where": [], "columns": ["next_cfg"]}),
-        ])
-        .map_err(ovs_error)?;
-    let cfg = results
-        .get(2)
-        .and_then(|r| r["rows"][0]["next_cfg"].as_i64())
-        .unwrap_or(0);
-    ovs.wait_applied(cfg).map_err(ovs_error)
+    match rows.first().and_then(|r| r["_uuid"][1].as_str()) {
+        Some(uuid) => unplug_port(ovs, uuid),
+        None => Ok(()),
+    }
+}
+
+/// Takes the Port row `uuid` off every bridge (the database then drops it
+/// and its Interface). Committed, the port is gone for every reader of the
+/// database; `ovs-vswitchd` lets go of it on its own time (some 8 ms here),
+/// and nothing waits for that: an ADD after it waits for the switch to have
+/// applied every change up to its own, this one included.
+fn unplug_port(ovs: &mut Ovsdb, uuid: &str) -> Result<(), Error> {
+    ovs.transact(vec![
+        json!({"op": "mutate", "table": "Bridge", "where": [],
+               "mutations": [["ports", "delete", ["uuid", uuid]]]}),
+        json!({"op": "mutate", "table": ovsdb::DB, "where": [],
+               "mutations": [["next_cfg", "+=", 1]]}),
+    ])
+    .map(|_| ())
+    .map_err(ovs_error)
 }
 
 /// Removes the pod's files of this attachment (and its directory once empty).
@@ -346,28 +390,19 @@ impl Userspace {
     /// The port on the bridge (made when missing) and its socket in the
     /// pod's directory; nothing here needs the pod's addresses, so IPAM
     /// runs meanwhile.
-    fn plug(&self, req: &Request, conf: &Conf, n: &Names, ovs: &mut Ovsdb) -> Result<(), Error> {
+    fn plug(
+        &self,
+        req: &Request,
+        conf: &Conf,
+        n: &Names,
+        ovs: &mut Ovsdb,
+        bridge: Option<&str>,
+    ) -> Result<(), Error> {
         std::fs::create_dir_all(&n.pod_dir)
             .map_err(|e| io_error("cannot create", &n.pod_dir, e))?;
         let mut ops = Vec::new();
-        let bridges = ovs
-            .select(
-                "Bridge",
-                json!([["name", "==", conf.bridge]]),
-                &["_uuid", "datapath_type"],
-            )
-            .map_err(ovs_error)?;
-        let bridge_ref = match bridges.first() {
-            Some(b) => {
-                let dp = b["datapath_type"].as_str().unwrap_or("");
-                if dp != "netdev" {
-                    return Err(invalid(format!(
-                        "bridge {} has datapath_type {dp:?}: vhost-user ports need a user-space bridge (datapath_type=netdev)",
-                        conf.bridge
-                    )));
-                }
-                json!(["uuid", b["_uuid"][1]])
-            }
+        let bridge_ref = match bridge {
+            Some(uuid) => json!(["uuid", uuid]),
             None => {
                 // Made as ovs-vsctl add-br would, marked as Plexus'.
                 let marks = ovsdb::to_map(&[("plexus-created", "true")]);
@@ -538,8 +573,18 @@ impl Plugin for Userspace {
         let conf = Conf::parse(req)?;
         let n = names(req, &conf)?;
         let mut ovs = conf.connect()?;
-        ready(&mut ovs, &conf)?;
-        if let Some(port) = find_port(&mut ovs, req)? {
+        let survey = survey(&mut ovs, req, &conf)?;
+        not_initialized(survey.initialized, &conf)?;
+        if let Some((_, dp)) = &survey.bridge {
+            if dp != "netdev" {
+                return Err(invalid(format!(
+                    "bridge {} has datapath_type {dp:?}: vhost-user ports need a user-space bridge (datapath_type=netdev)",
+                    conf.bridge
+                )));
+            }
+        }
+        let bridge = survey.bridge.as_ref().map(|(uuid, _)| uuid.as_str());
+        if let Some(port) = survey.existing {
             return Err(Error::new(
                 code::INVALID_ENVIRONMENT,
                 format!(
@@ -550,9 +595,9 @@ impl Plugin for Userspace {
         }
         let ipam = Ipam::of(req)?;
         let (plugged, addresses) = match &ipam {
-            Some(i) => i.add_beside(|| self.plug(req, &conf, &n, &mut ovs)),
+            Some(i) => i.add_beside(|| self.plug(req, &conf, &n, &mut ovs, bridge)),
             None => (
-                self.plug(req, &conf, &n, &mut ovs),
+                self.plug(req, &conf, &n, &mut ovs, bridge),
                 Ok(CniResult::default()),
             ),
         };
@@ -580,8 +625,12 @@ impl Plugin for Userspace {
         let n = names(req, &conf)?;
         let mut ovs = conf.connect()?;
         let mut unplug = || -> Result<(), Error> {
-            if let Some(port) = find_port(&mut ovs, req)? {
-                remove_port(&mut ovs, &port)?;
+            // The Port row carries the attachment's marks too: one read.
+            let rows = ovs
+                .select("Port", ours(req), &["_uuid"])
+                .map_err(ovs_error)?;
+            if let Some(uuid) = rows.first().and_then(|r| r["_uuid"][1].as_str()) {
+                unplug_port(&mut ovs, uuid)?;
             }
             remove_files(req, &conf, &n);
             Ok(())

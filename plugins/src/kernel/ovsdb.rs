@@ -166,23 +166,66 @@ impl Ovsdb {
     }
 
     /// Waits until `ovs-vswitchd` has applied configuration `cfg`
-    /// (`cur_cfg >= cfg`).
+    /// (`cur_cfg >= cfg`): a monitor of `cur_cfg`, whose updates the server
+    /// pushes as the switch writes them (no polling).
     pub fn wait_applied(&mut self, cfg: i64) -> Result<(), Failure> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"method": "monitor", "id": id,
+            "params": [DB, "cur_cfg", {DB: {"columns": ["cur_cfg"]}}]});
+        let raw = serde_json::to_vec(&request).map_err(|e| self.refused(e))?;
+        self.writer.write_all(&raw).map_err(|e| {
+            Failure::Unreachable(format!("ovsdb-server at {}: {e}", self.path.display()))
+        })?;
+        let mut cur = 0;
         loop {
-            let rows = self.select(DB, json!([]), &["cur_cfg"])?;
-            let cur = rows
-                .first()
-                .and_then(|r| r["cur_cfg"].as_i64())
-                .unwrap_or(0);
-            if cur >= cfg {
-                return Ok(());
-            }
             if Instant::now() > self.deadline {
                 return Err(self.refused(format!(
                     "ovs-vswitchd has not applied the change (cur_cfg {cur}, waiting for {cfg}): is it running?"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let msg = match self.reader.next() {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => {
+                    return Err(Failure::Unreachable(format!(
+                        "ovsdb-server at {}: {e}",
+                        self.path.display()
+                    )))
+                }
+                None => {
+                    return Err(Failure::Unreachable(format!(
+                        "ovsdb-server at {}: connection closed",
+                        self.path.display()
+                    )))
+                }
+            };
+            // The initial rows (the monitor's result) or an update.
+            let rows = if msg.get("id") == Some(&json!(id)) {
+                if !msg["error"].is_null() {
+                    return Err(self.refused(format!("monitor: {}", msg["error"])));
+                }
+                msg["result"][DB].clone()
+            } else if msg.get("method").and_then(Value::as_str) == Some("update") {
+                msg["params"][1][DB].clone()
+            } else {
+                if msg.get("method").and_then(Value::as_str) == Some("echo") {
+                    let reply = json!({"result": msg["params"], "error": null, "id": msg["id"]});
+                    let raw = serde_json::to_vec(&reply).map_err(|e| self.refused(e))?;
+                    let _ = self.writer.write_all(&raw);
+                }
+                continue;
+            };
+            if let Some(rows) = rows.as_object() {
+                for row in rows.values() {
+                    if let Some(c) = row["new"]["cur_cfg"].as_i64() {
+                        cur = c;
+                    }
+                }
+            }
+            if cur >= cfg {
+                // The monitor ends with the connection.
+                return Ok(());
+            }
         }
     }
 }
