@@ -168,6 +168,15 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T,
 }
 
 impl NetConf {
+    /// GC's `cni.dev/valid-attachments` as (container id, ifname) pairs.
+    pub fn valid_pairs(&self) -> std::collections::HashSet<(String, String)> {
+        self.valid_attachments
+            .iter()
+            .flatten()
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
+            .collect()
+    }
+
     /// Parses a plugin config from stdin bytes and checks what every plugin needs:
     /// a supported `cniVersion` and a valid `name`.
     pub fn parse(bytes: &[u8]) -> Result<(NetConf, Version), Error> {

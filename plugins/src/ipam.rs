@@ -327,13 +327,7 @@ impl Plugin for PlexusIpam {
         let node = Node::open(req)?;
         let mut alloc = node.allocator()?;
         node.replay(&mut alloc);
-        let valid: HashSet<(String, String)> = req
-            .conf
-            .valid_attachments
-            .iter()
-            .flatten()
-            .map(|a| (a.container_id.clone(), a.ifname.clone()))
-            .collect();
+        let valid = req.conf.valid_pairs();
         let released = alloc.gc(&req.conf.name, |h| {
             valid.contains(&(h.container.clone(), h.ifname.clone()))
         });

@@ -689,13 +689,7 @@ impl Plugin for Userspace {
     /// runtime no longer has; never a port without Plexus' marks.
     fn gc(&self, req: &Request) -> Result<(), Error> {
         let conf = Conf::parse(req)?;
-        let valid: Vec<(String, String)> = req
-            .conf
-            .valid_attachments
-            .iter()
-            .flatten()
-            .map(|a| (a.container_id.clone(), a.ifname.clone()))
-            .collect();
+        let valid = req.conf.valid_pairs();
         let mut ovs = conf.connect()?;
         let rows = ovs
             .select(

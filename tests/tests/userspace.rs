@@ -80,6 +80,19 @@ fn attached(result: &Value) -> (PathBuf, Value) {
     (socket, desc)
 }
 
+/// Each pod's testpmd both sends and receives (within 30 s).
+fn sends_and_receives(pods: [(&str, &Testpmd); 2]) {
+    for (name, pmd) in pods {
+        assert!(
+            pmd.wait(Duration::from_secs(30), |c: PortCounters| c.rx > 0
+                && c.tx > 0),
+            "pod {name} sends and receives: {:?}\n{}",
+            pmd.counters(),
+            pmd.output()
+        );
+    }
+}
+
 fn ovs_up(tag: &str) -> (Scratch, OvsDpdk) {
     let scratch = Scratch::new(tag).expect("scratch");
     let ovs = OvsDpdk::start(&scratch, Dpdk::On).expect("OVS-DPDK");
@@ -146,7 +159,6 @@ fn two_dpdk_pods_pass_packets_through_vhost_user_ports_in_both_modes() {
     assert_eq!(vsctl_type, "dpdkvhostuserclient");
 
     let mac = |d: &Value| d["mac"].as_str().unwrap_or_default().to_string();
-    let flowing = |c: PortCounters| c.rx > 0 && c.tx > 0;
     let port = |d: &Value| d["port"].as_str().unwrap_or_default().to_string();
     let ovs_counts = |port: &str| {
         let s = ovs.stats(port);
@@ -176,14 +188,7 @@ fn two_dpdk_pods_pass_packets_through_vhost_user_ports_in_both_modes() {
             Testpmd::start(&a_ns, &a_sock, true, &mac(&a_desc), &mac(&c_desc)).expect("testpmd a");
         let pmd_c =
             Testpmd::start(&c_ns, &c_sock, true, &mac(&c_desc), &mac(&a_desc)).expect("testpmd c");
-        for (name, pmd) in [("a", &pmd_a), ("c", &pmd_c)] {
-            assert!(
-                pmd.wait(Duration::from_secs(30), flowing),
-                "pod {name} sends and receives: {:?}\n{}",
-                pmd.counters(),
-                pmd.output()
-            );
-        }
+        sends_and_receives([("a", &pmd_a), ("c", &pmd_c)]);
         for d in [&a_desc, &c_desc] {
             let p = port(d);
             let (rx, tx) = rises(&p, (0, 0));
@@ -206,14 +211,7 @@ fn two_dpdk_pods_pass_packets_through_vhost_user_ports_in_both_modes() {
             Testpmd::start(&a_ns, &a_sock, true, &mac(&a_desc), &mac(&b_desc)).expect("testpmd a");
         let pmd_b =
             Testpmd::start(&b_ns, &b_sock, false, &mac(&b_desc), &mac(&a_desc)).expect("testpmd b");
-        for (name, pmd) in [("a", &pmd_a), ("b", &pmd_b)] {
-            assert!(
-                pmd.wait(Duration::from_secs(30), flowing),
-                "pod {name} sends and receives: {:?}\n{}",
-                pmd.counters(),
-                pmd.output()
-            );
-        }
+        sends_and_receives([("a", &pmd_a), ("b", &pmd_b)]);
         // OVS 3.1 keeps no counters for dpdkvhostuser ports (ovs-ofctl
         // shows "?"): b's side is its peer's port, whose counters rise.
         let after = rises(&port(&a_desc), before);

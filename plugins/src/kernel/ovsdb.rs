@@ -98,27 +98,7 @@ impl Ovsdb {
             if Instant::now() > self.deadline {
                 return Err(self.refused(format!("no answer to {method} in time")));
             }
-            let msg = match self.reader.next() {
-                Some(Ok(v)) => v,
-                Some(Err(e)) => {
-                    return Err(Failure::Unreachable(format!(
-                        "ovsdb-server at {}: {e}",
-                        self.path.display()
-                    )))
-                }
-                None => {
-                    return Err(Failure::Unreachable(format!(
-                        "ovsdb-server at {}: connection closed",
-                        self.path.display()
-                    )))
-                }
-            };
-            if msg.get("method").and_then(Value::as_str) == Some("echo") {
-                let reply = json!({"result": msg["params"], "error": null, "id": msg["id"]});
-                let raw = serde_json::to_vec(&reply).map_err(|e| self.refused(e))?;
-                let _ = self.writer.write_all(&raw);
-                continue;
-            }
+            let msg = self.next_message()?;
             if msg.get("id") != Some(&json!(id)) {
                 continue;
             }
@@ -126,6 +106,26 @@ impl Ovsdb {
                 return Err(self.refused(format!("{method}: {}", msg["error"])));
             }
             return Ok(msg["result"].clone());
+        }
+    }
+
+    /// The next message from the server, its echo requests answered.
+    fn next_message(&mut self) -> Result<Value, Failure> {
+        loop {
+            let gone = |e: String| {
+                Failure::Unreachable(format!("ovsdb-server at {}: {e}", self.path.display()))
+            };
+            let msg = match self.reader.next() {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => return Err(gone(e.to_string())),
+                None => return Err(gone("connection closed".into())),
+            };
+            if msg.get("method").and_then(Value::as_str) != Some("echo") {
+                return Ok(msg);
+            }
+            let reply = json!({"result": msg["params"], "error": null, "id": msg["id"]});
+            let raw = serde_json::to_vec(&reply).map_err(|e| self.refused(e))?;
+            let _ = self.writer.write_all(&raw);
         }
     }
 
@@ -184,21 +184,7 @@ impl Ovsdb {
                     "ovs-vswitchd has not applied the change (cur_cfg {cur}, waiting for {cfg}): is it running?"
                 )));
             }
-            let msg = match self.reader.next() {
-                Some(Ok(v)) => v,
-                Some(Err(e)) => {
-                    return Err(Failure::Unreachable(format!(
-                        "ovsdb-server at {}: {e}",
-                        self.path.display()
-                    )))
-                }
-                None => {
-                    return Err(Failure::Unreachable(format!(
-                        "ovsdb-server at {}: connection closed",
-                        self.path.display()
-                    )))
-                }
-            };
+            let msg = self.next_message()?;
             // The initial rows (the monitor's result) or an update.
             let rows = if msg.get("id") == Some(&json!(id)) {
                 if !msg["error"].is_null() {
@@ -208,11 +194,6 @@ impl Ovsdb {
             } else if msg.get("method").and_then(Value::as_str) == Some("update") {
                 msg["params"][1][DB].clone()
             } else {
-                if msg.get("method").and_then(Value::as_str) == Some("echo") {
-                    let reply = json!({"result": msg["params"], "error": null, "id": msg["id"]});
-                    let raw = serde_json::to_vec(&reply).map_err(|e| self.refused(e))?;
-                    let _ = self.writer.write_all(&raw);
-                }
                 continue;
             };
             if let Some(rows) = rows.as_object() {
