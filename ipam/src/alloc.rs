@@ -554,9 +554,20 @@ impl<S: Store> Allocator<S> {
     /// A dynamic address: from this node's blocks, else a newly claimed
     /// block, else borrowed from another node's block.
     fn pick(&mut self, pool: &Pool, family: Family) -> Result<Pick, Error> {
+        let cached = self.cache.get(&pool.name).is_some_and(|c| c.loaded);
         self.load(pool, false)?;
         if let Some(p) = self.free_in_own(pool, family) {
             return Ok(p);
+        }
+        if cached {
+            // Before claiming a block, the node's own as the store has them
+            // (one read of its own, not of the pool's): a block an earlier
+            // run claimed and crashed before it saved its cache is used, not
+            // left claimed and empty.
+            self.load(pool, true)?;
+            if let Some(p) = self.free_in_own(pool, family) {
+                return Ok(p);
+            }
         }
         // A block near one of this node's start points whose claim the
         // window read shows free; which of the free ones is the node's own
@@ -855,6 +866,45 @@ mod tests {
         .expect("pool")
         .validated()
         .expect("valid")
+    }
+
+    #[test]
+    fn a_block_claimed_by_a_run_that_crashed_is_used_before_a_new_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        // 1,024 blocks per family: a block far from the node's start point
+        // is outside the windows it reads.
+        let pods = pool("10.0.0.0/16", "fd00::/112");
+        let open = || LocalStore::open(dir.path()).expect("store");
+        let v4_claims = |store: &mut LocalStore| {
+            store
+                .range("claims/pods/")
+                .expect("claims")
+                .iter()
+                .filter(|kv| kv.key.contains("claims/pods/10.") && kv.value == b"node-a")
+                .count()
+        };
+        let mut a = Allocator::new(open(), "node-a");
+        a.define_pool(&pods).expect("define");
+        a.assign(&pods, &HandleId::new("pods", "c0", "eth0"), &[])
+            .expect("assign");
+        let saved = a.cache().clone();
+        // Another run claims a block far away (a static address) and dies
+        // before its cache is saved; the address is released since.
+        let mut crashed = Allocator::new(open(), "node-a").with_cache(saved.clone());
+        let far = HandleId::new("pods", "far", "eth0");
+        let ip: IpAddr = "10.0.200.5".parse().expect("ip");
+        crashed.assign(&pods, &far, &[ip]).expect("static");
+        crashed.release(&far).expect("release");
+        let before = v4_claims(&mut open());
+        assert_eq!(before, 2, "the first block and the far one");
+        // The next run starts from the cache saved before the crash: once its
+        // first block is full it uses the far one, claiming nothing new.
+        let mut next = Allocator::new(open(), "node-a").with_cache(saved);
+        for i in 1..80 {
+            next.assign(&pods, &HandleId::new("pods", &format!("c{i}"), "eth0"), &[])
+                .expect("assign");
+        }
+        assert_eq!(v4_claims(&mut open()), before, "{:?}", next.stats());
     }
 
     #[test]
