@@ -5,7 +5,7 @@ CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
             qemu-system-x86 linux-image-amd64 busybox-static time openssl nftables \
-            openvswitch-switch-dpdk dpdk-dev
+            openvswitch-switch-dpdk dpdk-dev g++
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -14,7 +14,7 @@ TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 TRIPLE    = $(shell rustc -vV | sed -n 's/^host: //p')
 RELEASE   = $(TARGET)/$(TRIPLE)/release
 
-.PHONY: all deps build build-release lint test demo bench bench-scale install clean
+.PHONY: all deps build build-release lint test fuzz demo bench bench-scale install clean
 
 all: build
 
@@ -44,6 +44,15 @@ lint:
 # reference plugins. The binaries under test are the debug builds.
 test: build lint
 	PLEXUS_BIN=$(TARGET)/debug/plexus $(CARGO) test --workspace
+	tests/fuzz/run.sh --runs 300000
+
+# Coverage-guided fuzzing (libFuzzer, stable toolchain) of the configs,
+# definitions, the networks annotation, CNI_ARGS and results: each target for
+# FUZZ_SECONDS (default 300). `make test` runs each on the same 300,000
+# inputs every time (seed 1, fresh corpus).
+FUZZ_SECONDS ?= 300
+fuzz: deps
+	tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 demo: build
 	PLEXUS_BIN=$(TARGET)/debug/plexus $(TARGET)/debug/netns-harness demo

@@ -246,18 +246,35 @@ impl Definitions {
         defs
     }
 
+    /// The definitions of one file's `text` (JSON when `source` ends in
+    /// `.json`, YAML documents otherwise), as [`Definitions::load_dir`]
+    /// reads each file.
+    pub fn from_text(text: &str, source: &Path, cluster_namespaces: &[String]) -> Definitions {
+        let mut defs = Definitions {
+            cluster_namespaces: cluster_namespaces.to_vec(),
+            ..Definitions::default()
+        };
+        defs.add_text(text, source, cluster_namespaces);
+        defs
+    }
+
     fn load_file(&mut self, file: &Path, cluster_namespaces: &[String]) {
         let where_ = file.display().to_string();
         let text = match std::fs::read_to_string(file) {
             Ok(t) => t,
             Err(e) => return self.unnamed.push(format!("{where_}: {e}")),
         };
+        self.add_text(&text, file, cluster_namespaces);
+    }
+
+    fn add_text(&mut self, text: &str, file: &Path, cluster_namespaces: &[String]) {
+        let where_ = file.display().to_string();
         let docs: Result<Vec<Value>, String> = if where_.ends_with(".json") {
-            serde_json::from_str(&text)
+            serde_json::from_str(text)
                 .map(|v| vec![v])
                 .map_err(|e| e.to_string())
         } else {
-            serde_yaml_ng::Deserializer::from_str(&text)
+            serde_yaml_ng::Deserializer::from_str(text)
                 .map(|d| Value::deserialize(d).map_err(|e| e.to_string()))
                 .filter(|d| !matches!(d, Ok(Value::Null)))
                 .collect()
