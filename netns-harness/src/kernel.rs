@@ -213,3 +213,26 @@ pub fn nft_set_elements(ns: &str, set: &str) -> Vec<String> {
     elems.sort();
     elems
 }
+
+/// The memory of every running `plexus` process together, in KiB (their
+/// proportional set sizes: pages they share, the binary's above all, counted
+/// once), and how many there are.
+pub fn plexus_pss_kib() -> (u64, u64) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            if comm.trim() != "plexus" {
+                return None;
+            }
+            let rollup = std::fs::read_to_string(p.path().join("smaps_rollup")).ok()?;
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .fold((0, 0), |(kib, n), rss| (kib + rss, n + 1))
+}

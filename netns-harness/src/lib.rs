@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_burst;
 pub mod bench_groups;
 pub mod bench_ipam;
 pub mod bench_nodeapi;

@@ -1,4 +1,4 @@
-//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-scale [N…]`, `bench-api`,
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-burst`, `bench-scale [N…]`, `bench-api`,
 //! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]` (only the IPAM, central
 //! API, node-side API or security-group part)
 //! and `vm COMMAND…`.
@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Some("bench-userspace") => cycles(&args).and_then(netns_harness::bench_userspace::run),
         Some("bench-groups") => cycles(&args).and_then(netns_harness::bench_groups::run),
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
+        Some("bench-burst") => netns_harness::bench_burst::run(),
         Some("bench-scale") => args[1..]
             .iter()
             .map(|a| a.parse::<usize>().map_err(|e| format!("bench-scale takes node counts: {a}: {e}")))
@@ -62,7 +63,7 @@ fn main() -> ExitCode {
         Some("bench-api") => netns_harness::bench_api::run(),
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-scale [N…] | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

@@ -15,29 +15,6 @@ use serde_json::{json, Value};
 
 const PODS: usize = 200;
 
-/// The memory of every running `plexus` process together, in KiB (their
-/// proportional set sizes: pages they share, the binary's above all, counted
-/// once), and how many there are.
-fn plexus_rss_kib() -> (u64, u64) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return (0, 0);
-    };
-    procs
-        .flatten()
-        .filter_map(|p| {
-            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
-            if comm.trim() != "plexus" {
-                return None;
-            }
-            let rollup = std::fs::read_to_string(p.path().join("smaps_rollup")).ok()?;
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .fold((0, 0), |(kib, n), rss| (kib + rss, n + 1))
-}
-
 fn addresses(result: &Value) -> Vec<String> {
     result["ips"]
         .as_array()
@@ -69,7 +46,7 @@ fn two_hundred_pods_at_once_get_distinct_addresses_or_a_retryable_error() {
             // The largest total, and the most processes at once.
             let mut peak = (0, 0);
             while !done.load(Ordering::Relaxed) {
-                let (kib, n) = plexus_rss_kib();
+                let (kib, n) = netns_harness::kernel::plexus_pss_kib();
                 peak = (peak.0.max(kib), peak.1.max(n));
                 std::thread::sleep(Duration::from_millis(5));
             }
