@@ -5,12 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 
 use crate::etcd::EtcdCluster;
-use crate::kernel::plexus_pss_kib;
+use crate::kernel::peak_plexus_pss;
 use crate::node::Node;
 
 const PODS: usize = 200;
@@ -33,15 +33,7 @@ pub fn run() -> Result<(), String> {
     let done = AtomicBool::new(false);
     let barrier = Barrier::new(PODS + 1);
     let (add_wall, retried, peak, del_wall) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut peak = (0, 0);
-            while !done.load(Ordering::Relaxed) {
-                let (kib, n) = plexus_pss_kib();
-                peak = (peak.0.max(kib), peak.1.max(n));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            peak
-        });
+        let sampler = s.spawn(|| peak_plexus_pss(&done));
         let adds: Vec<_> = pods
             .iter()
             .map(|(_, pod)| {

@@ -236,3 +236,15 @@ pub fn plexus_pss_kib() -> (u64, u64) {
         })
         .fold((0, 0), |(kib, n), rss| (kib + rss, n + 1))
 }
+
+/// Samples [`plexus_pss_kib`] every 5 ms until `done`: the largest total
+/// (KiB) and the most processes seen at once.
+pub fn peak_plexus_pss(done: &std::sync::atomic::AtomicBool) -> (u64, u64) {
+    let mut peak = (0, 0);
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let (kib, n) = plexus_pss_kib();
+        peak = (peak.0.max(kib), peak.1.max(n));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    peak
+}
