@@ -72,6 +72,30 @@ pub struct Stats {
     pub written: u64,
 }
 
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.txns += o.txns;
+        self.conflicts += o.conflicts;
+        self.claims += o.claims;
+        self.borrows += o.borrows;
+        self.written += o.written;
+    }
+}
+
+impl std::ops::Sub for Stats {
+    type Output = Stats;
+    /// The counts between an earlier snapshot `o` and this one.
+    fn sub(self, o: Stats) -> Stats {
+        Stats {
+            txns: self.txns - o.txns,
+            conflicts: self.conflicts - o.conflicts,
+            claims: self.claims - o.claims,
+            borrows: self.borrows - o.borrows,
+            written: self.written - o.written,
+        }
+    }
+}
+
 /// How a claim ended.
 enum Claim {
     Won,

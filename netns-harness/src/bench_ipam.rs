@@ -10,6 +10,7 @@ use ipam::config::EtcdConf;
 use ipam::store::Txn;
 use ipam::{Allocator, EtcdStore, HandleId, Pool, Store};
 
+use crate::bench::percentile;
 use crate::etcd::EtcdCluster;
 
 /// Operations per node (or client) in each run.
@@ -21,14 +22,6 @@ struct Measured {
     p99: Duration,
     conflicts: u64,
     txns: u64,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, String> {

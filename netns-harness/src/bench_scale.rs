@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ipam::config::EtcdConf;
 use ipam::{Allocator, EtcdStore, HandleId, Pool, Stats};
 
-use crate::bench::verdict;
+use crate::bench::{ms, percentile, verdict};
 use crate::etcd::EtcdCluster;
 
 /// The networks of every pod, each with a pool of its own.
@@ -55,17 +55,6 @@ fn node_name(i: usize) -> String {
     format!("node-{i:05}")
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// What one phase measured, all threads together.
 #[derive(Default)]
 struct Phase {
@@ -87,12 +76,7 @@ impl Phase {
         self.adds.extend(other.adds);
         self.allocations += other.allocations;
         self.dels += other.dels;
-        let (a, b) = (&mut self.stats, other.stats);
-        a.txns += b.txns;
-        a.conflicts += b.conflicts;
-        a.claims += b.claims;
-        a.borrows += b.borrows;
-        a.written += b.written;
+        self.stats += other.stats;
         self.alloc_bytes += other.alloc_bytes;
         self.addresses.extend(other.addresses);
     }
@@ -357,12 +341,7 @@ fn cluster(etcd: &EtcdCluster, n: usize) -> Result<Row, String> {
 fn delta(nodes: &[SimNode], before: &[Stats]) -> Stats {
     let mut d = Stats::default();
     for (node, b) in nodes.iter().zip(before) {
-        let s = node.alloc.stats();
-        d.txns += s.txns - b.txns;
-        d.conflicts += s.conflicts - b.conflicts;
-        d.claims += s.claims - b.claims;
-        d.borrows += s.borrows - b.borrows;
-        d.written += s.written - b.written;
+        d += node.alloc.stats() - *b;
     }
     d
 }

@@ -15,15 +15,13 @@ use cni::plugin::Command as CniCommand;
 use cni::NetConfList;
 use serde_json::json;
 
-use crate::bench::verdict;
+use crate::bench::{ms, percentile, verdict};
 use crate::node::Node;
 use crate::ovs::{Dpdk, OvsDpdk};
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize].as_secs_f64() * 1000.0
+/// A percentile of sorted samples, in ms.
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    ms(percentile(sorted, p))
 }
 
 fn vsctl(ovs: &OvsDpdk, args: &[&str]) -> Result<(), String> {
@@ -147,16 +145,15 @@ pub fn run(cycles: usize) -> Result<(), String> {
     let row = |label: &str, s: &[Vec<Duration>; 2]| {
         println!(
             "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
-            percentile(&s[0], 0.5),
-            percentile(&s[0], 0.99),
-            percentile(&s[1], 0.5),
-            percentile(&s[1], 0.99)
+            pct(&s[0], 0.5),
+            pct(&s[0], 0.99),
+            pct(&s[1], 0.5),
+            pct(&s[1], 0.99)
         );
     };
     row("host-local + ovs-vsctl add-port (reference)", &samples[1]);
     row("plexus-userspace", &samples[0]);
-    let ratio =
-        |cmd: usize, p: f64| percentile(&samples[0][cmd], p) / percentile(&samples[1][cmd], p);
+    let ratio = |cmd: usize, p: f64| pct(&samples[0][cmd], p) / pct(&samples[1][cmd], p);
     println!(
         "  ratio plexus-userspace{:>24.3} {:>10.3} {:>10.3} {:>10.3}",
         ratio(0, 0.5),
