@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::etcd::EtcdCluster;
+use crate::fixtures::plexus_ipam_on_etcd;
 use crate::kernel::peak_plexus_pss;
 use crate::node::Node;
 
@@ -20,10 +21,12 @@ pub fn run() -> Result<(), String> {
     let etcd = EtcdCluster::start_in(1, &node.netns).map_err(|e| format!("etcd: {e}"))?;
     let cluster = json!({
         "cniVersion": "1.0.0", "name": "pods", "type": "plexus-veth",
-        "ipam": {"type": "plexus-ipam",
-                 "ranges": [[{"subnet": "10.91.0.0/16"}], [{"subnet": "fd00:91::/64"}]],
-                 "store": {"type": "etcd", "endpoints": etcd.endpoints(), "prefix": "/plexus/ipam/"},
-                 "nodeName": "node-1", "stateDir": node.scratch.join("ipam-state")}
+        "ipam": plexus_ipam_on_etcd(
+            &["10.91.0.0/16", "fd00:91::/64"],
+            &etcd.endpoints(),
+            "node-1",
+            &node.scratch.join("ipam-state"),
+        )
     });
     let list = node.plexus_list("1.0.0", cluster);
     let pods = (0..PODS)

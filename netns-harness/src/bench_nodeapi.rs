@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::bench::{scenario, verdict, Variant};
 use crate::etcd::EtcdCluster;
+use crate::fixtures::plexus_ipam_on_etcd;
 use crate::node::{Node, UPLINK};
 use conf::api::{ATTACHMENT, CLUSTER_NETWORK, NAD};
 
@@ -85,13 +86,12 @@ pub fn run(cycles: usize) -> Result<(), String> {
     let endpoints = etcd.endpoints();
     let cluster = json!({
         "cniVersion": "1.0.0", "type": "plexus-veth",
-        "ipam": {
-            "type": "plexus-ipam",
-            "ranges": [[{"subnet": "10.210.0.0/16"}], [{"subnet": "fd00:210::/64"}]],
-            "store": {"type": "etcd", "endpoints": endpoints},
-            "nodeName": NODE,
-            "stateDir": node.scratch.join("plexus-ipam"),
-        },
+        "ipam": plexus_ipam_on_etcd(
+            &["10.210.0.0/16", "fd00:210::/64"],
+            &endpoints,
+            NODE,
+            &node.scratch.join("plexus-ipam"),
+        ),
     });
     let data = json!({
         "cniVersion": "1.0.0", "type": "plexus-macvlan", "master": UPLINK, "mode": "bridge",

@@ -12,7 +12,7 @@ use ipam::{Allocator, EtcdStore};
 use serde_json::json;
 
 use crate::etcd::EtcdCluster;
-use crate::fixtures::{addr_ip, macvlan, nad};
+use crate::fixtures::{addr_ip, macvlan, nad, plexus_ipam_on_etcd};
 use crate::node::{Node, UPLINK};
 use crate::{kernel, probe, Netns};
 
@@ -42,13 +42,12 @@ pub fn run() -> Res<()> {
     );
     let cluster = json!({
         "cniVersion": "1.0.0", "name": "k8s-pods", "type": "plexus-veth",
-        "ipam": {
-            "type": "plexus-ipam",
-            "ranges": [[{"subnet": "10.244.0.0/16"}], [{"subnet": "fd00:10:244::/64"}]],
-            "store": {"type": "etcd", "endpoints": endpoints},
-            "nodeName": "demo-node",
-            "stateDir": node.scratch.join("plexus-ipam"),
-        },
+        "ipam": plexus_ipam_on_etcd(
+            &["10.244.0.0/16", "fd00:10:244::/64"],
+            &endpoints,
+            "demo-node",
+            &node.scratch.join("plexus-ipam"),
+        ),
     });
     let data = macvlan("1.0.0", &["192.168.100.0/24", "fd00:100::/64"], &ipam);
     node.define("data-net.yaml", &nad("data-net", None, &data));

@@ -32,6 +32,24 @@ pub fn plexus_veth(name: &str, subnets: &[&str], ipam_dir: &Path) -> Value {
     })
 }
 
+/// A `plexus-ipam` section on etcd (`endpoints`, the default prefix) for
+/// node `node_name`, its state under `state_dir`.
+pub fn plexus_ipam_on_etcd(
+    subnets: &[&str],
+    endpoints: &[String],
+    node_name: &str,
+    state_dir: &Path,
+) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+    json!({
+        "type": "plexus-ipam",
+        "ranges": ranges,
+        "store": {"type": "etcd", "endpoints": endpoints},
+        "nodeName": node_name,
+        "stateDir": state_dir,
+    })
+}
+
 /// A NetworkAttachmentDefinition in YAML.
 pub fn nad(name: &str, namespace: Option<&str>, config: &Value) -> String {
     let ns = namespace

@@ -29,10 +29,12 @@ fn two_hundred_pods_at_once_get_distinct_addresses_or_a_retryable_error() {
     let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
     let cluster = json!({
         "cniVersion": "1.0.0", "name": "pods", "type": "plexus-veth",
-        "ipam": {"type": "plexus-ipam",
-                 "ranges": [[{"subnet": "10.90.0.0/16"}], [{"subnet": "fd00:90::/64"}]],
-                 "store": {"type": "etcd", "endpoints": etcd.endpoints(), "prefix": "/plexus/ipam/"},
-                 "nodeName": "node-1", "stateDir": node.scratch.join("ipam-state")}
+        "ipam": plexus_ipam_on_etcd(
+            &["10.90.0.0/16", "fd00:90::/64"],
+            &etcd.endpoints(),
+            "node-1",
+            &node.scratch.join("ipam-state"),
+        )
     });
     let list = node.plexus_list("1.0.0", cluster);
     let pods: Vec<_> = (0..PODS).map(|_| node.pod("default")).collect();
