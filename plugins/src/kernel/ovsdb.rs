@@ -84,16 +84,24 @@ impl Ovsdb {
         Failure::Refused(format!("ovsdb-server at {}: {what}", self.path.display()))
     }
 
-    /// Sends a request, returns its `result` (answering the server's echo
-    /// requests meanwhile).
-    fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
+    fn gone(&self, what: impl std::fmt::Display) -> Failure {
+        Failure::Unreachable(format!("ovsdb-server at {}: {what}", self.path.display()))
+    }
+
+    /// Sends a request of `method` with a fresh id; the id.
+    fn send(&mut self, method: &str, params: Value) -> Result<u64, Failure> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"method": method, "params": params, "id": id});
         let raw = serde_json::to_vec(&request).map_err(|e| self.refused(e))?;
-        self.writer.write_all(&raw).map_err(|e| {
-            Failure::Unreachable(format!("ovsdb-server at {}: {e}", self.path.display()))
-        })?;
+        self.writer.write_all(&raw).map_err(|e| self.gone(e))?;
+        Ok(id)
+    }
+
+    /// Sends a request, returns its `result` (answering the server's echo
+    /// requests meanwhile).
+    fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
+        let id = self.send(method, params)?;
         loop {
             if Instant::now() > self.deadline {
                 return Err(self.refused(format!("no answer to {method} in time")));
@@ -112,13 +120,10 @@ impl Ovsdb {
     /// The next message from the server, its echo requests answered.
     fn next_message(&mut self) -> Result<Value, Failure> {
         loop {
-            let gone = |e: String| {
-                Failure::Unreachable(format!("ovsdb-server at {}: {e}", self.path.display()))
-            };
             let msg = match self.reader.next() {
                 Some(Ok(v)) => v,
-                Some(Err(e)) => return Err(gone(e.to_string())),
-                None => return Err(gone("connection closed".into())),
+                Some(Err(e)) => return Err(self.gone(e)),
+                None => return Err(self.gone("connection closed")),
             };
             if msg.get("method").and_then(Value::as_str) != Some("echo") {
                 return Ok(msg);
@@ -169,14 +174,10 @@ impl Ovsdb {
     /// (`cur_cfg >= cfg`): a monitor of `cur_cfg`, whose updates the server
     /// pushes as the switch writes them (no polling).
     pub fn wait_applied(&mut self, cfg: i64) -> Result<(), Failure> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request = json!({"method": "monitor", "id": id,
-            "params": [DB, "cur_cfg", {DB: {"columns": ["cur_cfg"]}}]});
-        let raw = serde_json::to_vec(&request).map_err(|e| self.refused(e))?;
-        self.writer.write_all(&raw).map_err(|e| {
-            Failure::Unreachable(format!("ovsdb-server at {}: {e}", self.path.display()))
-        })?;
+        let id = self.send(
+            "monitor",
+            json!([DB, "cur_cfg", {DB: {"columns": ["cur_cfg"]}}]),
+        )?;
         let mut cur = 0;
         loop {
             if Instant::now() > self.deadline {
