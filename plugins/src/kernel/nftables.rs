@@ -439,10 +439,6 @@ impl Batch {
             self.buf[start + 6..start + 8].copy_from_slice(&flags.to_ne_bytes());
         }
         self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
-        let fail = |what: &str, e: nix::Error| Failure {
-            what: what.to_string(),
-            errno: e,
-        };
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
@@ -454,10 +450,6 @@ impl Batch {
     }
 
     fn exchange(&self, fd: &OwnedFd) -> Result<(), Failure> {
-        let fail = |what: &str, e: nix::Error| Failure {
-            what: what.to_string(),
-            errno: e,
-        };
         let raw = fd.as_raw_fd();
         bind(raw, &NetlinkAddr::new(0, 0)).map_err(|e| fail("netlink bind", e))?;
         // A kernel that does not answer must not hang the CNI call.
@@ -467,11 +459,12 @@ impl Batch {
         if sent != self.buf.len() {
             return Err(fail("netlink send (short)", nix::Error::EMSGSIZE));
         }
+        // Answered once the last message's ack (or the batch's refusal) came.
         let last = self.what.last().map_or(0, |(s, _)| *s);
-        let mut pending = vec![last];
+        let mut answered = false;
         let mut first_error: Option<Failure> = None;
         let mut buf = vec![0u8; 64 * 1024];
-        while !pending.is_empty() {
+        while !answered {
             let n = recv(raw, &mut buf, MsgFlags::empty())
                 .map_err(|e| fail("waiting for the kernel's answer", e))?;
             let mut at = 0;
@@ -492,7 +485,7 @@ impl Batch {
                 }
                 if kind == NLMSG_ERROR && len >= 20 {
                     let code = word(16) as i32;
-                    pending.retain(|s| *s != seq);
+                    answered |= seq == last;
                     if code != 0 && first_error.is_none() {
                         let what = self
                             .what
@@ -502,7 +495,7 @@ impl Batch {
                         first_error = Some(fail(what, nix::Error::from_raw(-code)));
                         // The batch as a whole was refused: no more answers.
                         if !self.what.iter().any(|(s, _)| *s == seq) {
-                            pending.clear();
+                            answered = true;
                         }
                     }
                 }
@@ -518,6 +511,13 @@ impl Batch {
 pub struct Failure {
     pub what: String,
     pub errno: nix::Error,
+}
+
+fn fail(what: &str, errno: nix::Error) -> Failure {
+    Failure {
+        what: what.to_string(),
+        errno,
+    }
 }
 
 impl std::fmt::Display for Failure {
