@@ -285,17 +285,6 @@ fn survey(ovs: &mut Ovsdb, req: &Request, conf: &Conf) -> Result<Survey, Error> 
 }
 
 /// The switch is ready for vhost-user ports: DPDK initialized.
-fn ready(ovs: &mut Ovsdb, conf: &Conf) -> Result<(), Error> {
-    let rows = ovs
-        .select(ovsdb::DB, json!([]), &["dpdk_initialized"])
-        .map_err(ovs_error)?;
-    let initialized = rows
-        .first()
-        .and_then(|r| r["dpdk_initialized"].as_bool())
-        .unwrap_or(false);
-    not_initialized(initialized, conf)
-}
-
 fn not_initialized(initialized: bool, conf: &Conf) -> Result<(), Error> {
     if !initialized {
         return Err(Error::new(
@@ -737,6 +726,8 @@ impl Plugin for Userspace {
         let mut ovs = conf
             .connect()
             .map_err(|e| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg))?;
-        ready(&mut ovs, &conf).map_err(|e| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg))
+        survey(&mut ovs, req, &conf)
+            .and_then(|s| not_initialized(s.initialized, &conf))
+            .map_err(|e| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg))
     }
 }
