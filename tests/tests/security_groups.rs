@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use cni::NetConfList;
 use conf::api::{NAD, SECURITY_GROUP};
 use netns_harness::etcd::{EtcdCluster, Tls};
 use netns_harness::plexusd::Plexusd;
@@ -66,29 +67,39 @@ fn network_with_groups(
     yaml
 }
 
-#[test]
-fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
-    let node = Node::new("sg-cidr");
+/// A node whose pods get the cluster network (ptp on `pods`) and, in
+/// namespace `a`, the MACVLAN network `data` (on `data`) that carries group
+/// `web` of `rules`.
+fn node_with_web(tag: &str, pods: &str, data: &[&str], rules: Value) -> (Node, NetConfList) {
+    let node = Node::new(tag);
     let ipam = node.ipam_dir();
-    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &["10.95.0.0/24"], &ipam));
-    node.define(
-        "web.yaml",
-        &group(
-            "a",
-            "web",
-            json!([
-                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
-                 "portRangeMax": OPEN, "remoteIpPrefix": "192.168.95.0/24"},
-                {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
-                 "remoteIpPrefix": "fd00:95::/64"},
-                {"direction": "ingress", "protocol": "icmp", "icmpType": 8}
-            ]),
-        ),
-    );
-    let data = macvlan("1.0.0", &["192.168.95.0/24", "fd00:95::/64"], &ipam);
+    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &[pods], &ipam));
+    node.define("web.yaml", &group("a", "web", rules));
     node.define(
         "data.yaml",
-        &network_with_groups("a", "data", &data, &[("plexus.io/security-groups", "web")]),
+        &network_with_groups(
+            "a",
+            "data",
+            &macvlan("1.0.0", data, &ipam),
+            &[("plexus.io/security-groups", "web")],
+        ),
+    );
+    (node, list)
+}
+
+#[test]
+fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
+    let (node, list) = node_with_web(
+        "sg-cidr",
+        "10.95.0.0/24",
+        &["192.168.95.0/24", "fd00:95::/64"],
+        json!([
+            {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+             "portRangeMax": OPEN, "remoteIpPrefix": "192.168.95.0/24"},
+            {"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN,
+             "remoteIpPrefix": "fd00:95::/64"},
+            {"direction": "ingress", "protocol": "icmp", "icmpType": 8}
+        ]),
     );
     let (server_ns, server) = node.pod("a");
     let server = server.networks("data");
@@ -165,21 +176,11 @@ fn a_networks_groups_filter_its_interface_only_and_go_with_del() {
 /// refuses it, the ADD fails with its reason and nothing of the pod stays.
 #[test]
 fn a_table_the_kernel_refuses_undoes_the_add() {
-    let node = Node::new("sg-refused");
-    let ipam = node.ipam_dir();
-    let list = node.plexus_list("1.0.0", ptp("pods", "1.0.0", &["10.97.0.0/24"], &ipam));
-    node.define(
-        "web.yaml",
-        &group(
-            "a",
-            "web",
-            json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN}]),
-        ),
-    );
-    let data = macvlan("1.0.0", &["192.168.97.0/24"], &ipam);
-    node.define(
-        "data.yaml",
-        &network_with_groups("a", "data", &data, &[("plexus.io/security-groups", "web")]),
+    let (node, list) = node_with_web(
+        "sg-refused",
+        "10.97.0.0/24",
+        &["192.168.97.0/24"],
+        json!([{"direction": "ingress", "protocol": "tcp", "portRangeMin": OPEN}]),
     );
     let (ns, pod) = node.pod("a");
     let pod = pod.networks("data");
