@@ -186,27 +186,19 @@ impl Agent {
             .map(|((ifname, _), rules)| Filtered { ifname, rules })
             .collect();
         let remote = groups::remote_groups(rules.iter().flatten());
-        let mut by_group: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let mut elements: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-        for g in &remote {
-            let addrs = members
-                .get(&pod.namespace)
-                .and_then(|m| m.get(*g))
-                .cloned()
-                .unwrap_or_default();
-            for v6 in [false, true] {
-                elements.insert(
-                    groups::set_name(g, v6),
-                    addrs
-                        .iter()
-                        .filter(|a| a.is_ipv6() == v6)
-                        .copied()
-                        .collect(),
-                );
-            }
-            by_group.insert(g.to_string(), addrs);
-        }
+        let by_group: BTreeMap<String, Vec<IpAddr>> = remote
+            .iter()
+            .map(|g| {
+                let addrs = members
+                    .get(&pod.namespace)
+                    .and_then(|m| m.get(*g))
+                    .cloned()
+                    .unwrap_or_default();
+                (g.to_string(), addrs)
+            })
+            .collect();
         let ruleset = groups::ruleset(&filtered, &by_group)?;
+        let elements = groups::elements(&ruleset);
         let shape = serde_json::to_string(&groups::shape(&ruleset))
             .map_err(|e| Error::new(cni::code::INTERNAL, e.to_string()))?;
         let same_rules = self.applied.get(&pod.key).is_some_and(|a| a.rules == shape);
@@ -250,9 +242,8 @@ impl Agent {
         if steps.is_empty() {
             return Ok(());
         }
-        let cmds = steps;
-        groups::apply(&pod.netns, &cmds)?;
-        debug!(pod = %pod.key, changes = cmds.len(), "security group members updated");
+        groups::apply(&pod.netns, &steps)?;
+        debug!(pod = %pod.key, changes = steps.len(), "security group members updated");
         applied.elements = elements;
         Ok(())
     }

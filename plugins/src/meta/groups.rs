@@ -382,6 +382,23 @@ pub fn shape(steps: &[Step]) -> Vec<Step> {
         .collect()
 }
 
+/// Each set of `steps` and the addresses they put in it.
+pub fn elements(steps: &[Step]) -> BTreeMap<String, BTreeSet<IpAddr>> {
+    let mut sets: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    for step in steps {
+        match step {
+            Step::AddSet { name, .. } => {
+                sets.entry(name.clone()).or_default();
+            }
+            Step::AddElements { set, elements } => {
+                sets.entry(set.clone()).or_default().extend(elements);
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
 /// A condition as nf_tables expressions (register 1 loaded, compared).
 fn lower(m: &Match, out: &mut Vec<Expr>) {
     let eq = |v: Vec<u8>| Expr::Cmp(Op::Eq, v);
