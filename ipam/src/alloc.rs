@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 use crate::block::{
-    block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, Assigned, Block, HandleId,
-    HandleRecord,
+    block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, unix_now, Assigned, Block,
+    HandleId, HandleRecord, Holder,
 };
 use crate::pool::{overlaps, BlockCidr, Family, Pool};
 use crate::store::{Store, Txn};
@@ -70,6 +70,8 @@ pub struct Stats {
     pub borrows: u64,
     /// Bytes of the values written by transactions that succeeded.
     pub written: u64,
+    /// Empty blocks given back to the pool.
+    pub returned: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -79,6 +81,7 @@ impl std::ops::AddAssign for Stats {
         self.claims += o.claims;
         self.borrows += o.borrows;
         self.written += o.written;
+        self.returned += o.returned;
     }
 }
 
@@ -92,8 +95,20 @@ impl std::ops::Sub for Stats {
             claims: self.claims - o.claims,
             borrows: self.borrows - o.borrows,
             written: self.written - o.written,
+            returned: self.returned - o.returned,
         }
     }
+}
+
+/// What reclaiming a gone node freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Its handles, released.
+    pub handles: Vec<HandleId>,
+    /// Its blocks, given back to their pools.
+    pub blocks: Vec<String>,
+    /// Its blocks still holding addresses other nodes borrowed.
+    pub kept: Vec<String>,
 }
 
 /// How a claim ended.
@@ -464,18 +479,39 @@ impl<S: Store> Allocator<S> {
                     }
                 }
             }
+            let own = node_blocks_prefix(&record.pool, &self.node);
             let mut txn = Txn::default().when(&hkey, hkv.mod_rev).delete(&hkey);
+            let mut given_back = Vec::new();
             for (key, (rev, block)) in &blocks {
-                txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
+                txn = txn.when(key, *rev).or_read(key);
+                let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key);
+                match cidr {
+                    Some(cidr)
+                        if key.starts_with(&own)
+                            && block.is_empty()
+                            && self.gives_back(&record.pool, key, cidr) =>
+                    {
+                        txn = txn.delete(key).put(
+                            &claim_key(&record.pool, cidr),
+                            Holder::Returned(unix_now()).encode(),
+                        );
+                        given_back.push(key.clone());
+                    }
+                    _ => txn = txn.put(key, encode(block)?),
+                }
             }
             let bytes = written(&txn);
             let out = self.store.txn(txn)?;
             self.stats.txns += 1;
-            let own = node_blocks_prefix(&record.pool, &self.node);
             if out.succeeded {
                 self.stats.written += bytes;
                 for (key, (_, block)) in blocks {
-                    if key.starts_with(&own) {
+                    if given_back.contains(&key) {
+                        self.stats.returned += 1;
+                        if let Some(c) = self.cache.get_mut(&record.pool) {
+                            c.blocks.remove(&key);
+                        }
+                    } else if key.starts_with(&own) {
                         self.remember_in(&record.pool, key, out.revision, block);
                     }
                 }
@@ -518,6 +554,79 @@ impl<S: Store> Allocator<S> {
         Ok(released)
     }
 
+    /// Frees everything `node` held: its handles on every network, then its
+    /// blocks, each given back to its pool once empty. A block that still
+    /// holds an address another node borrowed stays `node`'s until that is
+    /// released; a later reclaim gives it back. Only for a node gone for
+    /// good: whatever still runs there loses its addresses.
+    pub fn reclaim(&mut self, node: &str) -> Result<Reclaimed, Error> {
+        let mut done = Reclaimed::default();
+        for kv in self.store.range("handles/")? {
+            let Some(id) = HandleId::from_key(&kv.key) else {
+                continue;
+            };
+            let record: HandleRecord = decode(&kv.value, &kv.key)?;
+            if record.node == node && self.release(&id)?.is_some() {
+                done.handles.push(id);
+            }
+        }
+        let pools: Vec<String> = self
+            .store
+            .range("pools/")?
+            .into_iter()
+            .filter_map(|kv| kv.key.strip_prefix("pools/").map(String::from))
+            .collect();
+        for pool in pools {
+            for kv in self.store.range(&node_blocks_prefix(&pool, node))? {
+                let block: Block = decode(&kv.value, &kv.key)?;
+                let cidr = kv.key.rsplit('/').next().and_then(BlockCidr::parse_key);
+                let (Some(cidr), true) = (cidr, block.is_empty()) else {
+                    done.kept.push(kv.key);
+                    continue;
+                };
+                let txn = Txn::default()
+                    .when(&kv.key, kv.mod_rev)
+                    .delete(&kv.key)
+                    .put(
+                        &claim_key(&pool, cidr),
+                        Holder::Returned(unix_now()).encode(),
+                    );
+                let out = self.store.txn(txn)?;
+                self.stats.txns += 1;
+                if out.succeeded {
+                    self.stats.returned += 1;
+                    done.blocks.push(kv.key);
+                } else {
+                    // Written meanwhile (a borrow): kept for the next reclaim.
+                    self.stats.conflicts += 1;
+                    done.kept.push(kv.key);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Whether this node's block `key` (`cidr`) of `pool`, empty now, goes
+    /// back to the pool: only while another of the node's blocks of its
+    /// family has room, so that the node keeps one block per family and the
+    /// next ADD need not claim one (no claim and give-back at every pod
+    /// around a block's edge).
+    fn gives_back(&self, pool: &str, key: &str, cidr: BlockCidr) -> bool {
+        let Some(cache) = self.cache.get(pool).filter(|c| c.loaded) else {
+            return false;
+        };
+        let Some(def) = &cache.def else {
+            return false;
+        };
+        cache.blocks.iter().any(|(k, (_, b))| {
+            k != key
+                && k.rsplit('/')
+                    .next()
+                    .and_then(BlockCidr::parse_key)
+                    .is_some_and(|o| o.family() == cidr.family() && b.free(def, o).is_some())
+        })
+    }
+
     fn remember(&mut self, pool: &Pool, key: String, rev: i64, block: Block) {
         self.remember_in(&pool.name, key, rev, block);
     }
@@ -554,24 +663,28 @@ impl<S: Store> Allocator<S> {
         Ok(())
     }
 
-    /// A free address of `family` in one of this node's blocks.
+    /// A free address of `family` in one of this node's blocks: one not
+    /// handed out since its block was last gone through, from any block that
+    /// has one, before one released since (see [`Block`]).
     fn free_in_own(&self, pool: &Pool, family: Family) -> Option<Pick> {
         let cache = self.cache.get(&pool.name)?;
-        cache.blocks.iter().find_map(|(key, (rev, block))| {
-            let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key)?;
-            if cidr.family() != family {
-                return None;
-            }
-            let (ord, ip) = block.free(pool, cidr)?;
-            let mut block = block.clone();
-            block.set(ord);
-            Some(Pick {
-                key: key.clone(),
-                rev: *rev,
-                block,
-                ip,
-                own: true,
+        let own = || {
+            cache.blocks.iter().filter_map(|(key, (rev, block))| {
+                let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key)?;
+                (cidr.family() == family).then_some((key, *rev, block, cidr))
             })
+        };
+        let (key, rev, block, (ord, ip)) = own()
+            .find_map(|(k, r, b, c)| Some((k, r, b, b.fresh(pool, c)?)))
+            .or_else(|| own().find_map(|(k, r, b, c)| Some((k, r, b, b.free(pool, c)?))))?;
+        let mut block = block.clone();
+        block.take(ord);
+        Some(Pick {
+            key: key.clone(),
+            rev,
+            block,
+            ip,
+            own: true,
         })
     }
 
@@ -612,13 +725,15 @@ impl<S: Store> Allocator<S> {
                 break;
             }
             let keys: Vec<String> = window.iter().map(|b| claim_key(&pool.name, *b)).collect();
-            let claimed: BTreeMap<String, String> = self
+            let claimed: BTreeMap<String, (Holder, i64)> = self
                 .store
                 .get_many(&keys)?
                 .into_iter()
-                .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+                .map(|kv| (kv.key, (Holder::parse(&kv.value), kv.mod_rev)))
                 .collect();
-            if claimed.values().any(|n| n == &self.node) && self.claimed_unknown(pool, &claimed) {
+            if claimed.values().any(|(h, _)| h.is(&self.node))
+                && self.claimed_unknown(pool, &claimed)
+            {
                 // Claimed by an earlier run whose answer was lost, or by
                 // another process of this node.
                 self.load(pool, true)?;
@@ -626,18 +741,20 @@ impl<S: Store> Allocator<S> {
                     return Ok(p);
                 }
             }
-            let mut free: Vec<BlockCidr> = Vec::new();
+            let now = unix_now();
+            let mut free: Vec<(BlockCidr, i64)> = Vec::new();
             for (b, k) in window.iter().zip(&keys) {
-                let taken = claimed.contains_key(k);
-                seen.insert(*b, taken);
-                if !taken {
-                    free.push(*b);
-                }
+                let rev = match claimed.get(k) {
+                    None => Some(0),
+                    Some((h, rev)) => h.claimable(now).then_some(*rev),
+                };
+                seen.insert(*b, rev.is_none());
+                free.extend(rev.map(|r| (*b, r)));
             }
             while !free.is_empty() {
                 let i = (respread(&self.node, PROBES + probe) % free.len() as u64) as usize;
-                let cidr = free.swap_remove(i);
-                match self.claim(pool, cidr)? {
+                let (cidr, rev) = free.swap_remove(i);
+                match self.claim(pool, cidr, rev)? {
                     Claim::Won => {
                         if let Some(p) = self.free_in_own(pool, family) {
                             return Ok(p);
@@ -660,8 +777,8 @@ impl<S: Store> Allocator<S> {
         // borrow.
         for _ in 0..MAX_ATTEMPTS {
             let claims = self.claims(pool)?;
-            let mine_unknown = claims.iter().any(|(k, n)| {
-                n == &self.node
+            let mine_unknown = claims.iter().any(|(k, (h, _))| {
+                h.is(&self.node)
                     && !self.cache.get(&pool.name).is_some_and(|c| {
                         c.blocks
                             .contains_key(&block_key(&pool.name, &self.node, *k))
@@ -673,13 +790,18 @@ impl<S: Store> Allocator<S> {
                     return Ok(p);
                 }
             }
+            let now = unix_now();
             let candidate = pool
                 .blocks(family, spread(&self.node))
-                .find(|b| !claims.contains_key(b) && Block::default().free(pool, *b).is_some());
-            let Some(cidr) = candidate else {
+                .filter(|b| Block::default().free(pool, *b).is_some())
+                .find_map(|b| match claims.get(&b) {
+                    None => Some((b, 0)),
+                    Some((h, rev)) => h.claimable(now).then_some((b, *rev)),
+                });
+            let Some((cidr, rev)) = candidate else {
                 return self.borrow(pool, family, &claims);
             };
-            if let Claim::Won = self.claim(pool, cidr)? {
+            if let Claim::Won = self.claim(pool, cidr, rev)? {
                 if let Some(p) = self.free_in_own(pool, family) {
                     return Ok(p);
                 }
@@ -692,10 +814,10 @@ impl<S: Store> Allocator<S> {
 
     /// Whether `claimed` (claim key → node) names a block of this node's
     /// that its cache does not hold.
-    fn claimed_unknown(&self, pool: &Pool, claimed: &BTreeMap<String, String>) -> bool {
+    fn claimed_unknown(&self, pool: &Pool, claimed: &BTreeMap<String, (Holder, i64)>) -> bool {
         let prefix = claim_prefix(&pool.name);
-        claimed.iter().any(|(k, n)| {
-            n == &self.node
+        claimed.iter().any(|(k, (h, _))| {
+            h.is(&self.node)
                 && k.strip_prefix(&prefix)
                     .and_then(BlockCidr::parse_key)
                     .is_some_and(|b| {
@@ -706,14 +828,15 @@ impl<S: Store> Allocator<S> {
         })
     }
 
-    /// Claims `cidr` for this node with an empty block.
-    fn claim(&mut self, pool: &Pool, cidr: BlockCidr) -> Result<Claim, Error> {
+    /// Claims `cidr` for this node with an empty block; `claim_rev` is the
+    /// revision of the claim as read (0: none, else one given back).
+    fn claim(&mut self, pool: &Pool, cidr: BlockCidr, claim_rev: i64) -> Result<Claim, Error> {
         let ckey = claim_key(&pool.name, cidr);
         let bkey = block_key(&pool.name, &self.node, cidr);
         let pkey = pool_key(&pool.name);
         let pool_rev = self.pool_rev(pool)?;
         let txn = Txn::default()
-            .when(&ckey, 0)
+            .when(&ckey, claim_rev)
             .when(&bkey, 0)
             .when(&pkey, pool_rev)
             .or_read(&pkey)
@@ -741,8 +864,8 @@ impl<S: Store> Allocator<S> {
         ))
     }
 
-    /// Every claimed block of `pool` and its node.
-    fn claims(&mut self, pool: &Pool) -> Result<BTreeMap<BlockCidr, String>, Error> {
+    /// Every claim of `pool`: its holder and revision.
+    fn claims(&mut self, pool: &Pool) -> Result<BTreeMap<BlockCidr, (Holder, i64)>, Error> {
         let prefix = claim_prefix(&pool.name);
         Ok(self
             .store
@@ -750,7 +873,7 @@ impl<S: Store> Allocator<S> {
             .into_iter()
             .filter_map(|kv| {
                 let cidr = BlockCidr::parse_key(kv.key.strip_prefix(&prefix)?)?;
-                Some((cidr, String::from_utf8_lossy(&kv.value).into_owned()))
+                Some((cidr, (Holder::parse(&kv.value), kv.mod_rev)))
             })
             .collect())
     }
@@ -759,10 +882,13 @@ impl<S: Store> Allocator<S> {
         &mut self,
         pool: &Pool,
         family: Family,
-        claims: &BTreeMap<BlockCidr, String>,
+        claims: &BTreeMap<BlockCidr, (Holder, i64)>,
     ) -> Result<Pick, Error> {
-        for (cidr, owner) in claims {
-            if owner == &self.node || cidr.family() != family {
+        for (cidr, (holder, _)) in claims {
+            let Some(owner) = holder.node() else {
+                continue;
+            };
+            if owner == self.node || cidr.family() != family {
                 continue;
             }
             let key = block_key(&pool.name, owner, *cidr);
@@ -771,7 +897,7 @@ impl<S: Store> Allocator<S> {
             };
             let mut block: Block = decode(&kv.value, &key)?;
             if let Some((ord, ip)) = block.free(pool, *cidr) {
-                block.set(ord);
+                block.take(ord);
                 self.stats.borrows += 1;
                 return Ok(Pick {
                     key,
@@ -808,10 +934,18 @@ impl<S: Store> Allocator<S> {
         };
         for _ in 0..MAX_ATTEMPTS {
             let ckey = claim_key(&pool.name, cidr);
+            // An address asked for by name may come from a block given back
+            // however recently: whoever asks knows what they ask for.
             let owner = match self.store.get(&ckey)? {
-                Some(kv) => String::from_utf8_lossy(&kv.value).into_owned(),
+                Some(kv) => match Holder::parse(&kv.value) {
+                    Holder::Node(n) => n,
+                    Holder::Returned(_) => {
+                        self.claim(pool, cidr, kv.mod_rev)?;
+                        continue;
+                    }
+                },
                 None => {
-                    self.claim(pool, cidr)?;
+                    self.claim(pool, cidr, 0)?;
                     continue;
                 }
             };
@@ -913,12 +1047,11 @@ mod tests {
             .expect("assign");
         let saved = a.cache().clone();
         // Another run claims a block far away (a static address) and dies
-        // before its cache is saved; the address is released since.
+        // before its cache is saved.
         let mut crashed = Allocator::new(open(), "node-a").with_cache(saved.clone());
         let far = HandleId::new("pods", "far", "eth0");
         let ip: IpAddr = "10.0.200.5".parse().expect("ip");
         crashed.assign(&pods, &far, &[ip]).expect("static");
-        crashed.release(&far).expect("release");
         let before = v4_claims(&mut open());
         assert_eq!(before, 2, "the first block and the far one");
         // The next run starts from the cache saved before the crash: once its
@@ -965,5 +1098,158 @@ mod tests {
         }
         // Once every block is claimed, nodes borrow, reading the claims.
         assert!(claims_read > 0, "a full pool's claims were read to borrow");
+    }
+
+    fn v4(rec: &HandleRecord) -> IpAddr {
+        rec.addresses
+            .iter()
+            .map(|a| a.ip)
+            .find(IpAddr::is_ipv4)
+            .expect("an IPv4 address")
+    }
+
+    fn holders(store: &mut LocalStore) -> BTreeMap<String, Holder> {
+        store
+            .range("claims/pods/")
+            .expect("claims")
+            .into_iter()
+            .map(|kv| (kv.key, Holder::parse(&kv.value)))
+            .collect()
+    }
+
+    #[test]
+    fn a_released_address_waits_until_the_block_has_handed_out_the_others() {
+        let dir = tempfile::tempdir().expect("dir");
+        // One /26 per family: 61 usable IPv4 addresses (not the network,
+        // the gateway or the broadcast address).
+        let pods = pool("10.0.0.0/26", "fd00::/122");
+        let mut a = Allocator::new(LocalStore::open(dir.path()).expect("store"), "node-a");
+        a.define_pool(&pods).expect("define");
+        let h = |i: usize| HandleId::new("pods", &format!("c{i}"), "eth0");
+        let first = v4(&a.assign(&pods, &h(0), &[]).expect("assign"));
+        a.release(&h(0)).expect("release");
+        let mut given = vec![];
+        for i in 1..61 {
+            given.push(v4(&a.assign(&pods, &h(i), &[]).expect("assign")));
+        }
+        assert!(
+            !given.contains(&first),
+            "{first} handed out again while never-used addresses were left"
+        );
+        // Only the released one is left: it is handed out now, in the same
+        // block (no block claimed for it).
+        let last = v4(&a.assign(&pods, &h(61), &[]).expect("assign"));
+        assert_eq!(last, first);
+        assert_eq!(a.stats().claims, 2, "one block per family");
+        // The cursor survives a new run (it is stored with the block).
+        a.release(&h(5)).expect("release");
+        a.release(&h(9)).expect("release");
+        let mut b = Allocator::new(LocalStore::open(dir.path()).expect("store"), "node-a");
+        let again = v4(&b.assign(&pods, &h(100), &[]).expect("assign"));
+        assert_eq!(
+            again, given[4],
+            "once wrapped, the block is gone through from its start again"
+        );
+    }
+
+    #[test]
+    fn empty_blocks_go_back_keeping_one_per_family_and_wait_before_a_new_claim() {
+        let dir = tempfile::tempdir().expect("dir");
+        // Two /26 blocks per family.
+        let pods = pool("10.0.0.0/25", "fd00::/121");
+        let open = || LocalStore::open(dir.path()).expect("store");
+        let mut a = Allocator::new(open(), "node-a");
+        a.define_pool(&pods).expect("define");
+        let h = |i: usize| HandleId::new("pods", &format!("c{i}"), "eth0");
+        // 62 addresses fill the first block of each family; 4 more go to
+        // a second.
+        for i in 0..66 {
+            a.assign(&pods, &h(i), &[]).expect("assign");
+        }
+        assert_eq!(a.stats().claims, 4, "two blocks per family");
+        let second = holders(&mut open());
+        // The first blocks get room; the second ones, emptied, go back.
+        a.release(&h(0)).expect("release");
+        for i in 62..66 {
+            a.release(&h(i)).expect("release");
+        }
+        assert_eq!(a.stats().returned, 2, "{:?}", a.stats());
+        let after = holders(&mut open());
+        let back: Vec<_> = after
+            .iter()
+            .filter(|(_, h)| matches!(h, Holder::Returned(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(back.len(), 2, "{after:?}");
+        assert!(back.iter().all(|k| second[k].is("node-a")));
+        let tail = |k: &str| k.rsplit('/').next().unwrap_or("-").to_string();
+        let gone: Vec<String> = back.iter().map(|k| tail(k)).collect();
+        assert!(open()
+            .range("blocks/pods/node-a/")
+            .expect("blocks")
+            .iter()
+            .all(|kv| !gone.contains(&tail(&kv.key))));
+        // Emptied whole, the node keeps one block per family.
+        for i in 1..62 {
+            a.release(&h(i)).expect("release");
+        }
+        assert_eq!(a.stats().returned, 2, "the last block of a family stays");
+        // Another node finds the given-back block in quarantine: it borrows
+        // rather than claim it.
+        let mut b = Allocator::new(open(), "node-b");
+        let rec = b
+            .assign(&pods, &HandleId::new("pods", "b0", "eth0"), &[])
+            .expect("assign");
+        assert!(
+            rec.addresses
+                .iter()
+                .all(|x| !gone.contains(&tail(&x.block))),
+            "{rec:?} is in the block given back"
+        );
+        assert_eq!(b.stats().claims, 0);
+        assert!(b.stats().borrows >= 1);
+    }
+
+    #[test]
+    fn a_gone_node_is_reclaimed_and_blocks_others_borrowed_from_stay() {
+        let dir = tempfile::tempdir().expect("dir");
+        // One block per family: node-b borrows from node-a.
+        let pods = pool("10.0.0.0/26", "fd00::/122");
+        let open = || LocalStore::open(dir.path()).expect("store");
+        let mut a = Allocator::new(open(), "node-a");
+        a.define_pool(&pods).expect("define");
+        for i in 0..3 {
+            a.assign(&pods, &HandleId::new("pods", &format!("a{i}"), "eth0"), &[])
+                .expect("assign");
+        }
+        let mut b = Allocator::new(open(), "node-b");
+        let bh = HandleId::new("pods", "b0", "eth0");
+        let kept = b.assign(&pods, &bh, &[]).expect("assign");
+        let mut admin = Allocator::new(open(), "plexusd");
+        let done = admin.reclaim("node-a").expect("reclaim");
+        assert_eq!(done.handles.len(), 3, "{done:?}");
+        assert!(done.blocks.is_empty() && done.kept.len() == 2, "{done:?}");
+        assert!(admin
+            .lookup(&HandleId::new("pods", "a0", "eth0"))
+            .expect("lookup")
+            .is_none());
+        assert_eq!(admin.lookup(&bh).expect("lookup"), Some(kept.clone()));
+        let held: Vec<IpAddr> = admin.allocated(&pods).expect("allocated");
+        let mut want: Vec<IpAddr> = kept.addresses.iter().map(|x| x.ip).collect();
+        let mut held_sorted = held.clone();
+        held_sorted.sort();
+        want.sort();
+        assert_eq!(held_sorted, want, "only node-b's addresses are held");
+        // node-b lets go; the next reclaim gives node-a's blocks back.
+        b.release(&bh).expect("release");
+        let done = admin.reclaim("node-a").expect("reclaim");
+        assert_eq!((done.blocks.len(), done.kept.len()), (2, 0), "{done:?}");
+        assert!(holders(&mut open())
+            .values()
+            .all(|h| matches!(h, Holder::Returned(_))));
+        assert!(open()
+            .range("blocks/pods/node-a/")
+            .expect("blocks")
+            .is_empty());
     }
 }

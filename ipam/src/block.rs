@@ -31,6 +31,64 @@ pub fn node_blocks_prefix(pool: &str, node: &str) -> String {
     format!("blocks/{pool}/{node}/")
 }
 
+/// What a claim says of its block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// Claimed by this node.
+    Node(String),
+    /// Given back, empty, at this Unix time: nobody claims it again until
+    /// [`RETURN_QUARANTINE`] has passed, so that addresses released in it
+    /// are not handed out again at once elsewhere.
+    Returned(u64),
+}
+
+/// How long a block given back stays unclaimed.
+pub const RETURN_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(300);
+
+const RETURNED: &str = "returned@";
+
+impl Holder {
+    pub fn parse(raw: &[u8]) -> Holder {
+        let s = String::from_utf8_lossy(raw);
+        match s.strip_prefix(RETURNED).and_then(|t| t.parse().ok()) {
+            Some(at) => Holder::Returned(at),
+            None => Holder::Node(s.into_owned()),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Holder::Node(n) => n.as_bytes().to_vec(),
+            Holder::Returned(at) => format!("{RETURNED}{at}").into_bytes(),
+        }
+    }
+
+    /// Whether `node` holds the block.
+    pub fn is(&self, node: &str) -> bool {
+        matches!(self, Holder::Node(n) if n == node)
+    }
+
+    /// The node that holds the block, if one does.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Holder::Node(n) => Some(n),
+            Holder::Returned(_) => None,
+        }
+    }
+
+    /// Whether a node may claim the block now (Unix time `now`).
+    pub fn claimable(&self, now: u64) -> bool {
+        matches!(self, Holder::Returned(at) if now >= at.saturating_add(RETURN_QUARANTINE.as_secs()))
+    }
+}
+
+/// The Unix time now, in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn block_key(pool: &str, node: &str, block: BlockCidr) -> String {
     format!("blocks/{pool}/{node}/{}", block.key())
 }
@@ -98,12 +156,19 @@ pub struct HandleRecord {
 }
 
 /// A block's allocations: one bit per address, stored as hex words
-/// (`{"used": "…"}`), so that the value every assignment rewrites stays a
-/// few dozen bytes. Who holds an address is the handle's record, written in
-/// the same transaction.
+/// (`{"used": "…", "next": n}`), so that the value every assignment
+/// rewrites stays a few dozen bytes. Who holds an address is the handle's
+/// record, written in the same transaction.
+///
+/// `next` is where the next dynamic address is looked for: addresses are
+/// handed out in order and the search wraps only at the block's end, so an
+/// address released is not handed out again before the block's others have
+/// been, once each (stale ARP/ND and conntrack entries elsewhere age out
+/// meanwhile).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Block {
     words: Vec<u64>,
+    next: u32,
 }
 
 impl Block {
@@ -141,13 +206,45 @@ impl Block {
         })
     }
 
-    /// The first address of `cidr` that `pool` allows and nobody holds.
-    pub fn free(&self, pool: &Pool, cidr: BlockCidr) -> Option<(u32, IpAddr)> {
-        let size = u32::try_from(cidr.size()).unwrap_or(u32::MAX);
-        (0..size)
+    /// Whether no address is in use.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// The first address of `cidr` that `pool` allows and nobody holds,
+    /// among `ordinals`.
+    fn first(
+        &self,
+        pool: &Pool,
+        cidr: BlockCidr,
+        ordinals: std::ops::Range<u32>,
+    ) -> Option<(u32, IpAddr)> {
+        ordinals
             .filter(|o| !self.is_used(*o))
             .map(|o| (o, cidr.nth(u128::from(o))))
             .find(|(_, ip)| pool.usable(*ip))
+    }
+
+    fn size(cidr: BlockCidr) -> u32 {
+        u32::try_from(cidr.size()).unwrap_or(u32::MAX)
+    }
+
+    /// A free address at or after the cursor: one not handed out since the
+    /// block's addresses were last gone through.
+    pub fn fresh(&self, pool: &Pool, cidr: BlockCidr) -> Option<(u32, IpAddr)> {
+        self.first(pool, cidr, self.next..Block::size(cidr))
+    }
+
+    /// A free address: after the cursor, else (wrapping) before it.
+    pub fn free(&self, pool: &Pool, cidr: BlockCidr) -> Option<(u32, IpAddr)> {
+        self.fresh(pool, cidr)
+            .or_else(|| self.first(pool, cidr, 0..self.next.min(Block::size(cidr))))
+    }
+
+    /// Marks `ordinal` used as a dynamic pick: the cursor moves past it.
+    pub fn take(&mut self, ordinal: u32) {
+        self.set(ordinal);
+        self.next = ordinal.saturating_add(1);
     }
 }
 
@@ -155,12 +252,22 @@ impl Block {
 struct BlockWire {
     #[serde(default)]
     used: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    next: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Serialize for Block {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let used: String = self.words.iter().map(|w| format!("{w:016x}")).collect();
-        BlockWire { used }.serialize(s)
+        BlockWire {
+            used,
+            next: self.next,
+        }
+        .serialize(s)
     }
 }
 
@@ -176,7 +283,10 @@ impl<'de> Deserialize<'de> for Block {
             .map(|i| u64::from_str_radix(&wire.used[i * 16..i * 16 + 16], 16))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(serde::de::Error::custom)?;
-        Ok(Block { words })
+        Ok(Block {
+            words,
+            next: wire.next,
+        })
     }
 }
 
