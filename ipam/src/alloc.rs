@@ -492,7 +492,7 @@ impl<S: Store> Allocator<S> {
                             && self.gives_back(&record.pool, key, cidr) =>
                     {
                         txn = txn.delete(key).put(
-                            &claim_key(&record.pool, cidr),
+                            claim_key(&record.pool, cidr),
                             Holder::Returned(unix_now()).encode(),
                         );
                         given_back.push(key.clone());
@@ -588,7 +588,7 @@ impl<S: Store> Allocator<S> {
                     .when(&kv.key, kv.mod_rev)
                     .delete(&kv.key)
                     .put(
-                        &claim_key(&pool, cidr),
+                        claim_key(&pool, cidr),
                         Holder::Returned(unix_now()).encode(),
                     );
                 let out = self.store.txn(txn)?;
