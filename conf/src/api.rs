@@ -90,13 +90,49 @@ pub const SECURITY_GROUP: Kind = Kind {
     node_written: false,
 };
 
+/// A node that runs the Plexus agent. The agent writes it bound to an etcd
+/// lease it keeps renewing, so the object lives while the agent does, and
+/// writes it again if it is deleted while the agent runs. An admin deletes
+/// it to remove the node; once it has been gone (deleted, or its lease
+/// expired) for the grace period, `plexusd` reclaims the node's addresses.
+pub const NODE: Kind = Kind {
+    group: "plexus.io",
+    version: "v1",
+    kind: "Node",
+    plural: "nodes",
+    singular: "node",
+    namespaced: false,
+    short_names: &["pxnode"],
+    node_written: true,
+};
+
+/// What a Node object says: when its agent started and the lease it lives by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    /// RFC 3339.
+    pub agent_started: String,
+    pub lease_seconds: u64,
+}
+
+/// A Node object as its agent writes it.
+pub fn node_object(name: &str, spec: &NodeSpec) -> Value {
+    serde_json::json!({
+        "apiVersion": NODE.api_version(),
+        "kind": NODE.kind,
+        "metadata": {"name": name, "creationTimestamp": spec.agent_started},
+        "spec": spec,
+    })
+}
+
 /// Every kind the API serves.
-pub const KINDS: [&Kind; 5] = [
+pub const KINDS: [&Kind; 6] = [
     &NAD,
     &CLUSTER_NETWORK,
     &IP_POOL,
     &ATTACHMENT,
     &SECURITY_GROUP,
+    &NODE,
 ];
 
 impl Kind {

@@ -152,6 +152,10 @@ pub fn validate(kind: &Kind, obj: &Value, types: &[String]) -> Result<Valid, Vec
         }
     } else if *kind == api::SECURITY_GROUP {
         check_security_group(&spec, &mut errs);
+    } else if *kind == api::NODE {
+        if let Err(e) = api::NodeSpec::deserialize(&spec) {
+            errs.push(fault("spec", e.to_string()));
+        }
     }
     if errs.is_empty() {
         Ok(valid)

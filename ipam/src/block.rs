@@ -4,7 +4,9 @@
 //! - `pools/<pool>`: the pool definition;
 //! - `claims/<pool>/<block>`: the node that claimed the block (one writer wins);
 //! - `blocks/<pool>/<node>/<block>`: the block's allocations, ordinal → handle;
-//! - `handles/<network>/<containerID>/<ifname>`: what a handle holds.
+//! - `handles/<network>/<containerID>/<ifname>`: what a handle holds;
+//! - `nodes/<node>`: a node whose agent keeps it alive in the central API,
+//!   so that its addresses are reclaimed once it is gone (see [`NodeMark`]).
 //!
 //! A node reads and writes only its own `blocks/<pool>/<node>/` in the common
 //! case, so nodes do not contend; `claims/` is touched once per new block.
@@ -29,6 +31,23 @@ pub fn claim_key(pool: &str, block: BlockCidr) -> String {
 
 pub fn node_blocks_prefix(pool: &str, node: &str) -> String {
     format!("blocks/{pool}/{node}/")
+}
+
+pub const NODES_PREFIX: &str = "nodes/";
+
+pub fn node_key(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}")
+}
+
+/// A node's mark: written by its agent when it starts; the reclaimer notes
+/// when it first found the node gone, and deletes the mark once it has
+/// reclaimed everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMark {
+    /// Unix time the node was first seen gone, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_since: Option<u64>,
 }
 
 /// What a claim says of its block.

@@ -98,11 +98,17 @@ impl Node {
     }
 
     /// Starts `plexus agent` in the node netns with `list` as its conflist;
-    /// killed when the handle goes.
+    /// killed when the handle goes. Its output is `agent.out`.
     pub fn start_agent(&self, list: &NetConfList) -> io::Result<AgentProcess> {
-        let conf = self.scratch.join("agent.conflist");
+        self.start_agent_named(list, "agent")
+    }
+
+    /// The same, with its conflist and output as `<name>.conflist` and
+    /// `<name>.out` (for more agents than one).
+    pub fn start_agent_named(&self, list: &NetConfList, name: &str) -> io::Result<AgentProcess> {
+        let conf = self.scratch.join(format!("{name}.conflist"));
         std::fs::write(&conf, serde_json::to_vec(list).map_err(io::Error::other)?)?;
-        let log = std::fs::File::create(self.scratch.join("agent.out"))?;
+        let log = std::fs::File::create(self.scratch.join(format!("{name}.out")))?;
         let mut cmd = std::process::Command::new(scratch::plexus_bin());
         cmd.arg("agent")
             .arg(&conf)

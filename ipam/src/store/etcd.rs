@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions,
-    Txn as EtcdTxn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse,
 };
 use tracing::debug;
 
@@ -166,6 +166,58 @@ impl EtcdStore {
             timeout: self.timeout,
             deadline: self.deadline,
         }
+    }
+
+    /// The same connection under another key prefix.
+    pub fn under(&self, prefix: &str) -> EtcdStore {
+        let mut s = self.share();
+        s.prefix = prefix.to_string();
+        s
+    }
+
+    /// Puts `key` = `value` bound to `lease` unless `key` exists; whether
+    /// it was put.
+    pub fn put_leased(&mut self, key: &str, value: &[u8], lease: i64) -> Result<bool, Error> {
+        let full = self.full(key);
+        let value = value.to_vec();
+        let resp = self.retry("put with lease", |mut c| {
+            let t = EtcdTxn::new()
+                .when([Compare::version(full.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    full.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            async move { c.txn(t).await }
+        })?;
+        Ok(resp.succeeded())
+    }
+
+    /// A new lease that lasts `ttl` unless renewed.
+    pub fn grant(&mut self, ttl: Duration) -> Result<i64, Error> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let resp = self.retry("lease grant", |mut c| async move {
+            c.lease_grant(secs, None).await
+        })?;
+        Ok(resp.id())
+    }
+
+    /// Renews `lease`; false when it has expired (or never was).
+    pub fn renew(&mut self, lease: i64) -> Result<bool, Error> {
+        let resp = self.retry("lease keep-alive", |mut c| async move {
+            let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            answers.message().await
+        })?;
+        Ok(resp.is_some_and(|r| r.ttl() > 0))
+    }
+
+    /// Revokes `lease`: the keys bound to it go at once.
+    pub fn revoke(&mut self, lease: i64) -> Result<(), Error> {
+        self.retry("lease revoke", |mut c| async move {
+            c.lease_revoke(lease).await
+        })
+        .map(|_| ())
     }
 
     /// No call returns later than `deadline`.

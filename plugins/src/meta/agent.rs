@@ -23,8 +23,10 @@ use std::time::Duration;
 
 use cni::cache::Cache;
 use cni::{Error, NetConfList};
-use conf::api::{SecurityGroupSpec, ATTACHMENT, SECURITY_GROUP};
+use conf::api::{node_object, NodeSpec, SecurityGroupSpec, ATTACHMENT, NODE, SECURITY_GROUP};
+use ipam::block::{node_key, NodeMark};
 use ipam::store::etcd::EtcdStore;
+use ipam::store::{Store, Txn};
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
@@ -270,6 +272,15 @@ pub fn main(conflist: Option<&str>) -> ExitCode {
         return ExitCode::from(2);
     };
     info!(conflist = %path, "agent started");
+    match super::attachments::node_name(node.node_name.as_deref()) {
+        Ok(name) => {
+            let (conf, lease) = (conf.clone(), node.node_lease);
+            std::thread::spawn(move || keep_node_alive(&conf, &name, lease));
+        }
+        Err(e) => {
+            warn!(error = %e, "no node name: no Node object, this node's addresses are never reclaimed")
+        }
+    }
     let mut agent = Agent {
         node,
         network,
@@ -304,6 +315,55 @@ pub fn main(conflist: Option<&str>) -> ExitCode {
             }
             // Changes come in bursts: one pass for the burst.
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Keeps this node's Node object in the API, bound to a lease renewed at a
+/// third of its time (written again if an admin deletes it while the agent
+/// runs), and its mark in the IPAM store: `plexusd` reclaims the node's
+/// addresses only once the object has been gone for its grace period.
+fn keep_node_alive(conf: &ipam::config::EtcdConf, node: &str, ttl: Duration) {
+    let spec = NodeSpec {
+        agent_started: conf::api::now_rfc3339(),
+        lease_seconds: ttl.as_secs(),
+    };
+    let object = node_object(node, &spec).to_string().into_bytes();
+    let key = format!("{}/{node}", NODE.plural);
+    let mark = serde_json::to_vec(&NodeMark::default()).unwrap_or_default();
+    loop {
+        let run = || -> Result<(), ipam::Error> {
+            let mut api = EtcdStore::connect(conf)?;
+            let mut marks = api.under(ipam::config::DEFAULT_PREFIX);
+            let lease = api.grant(ttl)?;
+            marks.txn(Txn::default().put(node_key(node), mark.clone()))?;
+            api.put_leased(&key, &object, lease)?;
+            info!(
+                node,
+                lease,
+                ttl_seconds = ttl.as_secs(),
+                "Node object alive in the API"
+            );
+            loop {
+                std::thread::sleep(ttl / 3);
+                if !api.renew(lease)? {
+                    warn!(
+                        node,
+                        lease, "the Node object's lease expired; writing it again"
+                    );
+                    return Ok(());
+                }
+                if api.put_leased(&key, &object, lease)? {
+                    warn!(
+                        node,
+                        "the Node object was deleted while this agent runs; written again"
+                    );
+                }
+            }
+        };
+        if let Err(e) = run() {
+            warn!(node, error = %e, "keeping the Node object alive failed; trying again");
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }

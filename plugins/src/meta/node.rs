@@ -38,7 +38,13 @@ pub struct NodeConf {
     /// This node's name in Attachment records; default `$PLEXUS_NODE_NAME`,
     /// else the host name.
     pub node_name: Option<String>,
+    /// How long the agent's Node object outlives the agent
+    /// (`api.leaseSeconds`).
+    pub node_lease: std::time::Duration,
 }
+
+/// Default `api.leaseSeconds`.
+pub const DEFAULT_NODE_LEASE_SECONDS: u64 = 10;
 
 /// Default place of the attachment records.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/plexus";
@@ -80,6 +86,7 @@ struct RawApi {
     username: Option<String>,
     password: Option<String>,
     timeout_seconds: Option<f64>,
+    lease_seconds: Option<u64>,
 }
 
 impl RawApi {
@@ -148,6 +155,12 @@ impl NodeConf {
                 "clusterNetwork names a definition but neither confDir nor api is set",
             ));
         }
+        let lease = raw.api.as_ref().and_then(|a| a.lease_seconds);
+        if lease == Some(0) {
+            return Err(invalid("api.leaseSeconds must be at least 1"));
+        }
+        let node_lease =
+            std::time::Duration::from_secs(lease.unwrap_or(DEFAULT_NODE_LEASE_SECONDS));
         let api = raw.api.map(RawApi::etcd).transpose()?;
         if raw.node_name.as_deref() == Some("") {
             return Err(invalid("nodeName is empty"));
@@ -185,6 +198,7 @@ impl NodeConf {
             cluster_namespaces: raw.cluster_namespaces,
             api,
             node_name: raw.node_name,
+            node_lease,
         })
     }
 }

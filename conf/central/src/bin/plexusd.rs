@@ -47,6 +47,13 @@ struct Flags {
     /// CNI plugin types nodes have beyond the built-in and reference ones.
     #[arg(long, value_delimiter = ',')]
     cni_types: Vec<String>,
+    /// Seconds a node's Node object must stay gone (its agent's lease
+    /// expired, or an admin deleted it) before its addresses are reclaimed.
+    #[arg(long, default_value_t = 300)]
+    node_grace_period: u64,
+    /// Seconds between looks for gone nodes.
+    #[arg(long, default_value_t = 5)]
+    node_monitor_period: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     v: String,
@@ -80,6 +87,8 @@ fn main() -> ExitCode {
         extra_types: flags.cni_types,
         max_body: flags.max_request_bytes,
         request_timeout: Duration::from_secs(flags.request_timeout.max(1)),
+        node_grace: Duration::from_secs(flags.node_grace_period),
+        node_monitor: Duration::from_secs(flags.node_monitor_period.max(1)),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

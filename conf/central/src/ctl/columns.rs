@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use conf::api::{Kind, ATTACHMENT, CLUSTER_NETWORK, IP_POOL, NAD, SECURITY_GROUP};
+use conf::api::{Kind, ATTACHMENT, CLUSTER_NETWORK, IP_POOL, NAD, NODE, SECURITY_GROUP};
 use ipam::pool::{DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
 
 use super::kinds::{name, namespace, strings, text};
@@ -67,6 +67,8 @@ fn headers(kind: &Kind) -> (&'static [&'static str], &'static [&'static str]) {
         )
     } else if *kind == SECURITY_GROUP {
         (&["RULES", "REMOTE GROUPS"], &["DESCRIPTION"])
+    } else if *kind == NODE {
+        (&["LEASE"], &[])
     } else {
         (&[], &[])
     }
@@ -122,6 +124,12 @@ fn cells(kind: &Kind, o: &Value) -> (Vec<String>, Vec<String>) {
         (
             vec![rules.len().to_string(), or_none(groups.join(","))],
             vec![s("/spec/description")],
+        )
+    } else if *kind == NODE {
+        let lease = o.pointer("/spec/leaseSeconds").and_then(Value::as_u64);
+        (
+            vec![or_none(lease.map(|l| format!("{l}s")).unwrap_or_default())],
+            Vec::new(),
         )
     } else {
         (Vec::new(), Vec::new())

@@ -79,7 +79,10 @@ impl Verb {
 /// scope, or every namespace for a list).
 pub fn allowed(user: &User, verb: Verb, kind: &Kind, namespace: Option<&str>) -> bool {
     user.roles().iter().any(|role| match role {
-        Role::Admin => verb.reads() || !kind.node_written,
+        // An admin removes a node by deleting its Node object.
+        Role::Admin => {
+            verb.reads() || !kind.node_written || (*kind == api::NODE && verb == Verb::Delete)
+        }
         Role::Viewer => verb.reads(),
         Role::Node => kind.node_written || verb.reads(),
         Role::Tenant(ns) => {

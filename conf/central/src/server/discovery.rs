@@ -123,6 +123,9 @@ fn object_schema(k: &Kind) -> Value {
                 "portRangeMin": {"type": "integer"}, "portRangeMax": {"type": "integer"},
                 "icmpType": {"type": "integer"}, "icmpCode": {"type": "integer"},
                 "remoteIpPrefix": {"type": "string"}, "remoteGroup": {"type": "string"}}}}}})
+    } else if *k == conf::api::NODE {
+        json!({"type": "object", "properties": {
+            "agentStarted": {"type": "string"}, "leaseSeconds": {"type": "integer"}}})
     } else {
         json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
     };

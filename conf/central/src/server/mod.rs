@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod http;
 pub mod metrics;
 pub mod objects;
+pub mod reclaim;
 pub mod store;
 pub mod usage;
 pub mod watch;
@@ -42,6 +43,10 @@ pub struct Config {
     pub extra_types: Vec<String>,
     pub max_body: usize,
     pub request_timeout: Duration,
+    /// How long a node stays gone before its addresses are reclaimed.
+    pub node_grace: Duration,
+    /// How often gone nodes are looked for.
+    pub node_monitor: Duration,
 }
 
 /// Shared state of every request.
@@ -89,6 +94,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {}: {e}", config.bind))?;
     info!(address = %config.bind, tls = acceptor.is_some(), "plexusd serving");
+    let reclaim = reclaim::Reclaim {
+        etcd: reclaim::ipam_etcd(&config.etcd),
+        grace: config.node_grace,
+        period: config.node_monitor,
+    };
+    std::thread::spawn(move || reclaim.run());
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
