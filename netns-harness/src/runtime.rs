@@ -94,6 +94,24 @@ impl Runtime {
         })
     }
 
+    /// The same runtime, its plugins run in `node` with `env` added to
+    /// their environment (a test's knobs, such as crash points).
+    pub fn with_env(&self, node: &Netns, env: &[(&str, &str)]) -> std::io::Result<Runtime> {
+        let enter = node.enter_hook()?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let hook: cni::exec::Hook = std::sync::Arc::new(move |cmd: &mut std::process::Command| {
+            enter(cmd);
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        });
+        Ok(Runtime {
+            exec: self.exec.clone().with_hook(hook),
+            cache: self.cache.clone(),
+        })
+    }
+
     /// The executor (for single-plugin calls).
     pub fn executor(&self) -> &Executor {
         &self.exec

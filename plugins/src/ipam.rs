@@ -277,7 +277,9 @@ impl Plugin for PlexusIpam {
         node.replay(&mut alloc);
         let pool = pool(&node.conf, &req.conf.name, &mut alloc)?;
         let assigned = alloc.assign(&pool, &handle(req), &requested);
+        crate::crash::point("ipam.assigned");
         node.save(&mut alloc);
+        crate::crash::point("ipam.cache-saved");
         result(&pool, &assigned?)
     }
 
@@ -286,6 +288,7 @@ impl Plugin for PlexusIpam {
         let h = handle(req);
         let released = node.try_allocator().and_then(|mut alloc| {
             alloc.release(&h)?;
+            crate::crash::point("ipam.released");
             node.replay(&mut alloc);
             node.save(&mut alloc);
             Ok(())

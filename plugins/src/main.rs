@@ -1,5 +1,6 @@
 //! One multi-call binary: the name it runs as picks the plugin.
 
+mod crash;
 mod ipam;
 mod ipam_call;
 mod ipvlan;

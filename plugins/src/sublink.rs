@@ -151,10 +151,13 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
         conf.mac.as_ref(),
         into,
     )?;
+    crate::crash::point("sublink.created");
     pod.mark(&req.ifname, &owner_alias(conf.kernel_kind, req))?;
+    crate::crash::point("sublink.marked");
     let index = pod.expect_link(&req.ifname)?.index;
     pod.up(index)?;
     let routes = ipam_call::configure(&pod, index, ipam)?;
+    crate::crash::point("sublink.addressed");
     let link = pod.expect_link(&req.ifname)?;
     let mut result = CniResult {
         interfaces: vec![Interface {
@@ -178,7 +181,7 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
 fn our_link(pod: &Netns, req: &Request, conf: &Conf) -> Result<Option<Link>, Error> {
     let alias = owner_alias(conf.kernel_kind, req);
     Ok(pod.link(&req.ifname)?.filter(|l| {
-        let ours = l.kind == conf.kernel_kind && l.alias.as_deref() == Some(alias.as_str());
+        let ours = l.is_ours(conf.kernel_kind, &alias);
         if !ours {
             warn!(link = %req.ifname, netns = %req.netns, "not ours: left alone");
         }
@@ -193,6 +196,7 @@ fn detach(req: &Request, conf: &Conf) -> Result<(), Error> {
     let pod = Netns::open(Path::new(&req.netns))?;
     if let Some(link) = our_link(&pod, req, conf)? {
         pod.del_link(link.index)?;
+        crate::crash::point("sublink.link-deleted");
     }
     Ok(())
 }

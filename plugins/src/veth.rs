@@ -76,7 +76,7 @@ fn our_host_link(host: &Netns, req: &Request) -> Result<Option<Link>, Error> {
     let name = host_name(&req.container_id, &req.ifname);
     let alias = owner_alias(&req.container_id, &req.ifname);
     Ok(host.link(&name)?.filter(|l| {
-        let ours = l.kind == "veth" && l.alias.as_deref() == Some(alias.as_str());
+        let ours = l.is_ours("veth", &alias);
         if !ours {
             warn!(link = %name, "a link with our name is not ours: left alone");
         }
@@ -128,7 +128,9 @@ fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
         }
         return Err(e);
     }
+    crate::crash::point("veth.pair-created");
     host.mark(&name, &owner_alias(&req.container_id, &req.ifname))?;
+    crate::crash::point("veth.pair-marked");
     // From here on a failure leaves a link behind; the caller's cleanup removes it.
     host.sysctl(&format!("net.ipv4.conf.{name}.proxy_arp"), "1")?;
     host.sysctl(&format!("net.ipv4.neigh.{name}.proxy_delay"), "0")?;
@@ -170,7 +172,9 @@ fn address(pair: &Pair, req: &Request, conf: &Conf, ipam: &CniResult) -> Result<
     for ip in &ipam.ips {
         let addr = single(ip.address.ip());
         pod.add_address(*pod_index, addr, true)?;
+        crate::crash::point("veth.address-added");
         host.add_route(addr, None, *host_index)?;
+        crate::crash::point("veth.host-route-added");
         let gw = if addr.is_ipv4() {
             IpAddr::V4(GATEWAY_V4)
         } else {
@@ -195,6 +199,7 @@ fn address(pair: &Pair, req: &Request, conf: &Conf, ipam: &CniResult) -> Result<
         pod.add_route(default_dst(true), Some(gw), *pod_index)?;
         result.routes.push(route(default_dst(true), gw));
     }
+    crate::crash::point("veth.routed");
     result.interfaces = vec![
         Interface {
             name: name.clone(),
@@ -221,7 +226,11 @@ fn route(dst: IpNetwork, gw: IpAddr) -> Route {
 fn detach(req: &Request) -> Result<(), Error> {
     let host = Netns::host()?;
     match our_host_link(&host, req)? {
-        Some(link) => host.del_link(link.index),
+        Some(link) => {
+            host.del_link(link.index)?;
+            crate::crash::point("veth.link-deleted");
+            Ok(())
+        }
         None => Ok(()),
     }
 }

@@ -47,6 +47,26 @@ pub struct Link {
     pub alias: Option<String>,
     /// `macvlan`/`ipvlan` mode as `ip -d link` names it; empty otherwise.
     pub mode: String,
+    /// The link's group ([`PLEXUS_GROUP`] for links Plexus made).
+    pub group: u32,
+}
+
+/// The link group Plexus creates its links in. Unlike the alias (set by a
+/// second message), the group is part of the message that creates the
+/// link: a link whose creator died before marking it is still known as
+/// Plexus' by its name, kind and group.
+pub const PLEXUS_GROUP: u32 = 0x0070_6c78;
+
+impl Link {
+    /// Whether this is the link Plexus marked with `alias`, or made (in its
+    /// group) and did not get to mark.
+    pub fn is_ours(&self, kind: &str, alias: &str) -> bool {
+        self.kind == kind
+            && match &self.alias {
+                Some(a) => a == alias,
+                None => self.group == PLEXUS_GROUP,
+            }
+    }
 }
 
 /// A sub-interface kind and mode.
@@ -231,6 +251,7 @@ impl Netns {
             .address(mac.to_vec())
             .up()
             .build();
+        msg.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
         for attr in &mut msg.attributes {
             if let LinkAttribute::LinkInfo(infos) = attr {
                 for info in infos {
@@ -238,6 +259,7 @@ impl Netns {
                         p.attributes
                             .push(LinkAttribute::NetNsFd(peer_ns.file.as_raw_fd()));
                         p.attributes.push(LinkAttribute::Mtu(mtu));
+                        p.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
                     }
                 }
             }
@@ -285,6 +307,7 @@ impl Netns {
                 LinkMacVlan::new(name, master, MacVlanMode::Passthrough).build()
             }
         };
+        msg.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
         if let Some(mtu) = mtu {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
         }
@@ -617,6 +640,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         alias: None,
         mode: String::new(),
+        group: 0,
     };
     for a in &msg.attributes {
         match a {
@@ -624,6 +648,7 @@ fn link_of(msg: &LinkMessage) -> Link {
             LinkAttribute::Address(m) => link.mac = m.clone(),
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
+            LinkAttribute::Group(g) => link.group = *g,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {

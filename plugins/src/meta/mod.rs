@@ -421,7 +421,10 @@ impl<'a> Call<'a> {
                 .exec
                 .del_list(&d.list, &inv, &d.caps, d.result.as_ref())
             {
-                Ok(()) => debug!(network = %d.network, ifname = %d.ifname, "detached"),
+                Ok(()) => {
+                    debug!(network = %d.network, ifname = %d.ifname, "detached");
+                    crate::crash::point("plexus.delegate-detached");
+                }
                 Err(e) => {
                     let e = e.context(format!("network {:?} ({})", d.network, d.ifname));
                     warn!(error = %e, "DEL failed");
@@ -512,6 +515,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         filter: None,
     };
     call.save(&mut entry, &record)?;
+    crate::crash::point("plexus.intent-recorded");
     // A network with groups whose table cannot be written attaches nothing.
     let filter = if delegates.iter().any(|d| !d.groups.is_empty()) {
         match call.start_filter(&delegates) {
@@ -542,6 +546,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
             }
         };
         debug!(network = %d.network, ifname = %d.ifname, "attached");
+        crate::crash::point("plexus.delegate-attached");
         match &mut merged {
             None => merged = Some(result),
             Some(m) => m.append_interfaces(&result),
@@ -551,6 +556,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         // The last result goes into the final write below.
         if i + 1 < delegates.len() {
             call.save(&mut entry, &record)?;
+            crate::crash::point("plexus.result-recorded");
         }
     }
     let mut merged = merged.unwrap_or_default();
@@ -601,6 +607,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     entry.result = Some(merged.to_json(req.version));
     let Some(mut api) = call.api.take() else {
         call.save(&mut entry, &record)?;
+        crate::crash::point("plexus.recorded");
         return Ok(Attempt::Done(merged));
     };
     // The record has named the Attachment records' keys since the start: if
@@ -807,6 +814,7 @@ fn del(call: &mut Call<'_>, req: &Request) -> Result<(), Error> {
             deleted
         });
         cni::error::combine(deleted)?;
+        crate::crash::point("plexus.delegates-detached");
         let journal = call.journal();
         if let Some(conf) = &call.node.api {
             // The records are removed after they were written (the
