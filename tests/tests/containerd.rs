@@ -4,9 +4,9 @@
 //! RemovePodSandbox). containerd runs in a test node's netns, which plays
 //! the host: the plugins it execs make their host-side links there. What
 //! the pods hold is read from the kernel; after removal, nothing is left:
-//! no host-side link or route, no address held in IPAM, no Plexus record,
-//! no entry in containerd's CNI result cache, no shim, no pod process, no
-//! pod netns.
+//! no host-side link or route, no address held in IPAM (plexus-ipam or
+//! host-local), no Plexus record, no entry in containerd's CNI result
+//! cache, no shim, no pod process, no pod netns.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -19,9 +19,14 @@ use netns_harness::kernel;
 use plexus_tests::*;
 use serde_json::{json, Value};
 
-/// The networks pods attach to, by the names IPAM keeps their handles under.
+/// The networks pods attach to, by the names IPAM keeps their handles under:
+/// the cluster network, `plexus-macvlan` on the node uplink, Debian's
+/// `macvlan` (exec'd from containerd's CNI bin dir) with `host-local`, and a
+/// `plexus-macvlan` whose master does not exist.
 const CLUSTER: &str = "k8s-pods";
 const DATA: &str = "data";
+const REF: &str = "ref";
+const BROKEN: &str = "broken";
 /// How long the kernel and containerd may take to let go of what a removed
 /// pod held (a netns is torn down after an RCU grace period; a shim exits
 /// after its task is deleted).
@@ -37,25 +42,32 @@ struct CriNode {
 }
 
 impl CriNode {
-    /// A dual-stack cluster network (`plexus-veth` + `plexus-ipam` on the
-    /// node's local store) over `v4` and `v6`, and the secondary network
-    /// `data` (`plexus-macvlan` on the node uplink) over `data_v4`.
-    fn new(tag: &str, v4: &str, v6: &str, data_v4: &str) -> CriNode {
+    /// A node whose cluster network is dual-stack (`plexus-veth` +
+    /// `plexus-ipam` on the node's local store, `10.<k>.0.0/24` and
+    /// `fd00:<k>::/64`), with the secondary networks above defined.
+    fn new(tag: &str, k: u8) -> CriNode {
         let node = Node::new(tag);
         let cluster = json!({
             "cniVersion": "1.0.0",
             "name": CLUSTER,
             "type": "plexus-veth",
-            "ipam": ipam(&node, &[v4, v6]),
+            "ipam": ipam(&node, &[&format!("10.{k}.0.0/24"), &format!("fd00:{k}::/64")]),
         });
-        let data = json!({
-            "cniVersion": "1.0.0",
-            "type": "plexus-macvlan",
-            "master": UPLINK,
-            "mode": "bridge",
-            "ipam": ipam(&node, &[data_v4]),
-        });
+        let plexus_macvlan = |master: &str, subnet: &str| {
+            json!({
+                "cniVersion": "1.0.0",
+                "type": "plexus-macvlan",
+                "master": master,
+                "mode": "bridge",
+                "ipam": ipam(&node, &[subnet]),
+            })
+        };
+        let data = plexus_macvlan(UPLINK, &format!("192.168.{k}.0/24"));
         node.define("data.yaml", &nad(DATA, None, &data));
+        let reference = macvlan("1.0.0", &[&format!("172.16.{k}.0/24")], &node.ipam_dir());
+        node.define("ref.yaml", &nad(REF, None, &reference));
+        let broken = plexus_macvlan("nosuchdev", &format!("172.17.{k}.0/24"));
+        node.define("broken.yaml", &nad(BROKEN, None, &broken));
         // containerd 1.6 takes results up to CNI 1.0.0 only.
         let list = node.plexus_list("1.0.0", cluster);
         let before = node.snapshot();
@@ -115,7 +127,7 @@ impl CriNode {
         let mut a = Allocator::new(store, "auditor");
         let mut handles = Vec::new();
         let mut held = Vec::new();
-        for network in [CLUSTER, DATA] {
+        for network in [CLUSTER, DATA, BROKEN] {
             for (h, _) in a.handles(network).expect("handles") {
                 handles.push(format!("{}/{}/{}", h.network, h.container, h.ifname));
             }
@@ -152,6 +164,11 @@ impl CriNode {
             self.ipam_state(),
             (Vec::new(), Vec::new()),
             "no IPAM handle, no address held"
+        );
+        assert_eq!(
+            self.node.leases(),
+            Vec::<String>::new(),
+            "no host-local lease"
         );
         let journal = self.node.scratch.join("ipam-state/journal");
         let pending = std::fs::read_dir(&journal).map_or(0, |d| d.count());
@@ -219,6 +236,16 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
+/// The id of the sandbox a failed RunPodSandbox names in its message.
+fn failed_sandbox(message: &str) -> String {
+    message
+        .split("sandbox \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no sandbox id in {message:?}"))
+        .to_string()
+}
+
 /// The addresses of `a.b.c.d/nn` CIDRs, sorted.
 fn ips(cidrs: Vec<String>) -> Vec<String> {
     sorted(
@@ -231,31 +258,41 @@ fn ips(cidrs: Vec<String>) -> Vec<String> {
 
 #[test]
 fn pods_with_and_without_the_networks_annotation() {
-    let n = CriNode::new("cri-ann", "10.92.0.0/24", "fd00:92::/64", "192.168.92.0/24");
-    let plain = PodConfig::new("plain", "default");
-    let multi = PodConfig::new("multi", "default").networks(DATA);
+    let n = CriNode::new("cri-ann", 92);
+    // The annotation's short form, and its JSON form naming the interfaces.
+    let json_form =
+        r#"[{"name": "data", "interface": "data0"}, {"name": "ref", "interface": "ref0"}]"#;
+    let pods = [
+        (PodConfig::new("plain", "default"), vec!["eth0", "lo"]),
+        (
+            PodConfig::new("multi", "default").networks(DATA),
+            vec!["eth0", "lo", "net1"],
+        ),
+        (
+            PodConfig::new("named", "default").networks(json_form),
+            vec!["data0", "eth0", "lo", "ref0"],
+        ),
+    ];
+    let configs: Vec<PodConfig> = pods.iter().map(|(p, _)| p.clone()).collect();
     let ids: Vec<String> = n
         .containerd
         .cri()
-        .run_pods(&[plain.clone(), multi.clone()])
+        .run_pods(&configs)
         .into_iter()
-        .zip([&plain, &multi])
+        .zip(&configs)
         .map(|(r, pod)| {
             r.unwrap_or_else(|e| panic!("RunPodSandbox {}: {e}\n{}", pod.name, n.logs()))
         })
         .collect();
 
     let mut netns = Vec::new();
-    for (id, want) in ids
-        .iter()
-        .zip([vec!["eth0", "lo"], vec!["eth0", "lo", "net1"]])
-    {
+    for (id, (_, want)) in ids.iter().zip(&pods) {
         let st = n.status(id);
         assert!(st.ready, "{id}: ready");
         let path = st.netns.clone().expect("the sandbox's netns path");
         let ns = ns_name(&path);
         let names = sorted(kernel::link_names(&ns).expect("links"));
-        assert_eq!(names, want, "{id}: the pod's links");
+        assert_eq!(&names, want, "{id}: the pod's links");
         let lo = kernel::link(&ns, "lo").expect("lo").expect("lo");
         assert!(lo.up, "containerd's loopback plugin set lo up");
 
@@ -287,16 +324,29 @@ fn pods_with_and_without_the_networks_annotation() {
         netns.push(path);
     }
 
-    // The annotated pod's net1: a macvlan on the uplink with a data address.
-    let ns = ns_name(&netns[1]);
-    let net1 = kernel::link(&ns, "net1").expect("link").expect("net1");
-    assert_eq!(
-        (net1.kind.as_str(), net1.mode.as_str()),
-        ("macvlan", "bridge")
-    );
-    let data = ips(kernel::addrs(&ns, "net1").expect("addrs"));
-    assert_eq!(data, n.ipam_addresses(DATA, &ids[1], "net1"));
-    assert!(data[0].starts_with("192.168.92."), "{data:?}");
+    // The secondary interfaces: macvlans on the uplink, addressed from their
+    // networks' IPAM (plexus-ipam for `data`, host-local for `ref`).
+    for (pod, ifname, network, subnet) in [
+        (1, "net1", DATA, "192.168.92."),
+        (2, "data0", DATA, "192.168.92."),
+        (2, "ref0", REF, "172.16.92."),
+    ] {
+        let ns = ns_name(&netns[pod]);
+        let link = kernel::link(&ns, ifname).expect("link").expect(ifname);
+        assert_eq!(
+            (link.kind.as_str(), link.mode.as_str()),
+            ("macvlan", "bridge"),
+            "{ifname}"
+        );
+        let held = ips(kernel::addrs(&ns, ifname).expect("addrs"));
+        assert_eq!(held.len(), 1, "{ifname}: {held:?}");
+        assert!(held[0].starts_with(subnet), "{ifname}: {held:?}");
+        if network == DATA {
+            assert_eq!(held, n.ipam_addresses(DATA, &ids[pod], ifname));
+        } else {
+            assert_eq!(n.node.leases(), held, "host-local's lease");
+        }
+    }
 
     n.remove(&ids);
     n.assert_nothing_left(&ids, &netns);
@@ -304,7 +354,7 @@ fn pods_with_and_without_the_networks_annotation() {
 
 #[test]
 fn pod_naming_an_unknown_network_fails_and_leaves_nothing() {
-    let n = CriNode::new("cri-unk", "10.93.0.0/24", "fd00:93::/64", "192.168.93.0/24");
+    let n = CriNode::new("cri-unk", 93);
     let pod = PodConfig::new("lost", "default").networks(&format!("{DATA},nope"));
     let err = n
         .containerd
@@ -317,15 +367,24 @@ fn pod_naming_an_unknown_network_fails_and_leaves_nothing() {
         "Plexus' message reaches the kubelet: {}",
         err.message()
     );
-    // containerd names the sandbox it gave up in its message.
-    let id = err
-        .message()
-        .split("sandbox \"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("the sandbox id in the message")
-        .to_string();
-    n.assert_nothing_left(&[id], &[]);
+    n.assert_nothing_left(&[failed_sandbox(err.message())], &[]);
+
+    // A network that fails once the ones before it are attached: Plexus
+    // undoes them, containerd's DEL after it finds nothing to do.
+    let pod = PodConfig::new("half", "default").networks(&format!("{DATA},{REF},{BROKEN}"));
+    let err = n
+        .containerd
+        .cri()
+        .run_pod(&pod)
+        .expect_err("a pod whose third network fails does not start");
+    assert!(
+        err.message().contains(&format!(
+            r#"network "{BROKEN}" (net3): master "nosuchdev" is not a link"#
+        )),
+        "{}",
+        err.message()
+    );
+    n.assert_nothing_left(&[failed_sandbox(err.message())], &[]);
 
     // The runtime is not stuck: the next pod starts and goes.
     let id = n.run(&PodConfig::new("next", "default").networks(DATA));
@@ -336,7 +395,7 @@ fn pod_naming_an_unknown_network_fails_and_leaves_nothing() {
 
 #[test]
 fn twenty_pods_at_once() {
-    let n = CriNode::new("cri-20", "10.94.0.0/24", "fd00:94::/64", "192.168.94.0/24");
+    let n = CriNode::new("cri-20", 94);
     let pods: Vec<PodConfig> = (0..20)
         .map(|i| {
             let pod = PodConfig::new("burst", "default");
@@ -402,7 +461,7 @@ fn twenty_pods_at_once() {
 
 #[test]
 fn containerd_restarted_under_a_running_pod() {
-    let mut n = CriNode::new("cri-rst", "10.95.0.0/24", "fd00:95::/64", "192.168.95.0/24");
+    let mut n = CriNode::new("cri-rst", 95);
     let id = n.run(&PodConfig::new("survivor", "default").networks(DATA));
     let before = n.status(&id);
     let path = before.netns.clone().expect("netns");
