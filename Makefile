@@ -5,7 +5,7 @@ CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
             qemu-system-x86 linux-image-amd64 busybox-static time openssl nftables \
-            openvswitch-switch-dpdk dpdk-dev g++
+            openvswitch-switch-dpdk dpdk-dev g++ containerd runc
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)

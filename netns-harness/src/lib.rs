@@ -1,6 +1,7 @@
 //! The kubelet stand-in for tests and the demo: named network namespaces, a
 //! runtime that invokes plugins exactly as libcni does, kernel-state readers,
-//! connectivity probes and an etcd fixture.
+//! connectivity probes, and fixtures for real components (etcd, OVS-DPDK,
+//! containerd with a CRI client).
 
 pub mod bench;
 pub mod bench_api;
@@ -10,6 +11,7 @@ pub mod bench_ipam;
 pub mod bench_nodeapi;
 pub mod bench_scale;
 pub mod bench_userspace;
+pub mod containerd;
 pub mod demo;
 pub mod etcd;
 pub mod fixtures;

@@ -51,9 +51,11 @@ fn stale_names(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 }
 
 /// Removes what earlier, killed runs of the harness left behind: processes
-/// still running from their scratch dirs (etcd members, qemu), their netns
-/// and their scratch dirs. Never touches anything of a live process. Runs
-/// once per process, before the first scratch dir or netns is made.
+/// still running from their scratch dirs (etcd members, qemu, containerd and
+/// its shims), their netns, what a containerd of theirs left (pods, mounts,
+/// cgroups) and their scratch dirs. Never touches anything of a live
+/// process. Runs once per process, before the first scratch dir or netns is
+/// made.
 pub fn sweep_stale() {
     static SWEEP: Once = Once::new();
     SWEEP.call_once(|| {
@@ -64,6 +66,13 @@ pub fn sweep_stale() {
             let _ = std::fs::remove_file(&ns);
         }
         for dir in dirs {
+            let containerd = format!("plexus-{}-", crate::containerd::TAG);
+            if dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&containerd))
+            {
+                crate::containerd::clean_up(&dir);
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     });
