@@ -101,8 +101,17 @@ impl Cache {
         let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let bytes = serde_json::to_vec(entry).unwrap_or_default();
-        fs::write(&tmp, bytes).map_err(|e| io_err(format!("write {}", tmp.display()), e))?;
-        fs::rename(&tmp, &path).map_err(|e| io_err(format!("rename to {}", path.display()), e))
+        let written = fs::write(&tmp, bytes)
+            .map_err(|e| io_err(format!("write {}", tmp.display()), e))
+            .and_then(|()| {
+                fs::rename(&tmp, &path)
+                    .map_err(|e| io_err(format!("rename to {}", path.display()), e))
+            });
+        if written.is_err() {
+            // A full or failing disk leaves no half-written file behind.
+            let _ = fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// Reads an entry; missing or unreadable is `None`.
