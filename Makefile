@@ -14,7 +14,7 @@ TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 TRIPLE    = $(shell rustc -vV | sed -n 's/^host: //p')
 RELEASE   = $(TARGET)/$(TRIPLE)/release
 
-.PHONY: all deps build build-release lint test fuzz demo bench bench-scale install clean
+.PHONY: all deps build build-release lint test fuzz demo bench bench-scale soak install clean
 
 all: build
 
@@ -64,6 +64,13 @@ bench: build-release
 # 3-member etcd (not in `make test`; a few minutes). NODES="8 5000" for others.
 bench-scale: build-release
 	$(RELEASE)/netns-harness bench-scale $(NODES)
+
+# Pods churned on two simulated nodes for SOAK_MINUTES (default 10): ADD and
+# DEL p50/p99 and memory each minute; fails on any leak or duplicate (not in
+# `make test`).
+SOAK_MINUTES ?= 10
+soak: build-release
+	PLEXUS_BIN=$(RELEASE)/plexus $(RELEASE)/netns-harness soak $(SOAK_MINUTES)
 
 # The multi-call binary and one link per plugin name it answers to.
 PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-userspace plexus-ipam

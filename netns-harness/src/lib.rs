@@ -23,6 +23,7 @@ pub mod plexusd;
 pub mod probe;
 pub mod runtime;
 pub mod scratch;
+pub mod soak;
 pub mod vm;
 
 pub use netns::Netns;

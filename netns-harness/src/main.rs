@@ -1,4 +1,4 @@
-//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-burst`, `bench-scale [N…]`, `bench-api`,
+//! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-burst`, `bench-scale [N…]`, `bench-api`, `soak [minutes]`,
 //! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]` (only the IPAM, central
 //! API, node-side API or security-group part)
 //! and `vm COMMAND…`.
@@ -61,9 +61,14 @@ fn main() -> ExitCode {
             .collect::<Result<Vec<_>, _>>()
             .and_then(|sizes| netns_harness::bench_scale::run(&sizes)),
         Some("bench-api") => netns_harness::bench_api::run(),
+        Some("soak") => match args.get(1).map(|a| a.parse::<f64>()) {
+            None => netns_harness::soak::run(10.0),
+            Some(Ok(m)) => netns_harness::soak::run(m),
+            Some(Err(e)) => Err(format!("soak takes minutes: {e}")),
+        },
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | soak [minutes] | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {
