@@ -226,7 +226,7 @@ fn churn(n: &SimNode, i: usize, samples: &Mutex<Vec<Sample>>) -> Result<(), Stri
         .node
         .try_pod("default")
         .map_err(|e| format!("netns: {e}"))?;
-    let pod = if i % 2 == 0 {
+    let pod = if i & 1 == 0 {
         pod.networks("data")
     } else {
         pod
