@@ -242,7 +242,9 @@ pub fn run<P: Plugin + ?Sized>(plugin: &P, about: &str) -> ExitCode {
             let _ = std::io::stdout().write_all(&json_bytes(&err.to_json(Version::LATEST)));
             return ExitCode::from(1);
         }
-    } else if command == "VERSION" {
+    } else if command == "VERSION" || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Without CNI_COMMAND, a config piped in still gives the error its
+        // version; a terminal is never waited on.
         let _ = std::io::stdin().read_to_end(&mut stdin);
     }
     let out = dispatch(plugin, |k| std::env::var(k).ok(), &stdin);
