@@ -400,12 +400,14 @@ impl Netns {
     pub fn del_link(&self, index: u32) -> Result<(), Error> {
         let started = Instant::now();
         let done = self.rt.block_on(async {
-            self.handle
-                .link()
-                .del(index)
-                .execute()
-                .await
-                .map_err(|e| nl_err(format!("delete link {index} in {}", self.path), e))
+            match self.handle.link().del(index).execute().await {
+                // Gone meanwhile (its peer's netns torn down by the kernel
+                // while this ran): what was asked holds.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(()),
+                done => {
+                    done.map_err(|e| nl_err(format!("delete link {index} in {}", self.path), e))
+                }
+            }
         });
         changed(
             || format!("delete link {index} in {}", self.path),
