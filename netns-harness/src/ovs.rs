@@ -64,6 +64,11 @@ pub enum Dpdk {
 pub struct OvsDpdk {
     dir: PathBuf,
     reserved: bool,
+    /// The netns ovs-vswitchd runs in: the tap devices of its user-space
+    /// datapath (`ovs-netdev`, one per bridge) are named alike in every
+    /// switch, so switches side by side in one netns refuse each other's.
+    /// Its vhost-user and OVSDB sockets are files, reachable from anywhere.
+    _netns: Netns,
 }
 
 impl OvsDpdk {
@@ -76,6 +81,7 @@ impl OvsDpdk {
         let mut ovs = OvsDpdk {
             dir,
             reserved: false,
+            _netns: Netns::create(&unique("pxo"))?,
         };
         if dpdk == Dpdk::On {
             reserve(PAGES as i64)?;
@@ -105,15 +111,15 @@ impl OvsDpdk {
             "other_config:pmd-maxsleep=500",
         ])?;
         let d = |f: &str| ovs.dir.join(f).display().to_string();
-        run(Command::new(VSWITCHD)
-            .env("OVS_RUNDIR", ovs.run_dir())
-            .args([
-                format!("unix:{}", d("run/db.sock")),
-                format!("--unixctl={}", d("run/vswitchd.ctl")),
-                format!("--pidfile={}", d("run/vswitchd.pid")),
-                "--detach".into(),
-                format!("--log-file={}", d("log/vswitchd.log")),
-            ]))?;
+        let mut vswitchd = Command::new(VSWITCHD);
+        (ovs._netns.enter_hook()?)(&mut vswitchd);
+        run(vswitchd.env("OVS_RUNDIR", ovs.run_dir()).args([
+            format!("unix:{}", d("run/db.sock")),
+            format!("--unixctl={}", d("run/vswitchd.ctl")),
+            format!("--pidfile={}", d("run/vswitchd.pid")),
+            "--detach".into(),
+            format!("--log-file={}", d("log/vswitchd.log")),
+        ]))?;
         Ok(ovs)
     }
 

@@ -347,6 +347,69 @@ fn remove_files(req: &Request, conf: &Conf, n: &Names) {
     }
 }
 
+/// GC of what a port no longer names: the files of this network's
+/// attachments the runtime no longer has (their description says whose they
+/// are; a DEL killed between the port and the files leaves them), and
+/// `by-pod` links to a directory that is gone.
+fn gc_files(req: &Request, conf: &Conf, valid: &std::collections::HashSet<(String, String)>) {
+    let Ok(dirs) = std::fs::read_dir(&conf.socket_dir) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        if dir.file_name() == "by-pod" {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(dir.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(desc) = std::fs::read(&path)
+                .ok()
+                .and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
+            else {
+                continue;
+            };
+            let (Some(container), Some(ifname), Some(network)) = (
+                desc["containerId"].as_str(),
+                desc["ifName"].as_str(),
+                desc["name"].as_str(),
+            ) else {
+                continue;
+            };
+            let pair = (container.to_string(), ifname.to_string());
+            if network != req.conf.name || valid.contains(&pair) {
+                continue;
+            }
+            let stale = Request {
+                container_id: pair.0,
+                ifname: pair.1,
+                ..req.clone()
+            };
+            if let Some(n) = names(&stale, conf).ok().filter(|n| n.pod_dir == dir.path()) {
+                debug!(dir = %n.pod_dir.display(), container = %stale.container_id, "GC: stale vhost-user files");
+                remove_files(&stale, conf, &n);
+            }
+        }
+    }
+    let by_pod = conf.socket_dir.join("by-pod");
+    for ns in std::fs::read_dir(&by_pod).into_iter().flatten().flatten() {
+        for link in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            let path = link.path();
+            let dangling = std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| m.file_type().is_symlink())
+                && std::fs::metadata(&path).is_err();
+            if dangling {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let _ = std::fs::remove_dir(ns.path());
+    }
+}
+
 /// `<socketDir>/by-pod/<namespace>/<pod>`, when the runtime names the pod.
 fn by_pod(req: &Request, conf: &Conf) -> Option<PathBuf> {
     let args = CniArgs::parse(&req.args).ok()?;
@@ -446,6 +509,7 @@ impl Userspace {
             "mutations": [["next_cfg", "+=", 1]]}));
         ops.push(json!({"op": "select", "table": ovsdb::DB, "where": [], "columns": ["next_cfg"]}));
         let results = ovs.transact(ops).map_err(ovs_error)?;
+        crate::crash::point("userspace.port-added");
         let cfg = results
             .last()
             .and_then(|r| r["rows"][0]["next_cfg"].as_i64())
@@ -487,6 +551,7 @@ impl Userspace {
                 io_error(&format!("cannot link {} as", made.display()), &n.socket, e)
             })?;
         }
+        crate::crash::point("userspace.plugged");
         debug!(port = %n.port, bridge = %conf.bridge, socket = %socket, "vhost-user port attached");
         Ok(())
     }
@@ -544,6 +609,7 @@ impl Userspace {
             .map_err(|e| Error::new(code::INTERNAL, e.to_string()))?;
         std::fs::write(&n.description, raw)
             .map_err(|e| io_error("cannot write", &n.description, e))?;
+        crate::crash::point("userspace.described");
         if let Some(link) = by_pod(req, conf) {
             if let Some(parent) = link.parent() {
                 let _ = std::fs::create_dir_all(parent);
@@ -620,8 +686,10 @@ impl Plugin for Userspace {
                 .map_err(ovs_error)?;
             if let Some(uuid) = rows.first().and_then(|r| r["_uuid"][1].as_str()) {
                 unplug_port(&mut ovs, uuid)?;
+                crate::crash::point("userspace.port-removed");
             }
             remove_files(req, &conf, &n);
+            crate::crash::point("userspace.files-removed");
             Ok(())
         };
         // The port and the address go together (ovsdb-server answered just
@@ -715,6 +783,7 @@ impl Plugin for Userspace {
                 remove_files(&stale, &conf, &n);
             }
         }
+        gc_files(req, &conf, &valid);
         match Ipam::of(req)? {
             Some(ipam) => ipam.gc(),
             None => Ok(()),

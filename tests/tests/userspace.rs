@@ -124,10 +124,10 @@ fn two_dpdk_pods_pass_packets_through_vhost_user_ports_in_both_modes() {
         .runtime
         .add(&client_mode, &a)
         .expect("ADD a (OVS is the client)");
-    let rb = node
-        .runtime
-        .add(&server_mode, &b)
-        .expect("ADD b (OVS is the server)");
+    let rb = node.runtime.add(&server_mode, &b).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(ovs.dir().join("log/vswitchd.log")).unwrap_or_default();
+        panic!("ADD b (OVS is the server): {e:?}\nvswitchd.log:\n{log}")
+    });
     let (a_sock, a_desc) = attached(&ra);
     let (b_sock, b_desc) = attached(&rb);
     assert_eq!(a_desc["config"]["vhost"]["mode"], "server", "{a_desc}");
@@ -403,4 +403,140 @@ fn under_plexus_a_pod_gets_the_cluster_network_and_a_vhost_user_port() {
     assert!(ovs.ports("br-pods").is_empty());
     assert!(!dir.exists() && !by_pod.exists());
     node.assert_released(&ns, "DEL");
+}
+
+/// What `pod` left: ports on the bridge, files in the socket directory,
+/// addresses, journaled releases.
+fn userspace_leaks(
+    ovs: &OvsDpdk,
+    node: &Node,
+    bridge: &str,
+    pod: &netns_harness::Pod,
+) -> Vec<String> {
+    let mut out: Vec<String> = ovs
+        .ports(bridge)
+        .into_iter()
+        .map(|p| format!("port {p} on {bridge}"))
+        .collect();
+    let short: String = pod.container_id.chars().take(12).collect();
+    if socket_dir(ovs).join(&short).exists() {
+        out.push(format!("pod directory {short}"));
+    }
+    let by_pod = socket_dir(ovs)
+        .join("by-pod")
+        .join(&pod.namespace)
+        .join(&pod.name);
+    if std::fs::symlink_metadata(&by_pod).is_ok() {
+        out.push(format!("link {}", by_pod.display()));
+    }
+    out.extend(held(node).into_iter().map(|h| format!("IPAM handle {h}")));
+    let journal = std::fs::read_dir(state_dir(node).join("journal"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if journal > 0 {
+        out.push(format!("{journal} journaled releases"));
+    }
+    out
+}
+
+/// `plexus-userspace` killed (SIGKILL, debug builds' crash points) at every
+/// step of ADD and DEL that a traced run names; after each kill, DEL with the
+/// netns, DEL once it is gone, or GC alone leaves no port, file, address or
+/// journal entry. The test prints the matrix.
+#[test]
+fn killed_at_every_step_of_add_and_del_nothing_is_left() {
+    let (_s, ovs) = ovs_up("us-crash");
+    let node = Node::new("us-crash");
+    let bridge = "br-crash";
+    let conf = list(&userspace(&ovs, &node, "client", bridge, &["10.64.0.0/24"]));
+    let runtime = |env: &[(&str, &str)]| node.runtime.with_env(&node.netns, env).expect("runtime");
+    let trace = node.scratch.join("trace");
+    let steps = |what: &dyn Fn(&netns_harness::Runtime)| {
+        let _ = std::fs::remove_file(&trace);
+        what(&runtime(&[(
+            "PLEXUS_CRASH_TRACE",
+            &trace.display().to_string(),
+        )]));
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        text.lines()
+            .filter(|l| seen.insert(l.to_string()))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let add_steps = steps(&|rt| {
+        let (_ns, pod) = node.pod("default");
+        rt.add(&conf, &pod).expect("traced ADD");
+        node.runtime.del(&conf, &pod).expect("DEL");
+    });
+    let del_steps = steps(&|rt| {
+        let (_ns, pod) = node.pod("default");
+        node.runtime.add(&conf, &pod).expect("ADD");
+        rt.del(&conf, &pod).expect("traced DEL");
+    });
+    assert!(
+        add_steps.iter().any(|s| s.starts_with("userspace."))
+            && del_steps.iter().any(|s| s.starts_with("userspace.")),
+        "{add_steps:?} {del_steps:?}"
+    );
+    let mut table = String::from(
+        "\nkilled at                          DEL with netns  DEL without netns  GC only\n",
+    );
+    let mut all = Vec::new();
+    for (cmd, steps) in [("ADD", &add_steps), ("DEL", &del_steps)] {
+        for step in steps {
+            let crashing = runtime(&[("PLEXUS_CRASH_AT", step)]);
+            let mut row = Vec::new();
+            for how in 0..3 {
+                let (ns, pod) = node.pod("default");
+                let killed = if cmd == "ADD" {
+                    crashing.add(&conf, &pod).is_err()
+                } else {
+                    node.runtime.add(&conf, &pod).expect("ADD before DEL");
+                    crashing.del(&conf, &pod).is_err()
+                };
+                let mut leaks = Vec::new();
+                if !killed {
+                    leaks.push(format!("not killed at {step}"));
+                }
+                let cleaned = match how {
+                    0 => node.runtime.del(&conf, &pod),
+                    1 => {
+                        drop(ns);
+                        node.runtime.del_without_netns(&conf, &pod)
+                    }
+                    _ => {
+                        drop(ns);
+                        Ok(())
+                    }
+                };
+                if let Err(e) = cleaned.and_then(|()| node.runtime.gc(&conf, &[])) {
+                    leaks.push(format!("cleanup failed: {e}"));
+                }
+                leaks.extend(userspace_leaks(&ovs, &node, bridge, &pod));
+                row.push(leaks.len());
+                all.extend(
+                    leaks
+                        .into_iter()
+                        .map(|l| format!("{cmd} {step} cleanup {how}: {l}")),
+                );
+            }
+            table += &format!(
+                "{:34} {:>14}  {:>17}  {:>7}\n",
+                format!("{cmd} {step}"),
+                row[0],
+                row[1],
+                row[2]
+            );
+        }
+    }
+    eprintln!("{table}leaks found after each kill and cleanup (all must be 0)");
+    assert!(all.is_empty(), "{}", all.join("\n"));
+    let (_ns, pod) = node.pod("default");
+    node.runtime.add(&conf, &pod).expect("ADD after the kills");
+    node.runtime.del(&conf, &pod).expect("DEL");
+    assert_eq!(
+        userspace_leaks(&ovs, &node, bridge, &pod),
+        Vec::<String>::new()
+    );
 }
