@@ -4,6 +4,8 @@
 pub use netns_harness::fixtures::*;
 pub use netns_harness::node::*;
 
+pub mod crash;
+
 use std::collections::BTreeMap;
 
 use cni::NetConfList;

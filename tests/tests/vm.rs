@@ -16,11 +16,25 @@ const T: Duration = Duration::from_secs(10);
 
 type Test = (&'static str, fn());
 
-const TESTS: [Test; 3] = [
+const TESTS: [Test; 4] = [
     ("ipvlan_l2_dual_stack_between_two_pods", ipvlan_l2),
     ("ipvlan_l3_dual_stack_between_two_pods", ipvlan_l3),
     ("ipvlan_check_and_foreign_links", ipvlan_check_and_foreign),
+    ("ipvlan_killed_at_every_step_nothing_is_left", ipvlan_killed),
 ];
+
+/// `plexus-ipvlan` alone killed at every step of ADD and DEL (the kill
+/// matrix of `tests/crash.rs`, on this kernel).
+fn ipvlan_killed() {
+    let (mut rows, mut all) = (Vec::new(), Vec::new());
+    plexus_tests::crash::matrix(
+        &plexus_tests::crash::setup(plexus_tests::crash::Stack::Ipvlan),
+        &mut rows,
+        &mut all,
+    );
+    println!("{}", plexus_tests::crash::table(&rows));
+    assert!(all.is_empty(), "{}", all.join("\n"));
+}
 
 fn main() -> ExitCode {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
