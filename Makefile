@@ -4,7 +4,7 @@
 CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
-            qemu-system-x86 linux-image-amd64 busybox-static time openssl nftables \
+            linux-image-amd64 busybox-static time openssl nftables \
             openvswitch-switch-dpdk dpdk-dev g++ containerd runc
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
@@ -18,8 +18,23 @@ RELEASE   = $(TARGET)/$(TRIPLE)/release
 
 all: build
 
+# qemu >= 8 (its emulated `igb` NIC has SR-IOV VFs for the VM tests) comes
+# from Debian's bookworm-backports suite, signed by the same archive keyring.
+BACKPORTS := /etc/apt/sources.list.d/bookworm-backports.sources
+QEMU_MIN  := 8
+
 # Install the Debian packages the build, the tests and the demo use.
 deps:
+	@[ -f $(BACKPORTS) ] || { echo "adding: bookworm-backports ($(BACKPORTS))"; \
+		printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+		| $(SUDO) tee $(BACKPORTS) >/dev/null; }
+	@v=$$(dpkg-query -W -f='$${Version}' qemu-system-x86 2>/dev/null | sed 's/^[0-9]*://; s/\..*//'); \
+	if [ -z "$$v" ] || [ "$$v" -lt $(QEMU_MIN) ]; then \
+		echo "installing: qemu-system-x86 from bookworm-backports"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			-t bookworm-backports qemu-system-x86; \
+	fi
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
@@ -73,7 +88,7 @@ soak: build-release
 	PLEXUS_BIN=$(RELEASE)/plexus $(RELEASE)/netns-harness soak $(SOAK_MINUTES)
 
 # The multi-call binary and one link per plugin name it answers to.
-PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-userspace plexus-ipam
+PLUGIN_NAMES := plexus-veth plexus-ipvlan plexus-macvlan plexus-userspace plexus-sriov plexus-ipam
 
 SBINDIR  ?= /usr/local/bin
 

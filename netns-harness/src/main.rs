@@ -1,16 +1,24 @@
 //! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-burst`, `bench-scale [N…]`, `bench-api`, `soak [minutes]`,
 //! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]` (only the IPAM, central
 //! API, node-side API or security-group part)
-//! and `vm COMMAND…`.
+//! and `vm [--sriov] COMMAND…`.
 
 use std::process::ExitCode;
 
 /// Runs a command in the VM from the current directory; its output is printed
-/// and its exit code becomes ours.
+/// and its exit code becomes ours. `--sriov` first gives the guest the
+/// SR-IOV NIC with 7 VFs.
 fn vm(argv: &[String]) -> Result<(), String> {
     let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
     let timeout = std::time::Duration::from_secs(900);
-    let run = netns_harness::vm::run(argv, &cwd, &[], timeout).map_err(|e| e.to_string())?;
+    let (devices, argv) = match argv.split_first() {
+        Some((flag, rest)) if flag == "--sriov" => {
+            (netns_harness::vm::Devices { sriov_vfs: 7 }, rest)
+        }
+        _ => (netns_harness::vm::Devices::default(), argv),
+    };
+    let run = netns_harness::vm::run_with(argv, &cwd, &[], timeout, devices)
+        .map_err(|e| e.to_string())?;
     print!("{}", run.output);
     eprintln!(
         "vm: exit {} after {:.1} s",
@@ -68,7 +76,7 @@ fn main() -> ExitCode {
         },
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | soak [minutes] | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | soak [minutes] | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | vm [--sriov] COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

@@ -1,9 +1,12 @@
-//! A VM runner for kernel features the host lacks (ipvlan, vlan, dummy, vrf):
-//! boots Debian's `linux-image-amd64` under qemu (TCG; nested KVM hangs here)
-//! with an initramfs built on the fly, shares the host `/` read-only and a
-//! results dir read-write over 9p, runs one command inside (chrooted into the
-//! host's root, so the same binaries and libraries are used), and returns its
-//! exit code and output.
+//! A VM runner for kernel features the host lacks (ipvlan, vlan, dummy, vrf,
+//! SR-IOV): boots Debian's `linux-image-amd64` under qemu (TCG; nested KVM
+//! hangs here) with an initramfs built on the fly, shares the host `/`
+//! read-only and a results dir read-write over 9p, runs one command inside
+//! (chrooted into the host's root, so the same binaries and libraries are
+//! used), and returns its exit code and output. On request the guest also
+//! gets an SR-IOV NIC: qemu's emulated Intel 82576 (`igb`, qemu 8 or later)
+//! with its VFs enabled, behind an emulated IOMMU so that a VF can be bound
+//! to `vfio-pci` (Debian's kernel has no VFIO no-IOMMU mode).
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -29,6 +32,19 @@ pub const MODULES: [&str; 12] = [
     "tun",
     "vxlan",
 ];
+
+/// Loaded as well when the guest has the SR-IOV NIC: the PF and VF
+/// drivers, and VFIO for VFs handed to user space.
+pub const SRIOV_MODULES: [&str; 5] = ["igb", "igbvf", "vfio", "vfio_iommu_type1", "vfio-pci"];
+
+/// What the guest gets besides its disks-less basics (9p shares, no network).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// An `igb` PF (82576) on a PCIe root port, with this many VFs (at most
+    /// 7) enabled before the command runs; 0 for no such NIC. The guest
+    /// then runs on a q35 machine with an Intel IOMMU (`iommu=pt`).
+    pub sriov_vfs: u8,
+}
 
 /// What the command inside printed and how it ended.
 #[derive(Debug)]
@@ -65,7 +81,7 @@ pub fn kernel() -> io::Result<(PathBuf, String)> {
 }
 
 /// The modules to load, dependencies first, as paths under `/lib/modules/<v>`.
-fn module_order(version: &str) -> io::Result<Vec<String>> {
+fn module_order(version: &str, names: &[&str]) -> io::Result<Vec<String>> {
     let dep = std::fs::read_to_string(format!("/lib/modules/{version}/modules.dep"))?;
     let deps: Vec<(String, Vec<String>)> = dep
         .lines()
@@ -101,7 +117,7 @@ fn module_order(version: &str) -> io::Result<Vec<String>> {
     }
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for name in MODULES {
+    for name in names {
         // A module built into this kernel has no file; that is fine.
         if let Some((m, _)) = find(name) {
             visit(m, &deps, &mut seen, &mut out);
@@ -165,6 +181,11 @@ $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
 for m in $($B cat /modules); do $B insmod /mods/$m 2>/dev/null || echo "init: insmod $m failed"; done
+if [ -f /sriov_numvfs ]; then
+  for pf in /sys/bus/pci/drivers/igb/0000:*; do
+    $B cat /sriov_numvfs > $pf/sriov_numvfs || echo "init: no VFs on $pf"
+  done
+fi
 $B mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || echo "init: no host root"
 $B mount -t proc proc /host/proc
 $B mount -t sysfs sys /host/sys
@@ -179,15 +200,24 @@ $B sync
 $B poweroff -f
 "#;
 
-fn build_initramfs(version: &str, path: &Path) -> io::Result<()> {
+fn build_initramfs(version: &str, path: &Path, devices: Devices) -> io::Result<()> {
     let mut cpio = Cpio::new();
     for d in ["bin", "proc", "sys", "dev", "host", "mods"] {
         cpio.dir(d);
     }
     cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
     cpio.file("init", 0o755, INIT.as_bytes());
+    let mut names: Vec<&str> = MODULES.to_vec();
+    if devices.sriov_vfs > 0 {
+        names.extend(SRIOV_MODULES);
+        cpio.file(
+            "sriov_numvfs",
+            0o644,
+            format!("{}\n", devices.sriov_vfs.min(7)).as_bytes(),
+        );
+    }
     let mut list = String::new();
-    for m in module_order(version)? {
+    for m in module_order(version, &names)? {
         let file = m.replace('/', "_");
         cpio.file(
             &format!("mods/{file}"),
@@ -213,10 +243,50 @@ pub fn run(
     env: &[(String, String)],
     timeout: Duration,
 ) -> io::Result<VmRun> {
+    run_with(argv, cwd, env, timeout, Devices::default())
+}
+
+/// The qemu arguments for the machine and its extra devices.
+fn machine_args(devices: Devices) -> (Vec<&'static str>, &'static str) {
+    let plain = "console=ttyS0 quiet loglevel=3 panic=-1";
+    if devices.sriov_vfs == 0 {
+        return (vec!["-nic", "none"], plain);
+    }
+    (
+        vec![
+            "-machine",
+            "q35",
+            // Interrupt remapping needs a split irqchip under KVM; TCG has none.
+            "-device",
+            "intel-iommu,intremap=off",
+            "-nic",
+            "none",
+            // A hub port with nothing else on the hub: the PF's link is up
+            // and its frames go nowhere.
+            "-netdev",
+            "hubport,id=sriov0,hubid=0",
+            "-device",
+            "pcie-root-port,id=rp1,chassis=1,slot=1",
+            "-device",
+            "igb,bus=rp1,netdev=sriov0,mac=52:54:00:5a:00:01",
+        ],
+        "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt",
+    )
+}
+
+/// [`run`] with extra devices in the guest.
+pub fn run_with(
+    argv: &[String],
+    cwd: &Path,
+    env: &[(String, String)],
+    timeout: Duration,
+    devices: Devices,
+) -> io::Result<VmRun> {
     let (vmlinuz, version) = kernel()?;
     let scratch = Scratch::new("vm")?;
     let initramfs = scratch.join("initramfs.cpio");
-    build_initramfs(&version, &initramfs)?;
+    build_initramfs(&version, &initramfs, devices)?;
+    let (machine, cmdline) = machine_args(devices);
     let results = scratch.join("results");
     std::fs::create_dir_all(&results)?;
     let mut cmd = String::from("export TMPDIR=/run/vmtmp PLEXUS_IN_VM=1\n");
@@ -233,12 +303,13 @@ pub fn run(
     let start = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-nographic", "-no-reboot"])
+        .args(&machine)
         .arg("-kernel")
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 quiet loglevel=3 panic=-1"])
+        .args(["-append", cmdline])
         .args([
             "-fsdev",
             "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
