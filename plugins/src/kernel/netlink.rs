@@ -24,6 +24,9 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 
+mod vf;
+pub use vf::{VfConfig, VfLink, VfSetting, VlanProto};
+
 /// A netlink handle bound to one network namespace.
 pub struct Netns {
     rt: Runtime,
@@ -49,6 +52,9 @@ pub struct Link {
     pub mode: String,
     /// The link's group ([`PLEXUS_GROUP`] for links Plexus made).
     pub group: u32,
+    /// The device the netdev belongs to (a PCI address for a NIC's
+    /// function), as the kernel names it; `None` for virtual links.
+    pub parent: Option<String>,
 }
 
 /// The link group Plexus creates its links in. Unlike the alias (set by a
@@ -643,6 +649,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         alias: None,
         mode: String::new(),
         group: 0,
+        parent: None,
     };
     for a in &msg.attributes {
         match a {
@@ -651,6 +658,7 @@ fn link_of(msg: &LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
             LinkAttribute::Group(g) => link.group = *g,
+            LinkAttribute::ParentDevName(p) => link.parent = Some(p.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
