@@ -140,12 +140,13 @@ impl Drop for Scratch {
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The names the multi-call `plexus` binary answers to.
-pub const PLEXUS_NAMES: [&str; 6] = [
+pub const PLEXUS_NAMES: [&str; 7] = [
     "plexus",
     "plexus-veth",
     "plexus-ipvlan",
     "plexus-macvlan",
     "plexus-userspace",
+    "plexus-sriov",
     "plexus-ipam",
 ];
 

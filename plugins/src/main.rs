@@ -8,6 +8,7 @@ mod kernel;
 mod log;
 mod macvlan;
 mod meta;
+mod sriov;
 mod sublink;
 mod userspace;
 mod veth;
@@ -16,12 +17,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 /// The names this binary answers to.
-pub const PLUGINS: [&str; 6] = [
+pub const PLUGINS: [&str; 7] = [
     "plexus",
     "plexus-veth",
     "plexus-ipvlan",
     "plexus-macvlan",
     "plexus-userspace",
+    "plexus-sriov",
     "plexus-ipam",
 ];
 
@@ -32,6 +34,7 @@ pub fn executor(cni_path: &str) -> cni::exec::Executor {
         .with_builtin("plexus-ipvlan", Arc::new(ipvlan::IPVLAN))
         .with_builtin("plexus-macvlan", Arc::new(macvlan::MACVLAN))
         .with_builtin("plexus-userspace", Arc::new(userspace::Userspace))
+        .with_builtin("plexus-sriov", Arc::new(sriov::Sriov))
         .with_builtin("plexus-ipam", Arc::new(ipam::PlexusIpam))
 }
 
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
             &userspace::Userspace,
             "Plexus user-space (vhost-user on OVS-DPDK) plugin",
         ),
+        "plexus-sriov" => cni::plugin::run(&sriov::Sriov, "Plexus SR-IOV VF plugin"),
         "plexus-ipam" => cni::plugin::run(&ipam::PlexusIpam, "Plexus cluster-wide IPAM"),
         other => {
             eprintln!(
