@@ -5,6 +5,7 @@ pub use netns_harness::fixtures::*;
 pub use netns_harness::node::*;
 
 pub mod crash;
+pub mod sriov;
 
 use std::collections::BTreeMap;
 

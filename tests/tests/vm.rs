@@ -1,7 +1,8 @@
-//! Tests that need kernel features the host lacks (ipvlan, and later vlan,
-//! dummy, vrf). Run by `cargo test` on the host, this binary boots one VM
-//! (Debian's kernel under qemu) and runs itself inside, where every test below
-//! executes against that real kernel; its report and exit code come back out.
+//! Tests that need kernel features or devices the host lacks (ipvlan, SR-IOV
+//! VFs). Run by `cargo test` on the host, this binary boots one VM (Debian's
+//! kernel under qemu, with qemu's `igb` NIC and its 7 VFs) and runs itself
+//! inside, where every test below executes against that real kernel; its
+//! report and exit code come back out.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -14,13 +15,27 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
 
+#[path = "vm/sriov.rs"]
+mod sriov;
+
 type Test = (&'static str, fn());
 
-const TESTS: [Test; 4] = [
+const TESTS: [Test; 9] = [
     ("ipvlan_l2_dual_stack_between_two_pods", ipvlan_l2),
     ("ipvlan_l3_dual_stack_between_two_pods", ipvlan_l3),
     ("ipvlan_check_and_foreign_links", ipvlan_check_and_foreign),
     ("ipvlan_killed_at_every_step_nothing_is_left", ipvlan_killed),
+    (
+        "sriov_vf_as_net1_with_its_settings_and_back",
+        sriov::vf_as_net1_and_back,
+    ),
+    (
+        "sriov_vf_back_after_netns_gone_and_by_gc",
+        sriov::vf_back_without_netns_and_by_gc,
+    ),
+    ("sriov_same_vf_twice_second_refused", sriov::same_vf_twice),
+    ("sriov_dpdk_mode_on_vfio", sriov::dpdk_mode_on_vfio),
+    ("sriov_faults_name_the_vf", sriov::faults_named),
 ];
 
 /// `plexus-ipvlan` alone killed at every step of ADD and DEL (the kill
@@ -50,7 +65,9 @@ fn main() -> ExitCode {
         let mut argv = vec![exe.display().to_string()];
         argv.extend(filter.clone());
         let env = [("PLEXUS_BIN".to_string(), plexus.display().to_string())];
-        vm::run(&argv, &cwd, &env, Duration::from_secs(1200)).map_err(|e| e.to_string())
+        let devices = vm::Devices { sriov_vfs: 7 };
+        vm::run_with(&argv, &cwd, &env, Duration::from_secs(1200), devices)
+            .map_err(|e| e.to_string())
     };
     match run_host() {
         Ok(run) => {

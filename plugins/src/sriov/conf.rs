@@ -30,6 +30,15 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::new(code::INVALID_NETWORK_CONFIG, msg)
 }
 
+/// `stateDir` alone: what DEL and GC need to find the records.
+pub fn state_dir(req: &Request) -> Result<PathBuf, Error> {
+    match req.conf.extra.get("stateDir") {
+        None | Some(Value::Null) => Ok(PathBuf::from(STATE_DIR)),
+        Some(Value::String(d)) if d.starts_with('/') => Ok(PathBuf::from(d)),
+        Some(v) => Err(invalid(format!("stateDir {v} is not an absolute path"))),
+    }
+}
+
 impl Conf {
     /// Reads and checks every field; the error names the device when the
     /// config names one.
@@ -145,11 +154,7 @@ impl Conf {
             settings.push(VfSetting::Rate { min, max });
         }
 
-        let state_dir = match extra.get("stateDir") {
-            None | Some(Value::Null) => PathBuf::from(STATE_DIR),
-            Some(Value::String(d)) if d.starts_with('/') => PathBuf::from(d),
-            Some(v) => return Err(invalid(format!("stateDir {v} is not an absolute path"))),
-        };
+        let state_dir = state_dir(req)?;
         Ok(Conf {
             device,
             mac,

@@ -280,10 +280,27 @@ fn restore(r: &Record, netns: &str) -> Result<(), Error> {
         // Without its netdev the VF is not back: the record stays.
         return_netdev(r, nd, &host, netns)?;
         crate::crash::point("sriov.returned");
+        // The netdev's own MAC first, while the PF still lets the VF have
+        // the one it was given; a driver that refuses it gets it below.
+        if let Some(link) = host.link_of_device(&r.pci)?.filter(|l| l.mac != nd.mac) {
+            if let Err(e) = host.set_mac(link.index, &nd.mac) {
+                tracing::debug!(vf = %r.pci, error = %e, "MAC before the PF's settings");
+            }
+        }
     }
     match host.link_of_device(&r.pf)? {
         Some(pf) => {
-            for s in &r.saved {
+            // What the VF holds already is left alone: a setting ADD was
+            // refused (or killed before) was never changed.
+            let now = host
+                .vfs(pf.index)?
+                .into_iter()
+                .find_map(|(n, c)| (n == r.vf).then_some(c));
+            for s in r
+                .saved
+                .iter()
+                .filter(|s| now.as_ref().is_none_or(|c| !s.holds(c)))
+            {
                 if let Err(e) = host.set_vf(pf.index, r.vf, s) {
                     errors.push(
                         Error::new(
@@ -307,7 +324,6 @@ fn restore(r: &Record, netns: &str) -> Result<(), Error> {
     crate::crash::point("sriov.vf-restored");
     if let Some(nd) = &r.netdev {
         if let Some(link) = host.link_of_device(&r.pci)? {
-            // After the PF's MAC for the VF: a PF-set MAC is the VF's to keep.
             if link.mac != nd.mac {
                 host.set_mac(link.index, &nd.mac)?;
             }
@@ -379,9 +395,9 @@ impl Plugin for Sriov {
         })
     }
 
+    /// Needs no valid setting: a config ADD refused is DEL'd all the same.
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let conf = Conf::parse(req)?;
-        let records = Records::lock(&conf.state_dir)?;
+        let records = Records::lock(&conf::state_dir(req)?)?;
         let held: Vec<Record> = records
             .all()?
             .into_iter()
@@ -444,9 +460,8 @@ impl Plugin for Sriov {
     /// Puts back the VFs this network holds for attachments the runtime
     /// no longer knows, then lets IPAM do the same.
     fn gc(&self, req: &Request) -> Result<(), Error> {
-        let conf = Conf::parse(req)?;
         let valid = req.conf.valid_pairs();
-        let records = Records::lock(&conf.state_dir)?;
+        let records = Records::lock(&conf::state_dir(req)?)?;
         let stale: Vec<Record> = records
             .all()?
             .into_iter()
