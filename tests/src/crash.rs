@@ -26,6 +26,8 @@ pub const CLEANUPS: [Cleanup; 3] = [
 ];
 
 pub struct Setup {
+    /// The VM's SR-IOV NIC lent to the node (dropped before the node).
+    pub nic: Option<crate::sriov::SriovNic>,
     pub node: Node,
     pub list: NetConfList,
     pub ipam_dirs: Vec<PathBuf>,
@@ -33,7 +35,8 @@ pub struct Setup {
     pub stack: Stack,
 }
 
-/// The node's links, addresses, routes and permanent neighbours.
+/// The node's links, addresses, routes, permanent neighbours, and the VF
+/// settings its PFs hold.
 pub fn kernel_state(ns: &str) -> BTreeSet<String> {
     // A link going away while it is listed fails the listing: again.
     let mut tries = 0;
@@ -57,6 +60,12 @@ pub fn kernel_state(ns: &str) -> BTreeSet<String> {
                 .map(|l| format!("neigh {l}")),
         );
     }
+    let links = kernel::ip_json(ns, &["link", "show"]).unwrap_or_default();
+    for l in &links {
+        for vf in l["vfinfo_list"].as_array().into_iter().flatten() {
+            out.insert(format!("vf {} {vf}", l["ifname"]));
+        }
+    }
     out
 }
 
@@ -69,10 +78,14 @@ pub enum Stack {
     Macvlan,
     /// In the VM: the host kernel has no ipvlan.
     Ipvlan,
+    /// In the VM: `plexus-sriov` on VF 1 of the VM's `igb`, every setting
+    /// asked for.
+    Sriov,
 }
 
 pub fn setup(stack: Stack) -> Setup {
     let node = Node::new("crash");
+    let nic = (stack == Stack::Sriov).then(|| crate::sriov::SriovNic::lend(node.ns()));
     let dir = |name: &str| node.scratch.join(name);
     let ipam = |subnets: &[&str], state: &Path| {
         let ranges: Vec<_> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
@@ -104,6 +117,12 @@ pub fn setup(stack: Stack) -> Setup {
             "master": UPLINK, "mode": "bridge", "ipam": ipam(&["10.78.0.0/24"], &data_dir)})),
         Stack::Ipvlan => alone(json!({"cniVersion": "1.1.0", "type": "plexus-ipvlan",
             "master": UPLINK, "mode": "l2", "ipam": ipam(&["10.78.0.0/24"], &data_dir)})),
+        Stack::Sriov => alone(json!({"cniVersion": "1.1.0", "type": "plexus-sriov",
+            "deviceID": nic.as_ref().map(|n| n.vfs[1].pci.clone()),
+            "vlan": 10, "vlanQoS": 2, "mac": "02:5a:00:00:01:01", "spoofchk": "off",
+            "trust": "on", "max_tx_rate": 50,
+            "stateDir": node.plexus_cache().join("sriov"),
+            "ipam": ipam(&["10.78.0.0/24"], &data_dir)})),
     };
     // One pod first, so that what a first ADD sets once on the node
     // (forwarding, state dirs) is part of the baseline.
@@ -113,6 +132,7 @@ pub fn setup(stack: Stack) -> Setup {
     node.runtime.del(&list, &pod).expect("warm-up DEL");
     let baseline = kernel_state(node.ns());
     Setup {
+        nic,
         node,
         list,
         ipam_dirs: vec![pods_dir, data_dir],
@@ -258,6 +278,7 @@ pub fn matrix(s: &Setup, rows: &mut Vec<(String, Vec<usize>)>, all: &mut Vec<Str
         Stack::Veth => "plexus-veth",
         Stack::Macvlan => "plexus-macvlan",
         Stack::Ipvlan => "plexus-ipvlan",
+        Stack::Sriov => "plexus-sriov",
     };
     let add_steps = s.steps(|rt| {
         let (_ns, pod) = s.pod();
@@ -311,7 +332,7 @@ pub fn matrix(s: &Setup, rows: &mut Vec<(String, Vec<usize>)>, all: &mut Vec<Str
     let want = match s.stack {
         Stack::Plexus => 3,
         Stack::Veth => 2,
-        Stack::Macvlan | Stack::Ipvlan => 1,
+        Stack::Macvlan | Stack::Ipvlan | Stack::Sriov => 1,
     };
     assert_eq!(
         result["ips"].as_array().map(Vec::len),

@@ -90,6 +90,7 @@ fn a_read_only_or_full_cache_filesystem_fails_add_cleanly_and_del_finishes_later
     });
     let list = node.plexus_list("1.1.0", cluster);
     let s = Setup {
+        nic: None,
         baseline: kernel_state(node.ns()),
         list,
         ipam_dirs: vec![state.clone()],

@@ -20,7 +20,7 @@ mod sriov;
 
 type Test = (&'static str, fn());
 
-const TESTS: [Test; 9] = [
+const TESTS: [Test; 10] = [
     ("ipvlan_l2_dual_stack_between_two_pods", ipvlan_l2),
     ("ipvlan_l3_dual_stack_between_two_pods", ipvlan_l3),
     ("ipvlan_check_and_foreign_links", ipvlan_check_and_foreign),
@@ -36,17 +36,25 @@ const TESTS: [Test; 9] = [
     ("sriov_same_vf_twice_second_refused", sriov::same_vf_twice),
     ("sriov_dpdk_mode_on_vfio", sriov::dpdk_mode_on_vfio),
     ("sriov_faults_name_the_vf", sriov::faults_named),
+    ("sriov_killed_at_every_step_nothing_is_left", sriov_killed),
 ];
 
 /// `plexus-ipvlan` alone killed at every step of ADD and DEL (the kill
 /// matrix of `tests/crash.rs`, on this kernel).
 fn ipvlan_killed() {
+    killed(plexus_tests::crash::Stack::Ipvlan);
+}
+
+/// `plexus-sriov` alone killed at every step of ADD and DEL: after each
+/// cleanup the VF is back in the node under its name with its MAC and
+/// every setting on the PF as before.
+fn sriov_killed() {
+    killed(plexus_tests::crash::Stack::Sriov);
+}
+
+fn killed(stack: plexus_tests::crash::Stack) {
     let (mut rows, mut all) = (Vec::new(), Vec::new());
-    plexus_tests::crash::matrix(
-        &plexus_tests::crash::setup(plexus_tests::crash::Stack::Ipvlan),
-        &mut rows,
-        &mut all,
-    );
+    plexus_tests::crash::matrix(&plexus_tests::crash::setup(stack), &mut rows, &mut all);
     println!("{}", plexus_tests::crash::table(&rows));
     assert!(all.is_empty(), "{}", all.join("\n"));
 }
