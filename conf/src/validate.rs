@@ -33,6 +33,7 @@ pub const NODE_TYPES: &[&str] = &[
     "plexus-veth",
     "plexus-macvlan",
     "plexus-ipvlan",
+    "plexus-sriov",
     "plexus-ipam",
     "bandwidth",
     "bridge",
@@ -450,7 +451,14 @@ fn check_config(
         if t == "plexus" {
             valid.node_owned.push(path(i, "type"));
         }
-        check_builtin(t, plugin, &|f| path(i, f), errs);
+        if t == "plexus-sriov" {
+            if plugin.get("stateDir").is_some() {
+                valid.node_owned.push(path(i, "stateDir"));
+            }
+            check_sriov(plugin, &|f| path(i, f), errs);
+        } else {
+            check_builtin(t, plugin, &|f| path(i, f), errs);
+        }
         if let Some(ipam) = plugin.get("ipam") {
             check_ipam(ipam, types, &path(i, "ipam"), valid, errs);
         }
@@ -515,6 +523,80 @@ fn check_builtin(
                 errs.push(fault(path("mac"), format!("{v} is not a MAC address")));
             }
         }
+    }
+}
+
+/// `plexus-sriov`'s fields (sriov-cni's), as the plugin reads them.
+fn check_sriov(
+    extra: &Map<String, Value>,
+    path: &dyn Fn(&str) -> String,
+    errs: &mut Vec<FieldError>,
+) {
+    let given = |k: &str| extra.get(k).filter(|v| !v.is_null());
+    if let Some(v) = given("deviceID") {
+        if !v.as_str().is_some_and(is_pci_address) {
+            errs.push(fault(
+                path("deviceID"),
+                format!("{v} is not a PCI address (as 0000:01:10.4)"),
+            ));
+        }
+    }
+    for (key, max) in [
+        ("vlan", 4094),
+        ("vlanQoS", 7),
+        ("min_tx_rate", u64::from(u32::MAX)),
+        ("max_tx_rate", u64::from(u32::MAX)),
+    ] {
+        if let Some(v) = given(key) {
+            if v.as_u64().is_none_or(|n| n > max) {
+                errs.push(fault(
+                    path(key),
+                    format!("{v} is not a number from 0 to {max}"),
+                ));
+            }
+        }
+    }
+    for (key, allowed) in [
+        ("vlanProto", &["802.1q", "802.1ad"][..]),
+        ("spoofchk", &["on", "off"][..]),
+        ("trust", &["on", "off"][..]),
+        ("link_state", &["auto", "enable", "disable"][..]),
+    ] {
+        if let Some(v) = given(key) {
+            let ok = v
+                .as_str()
+                .is_some_and(|s| allowed.contains(&s.to_ascii_lowercase().as_str()));
+            if !ok {
+                errs.push(fault(
+                    path(key),
+                    format!("{v} is not one of {}", allowed.join(", ")),
+                ));
+            }
+        }
+    }
+    if given("vlan").is_none() && (given("vlanQoS").is_some() || given("vlanProto").is_some()) {
+        errs.push(fault(path("vlan"), "vlanQoS and vlanProto need a vlan"));
+    }
+    if let Some(v) = given("mac") {
+        if !v.as_str().is_some_and(is_mac) {
+            errs.push(fault(path("mac"), format!("{v} is not a MAC address")));
+        }
+    }
+}
+
+fn is_pci_address(s: &str) -> bool {
+    let hex = |p: &str, lens: std::ops::RangeInclusive<usize>| {
+        lens.contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let mut parts = s.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(domain), Some(bus), Some(rest)) => rest.split_once('.').is_some_and(|(dev, f)| {
+            hex(domain, 4..=8)
+                && hex(bus, 2..=2)
+                && hex(dev, 2..=2)
+                && matches!(f.as_bytes(), [b'0'..=b'7'])
+        }),
+        _ => false,
     }
 }
 
@@ -705,6 +787,29 @@ mod tests {
         assert_eq!(
             fields(validate(&api::NAD, &extra, &types())),
             ["metadata.colour", "spec"]
+        );
+        let sriov = nad(
+            "vf",
+            json!({"cniVersion": "1.1.0", "type": "plexus-sriov", "deviceID": "0000:01:10.4",
+                   "vlan": 100, "vlanProto": "802.1Q", "spoofchk": "off", "trust": "on",
+                   "max_tx_rate": 100, "mac": "02:00:00:00:00:01"}),
+        );
+        validate(&api::NAD, &sriov, &types()).expect("valid");
+        let sriov = nad(
+            "vf",
+            json!({"cniVersion": "1.1.0", "type": "plexus-sriov", "deviceID": "01:10.4",
+                   "vlan": 4095, "spoofchk": true, "link_state": "up", "mac": "x",
+                   "stateDir": "/tmp"}),
+        );
+        assert_eq!(
+            fields(validate(&api::NAD, &sriov, &types())),
+            [
+                "spec.config.deviceID",
+                "spec.config.vlan",
+                "spec.config.spoofchk",
+                "spec.config.link_state",
+                "spec.config.mac",
+            ]
         );
         let broken = nad("x", json!("{"));
         assert_eq!(
