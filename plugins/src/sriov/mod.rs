@@ -439,6 +439,13 @@ impl Plugin for Sriov {
             }
         }
         if r.netdev.is_none() {
+            let vf = device::resolve(Path::new(SYSFS_PCI), pci)?;
+            if !vf.user_space() {
+                return Err(drift(format!(
+                    "{pci} is no longer on a user-space driver (now {})",
+                    vf.driver.as_deref().unwrap_or("none")
+                )));
+            }
             return Ok(());
         }
         let pod = Netns::open(Path::new(&req.netns))?;

@@ -314,3 +314,61 @@ impl Netns {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_read_back_and_put_back() {
+        let list = vec![LinkVfInfo(vec![
+            VfInfo::Mac(VfInfoMac::new(2, &[2, 0, 0, 0, 2, 2])),
+            VfInfo::Vlan(VfInfoVlan::new(2, 100, 3)),
+            VfInfo::VlanList(vec![VfVlan::Info(VfVlanInfo::new(
+                2,
+                100,
+                3,
+                VlanProtocol::Ieee8021Ad,
+            ))]),
+            VfInfo::SpoofCheck(VfInfoSpoofCheck::new(2, false)),
+            VfInfo::Trust(VfInfoTrust::new(2, true)),
+            VfInfo::LinkState(VfInfoLinkState::new(2, VfLinkState::Disable)),
+            VfInfo::Rate(VfInfoRate::new(2, 0, 100)),
+        ])];
+        let got = configs(&list);
+        let want = VfConfig {
+            mac: [2, 0, 0, 0, 2, 2],
+            vlan: 100,
+            qos: 3,
+            proto: VlanProto::Dot1Ad,
+            spoofchk: false,
+            trust: true,
+            link_state: VfLink::Disable,
+            min_tx_rate: 0,
+            max_tx_rate: 100,
+        };
+        assert_eq!(got, vec![(2, want.clone())]);
+        let asked = VfSetting::Vlan {
+            id: 100,
+            qos: 3,
+            proto: VlanProto::Dot1Q,
+        };
+        assert!(!asked.holds(&want), "the protocol differs");
+        assert_eq!(
+            asked.current(&want).to_string(),
+            "vlan 100 qos 3 proto 802.1ad"
+        );
+        assert!(VfSetting::Trust(true).holds(&want));
+        assert_eq!(
+            VfSetting::SpoofCheck(true).current(&want),
+            VfSetting::SpoofCheck(false)
+        );
+        assert_eq!(
+            VfSetting::Rate { min: 0, max: 100 }.to_string(),
+            "min_tx_rate 0 max_tx_rate 100 (Mbps)"
+        );
+        let back: VfSetting =
+            serde_json::from_str(&serde_json::to_string(&asked).unwrap()).unwrap();
+        assert_eq!(back, asked);
+    }
+}
