@@ -371,5 +371,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
     crate::bench_nodeapi::run(cycles)?;
     crate::bench_groups::run(cycles)?;
     crate::bench_userspace::run(cycles)?;
+    crate::bench_sriov::run(cycles)?;
     crate::bench_burst::run()
 }

@@ -1,7 +1,7 @@
 //! The kubelet stand-in for tests and the demo: named network namespaces, a
 //! runtime that invokes plugins exactly as libcni does, kernel-state readers,
 //! connectivity probes, and fixtures for real components (etcd, OVS-DPDK,
-//! containerd with a CRI client).
+//! containerd with a CRI client, the VM's SR-IOV NIC).
 
 pub mod bench;
 pub mod bench_api;
@@ -10,6 +10,7 @@ pub mod bench_groups;
 pub mod bench_ipam;
 pub mod bench_nodeapi;
 pub mod bench_scale;
+pub mod bench_sriov;
 pub mod bench_userspace;
 pub mod containerd;
 pub mod demo;
@@ -24,6 +25,7 @@ pub mod probe;
 pub mod runtime;
 pub mod scratch;
 pub mod soak;
+pub mod sriov;
 pub mod vm;
 
 pub use netns::Netns;

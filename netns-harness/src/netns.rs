@@ -78,6 +78,36 @@ impl Netns {
         })
     }
 
+    /// Names the namespace this process runs in (as `ip netns attach`
+    /// does), so plugins can be run where the caller is; dropping it only
+    /// takes the name away.
+    pub fn name_own(name: &str) -> io::Result<Netns> {
+        prepare_run_dir()?;
+        let path = Path::new(RUN_DIR).join(name);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", path.display())))?;
+        let bound = mount(
+            Some("/proc/self/ns/net"),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        );
+        if let Err(e) = bound {
+            let _ = std::fs::remove_file(&path);
+            return Err(errno("bind-mount netns", e));
+        }
+        Ok(Netns {
+            name: name.to_string(),
+            path,
+            deleted: false,
+        })
+    }
+
     /// The name (`ip -n <name>` works with it).
     pub fn name(&self) -> &str {
         &self.name

@@ -5,7 +5,7 @@ pub use netns_harness::fixtures::*;
 pub use netns_harness::node::*;
 
 pub mod crash;
-pub mod sriov;
+pub use netns_harness::sriov;
 
 use std::collections::BTreeMap;
 

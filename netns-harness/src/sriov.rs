@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use netns_harness::kernel;
+use crate::kernel;
 use serde_json::Value;
 
 /// A function of the NIC: its PCI address and, when it has one, its netdev
