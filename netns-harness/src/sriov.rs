@@ -129,6 +129,24 @@ impl SriovNic {
         }
         let pf = nic.pf.name.as_deref().expect("the PF's netdev");
         kernel::ip(&["-n", node_ns, "link", "set", "dev", pf, "up"]).expect("PF up");
+        // Some VF settings (igb's rates) need the PF's link, which comes
+        // up a moment after the PF does.
+        let start = Instant::now();
+        loop {
+            let links = kernel::ip_json(node_ns, &["link", "show", "dev", pf]).unwrap_or_default();
+            let carrier = links
+                .first()
+                .and_then(|l| l["flags"].as_array())
+                .is_some_and(|f| f.iter().any(|x| x == "LOWER_UP"));
+            if carrier {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the PF {pf} has no link"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         nic
     }
 
