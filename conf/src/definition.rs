@@ -40,6 +40,20 @@ pub struct Definition {
     pub security_groups: Vec<String>,
     /// Whether pods may add groups of their own (`plexus.io/pod-security-groups`).
     pub pod_security_groups: bool,
+    /// The device resource its interface needs
+    /// (`k8s.v1.cni.cncf.io/resourceName`): the device kubelet allocated to
+    /// the pod becomes the delegate's `deviceID`.
+    pub resource_name: Option<String>,
+}
+
+/// The annotation naming a definition's device resource, as Multus reads it.
+pub const RESOURCE_ANNOTATION: &str = "k8s.v1.cni.cncf.io/resourceName";
+
+fn resource_annotation(annotations: &BTreeMap<String, String>) -> Option<String> {
+    annotations
+        .get(RESOURCE_ANNOTATION)
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
 }
 
 /// A definition's security-group annotations.
@@ -231,6 +245,7 @@ impl Definitions {
                             source: file.to_path_buf(),
                             security_groups,
                             pod_security_groups,
+                            resource_name: resource_annotation(&annotations),
                         },
                     );
                 }
@@ -344,6 +359,7 @@ impl Definitions {
                     source: file.to_path_buf(),
                     security_groups,
                     pod_security_groups,
+                    resource_name: resource_annotation(&obj.metadata.annotations),
                 };
                 self.ok.insert(key, def);
             }

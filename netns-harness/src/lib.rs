@@ -17,6 +17,7 @@ pub mod demo;
 pub mod etcd;
 pub mod fixtures;
 pub mod kernel;
+pub mod kubelet;
 pub mod netns;
 pub mod node;
 pub mod ovs;

@@ -1,10 +1,12 @@
 //! One multi-call binary: the name it runs as picks the plugin.
 
 mod crash;
+mod daemons;
 mod ipam;
 mod ipam_call;
 mod ipvlan;
 mod kernel;
+mod kubelet;
 mod log;
 mod macvlan;
 mod meta;
@@ -50,6 +52,9 @@ fn main() -> ExitCode {
         }
         "plexus" if std::env::args().nth(1).as_deref() == Some("agent") => {
             meta::agent::main(std::env::args().nth(2).as_deref())
+        }
+        "plexus" if std::env::args().nth(1).as_deref() == Some("device-plugin") => {
+            daemons::device_plugin::main(std::env::args().nth(2).as_deref())
         }
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),

@@ -19,7 +19,7 @@ use serde_json::json;
 fn killed_at_every_step_of_add_and_del_nothing_is_left() {
     let mut rows = Vec::new();
     let mut all = Vec::new();
-    for stack in [Stack::Plexus, Stack::Veth, Stack::Macvlan] {
+    for stack in [Stack::Plexus, Stack::Veth, Stack::Macvlan, Stack::Ipam] {
         matrix(&setup(stack), &mut rows, &mut all);
     }
     eprintln!("\n{}", table(&rows));

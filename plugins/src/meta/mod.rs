@@ -5,6 +5,7 @@ pub mod agent;
 mod api;
 mod attachments;
 mod copy;
+mod devices;
 pub mod groups;
 mod journal;
 mod node;
@@ -251,6 +252,16 @@ impl<'a> Call<'a> {
             &self.req.ifname,
             lenient,
         )?;
+        let mut delegates = delegates;
+        if !lenient {
+            let pod = self.args.get("K8S_POD_NAME").unwrap_or_default();
+            devices::assign(
+                &mut delegates,
+                &self.node.pod_resources_socket,
+                &self.pod_ns,
+                pod,
+            )?;
+        }
         self.planned(&delegates);
         Ok(delegates)
     }

@@ -41,6 +41,9 @@ pub struct NodeConf {
     /// How long the agent's Node object outlives the agent
     /// (`api.leaseSeconds`).
     pub node_lease: std::time::Duration,
+    /// kubelet's PodResources socket, asked for the devices of networks
+    /// that need one (`podResourcesSocket`).
+    pub pod_resources_socket: PathBuf,
 }
 
 /// Default `api.leaseSeconds`.
@@ -73,6 +76,8 @@ struct Raw {
     api: Option<RawApi>,
     #[serde(rename = "nodeName")]
     node_name: Option<String>,
+    #[serde(rename = "podResourcesSocket")]
+    pod_resources_socket: Option<PathBuf>,
 }
 
 /// The `api` field: how to reach the central API's etcd.
@@ -199,6 +204,9 @@ impl NodeConf {
             api,
             node_name: raw.node_name,
             node_lease,
+            pod_resources_socket: raw
+                .pod_resources_socket
+                .unwrap_or_else(|| PathBuf::from(crate::kubelet::POD_RESOURCES_SOCKET)),
         })
     }
 }

@@ -41,6 +41,10 @@ pub struct Delegate {
     /// Those groups' rules, when ADD planned them.
     #[serde(skip)]
     pub rules: Vec<(String, SecurityGroupSpec)>,
+    /// The device resource its definition names, whose device kubelet
+    /// allocated to the pod becomes `deviceID` (see `meta::devices`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
 }
 
 /// A definition in the central API's terms.
@@ -212,6 +216,7 @@ pub fn build(
         origin,
         groups: Vec::new(),
         rules: Vec::new(),
+        resource: None,
     }];
     let mut used: BTreeSet<String> = BTreeSet::from([ifname.to_string()]);
     for (i, sel) in wanted.iter().enumerate() {
@@ -241,6 +246,7 @@ pub fn build(
         match delegate {
             Ok(d) => delegates.push(Delegate {
                 origin: Some(Origin::of(def)),
+                resource: def.resource_name.clone(),
                 ..d
             }),
             Err(_) if lenient => continue,
@@ -532,5 +538,6 @@ fn secondary(
         origin: None,
         groups: Vec::new(),
         rules: Vec::new(),
+        resource: None,
     })
 }

@@ -1,0 +1,4 @@
+//! The node's daemons beside the plugins: the SR-IOV device plugin (the
+//! security-group agent is `meta::agent`, with the records it reads).
+
+pub mod device_plugin;
