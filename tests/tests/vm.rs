@@ -20,7 +20,7 @@ mod sriov;
 
 type Test = (&'static str, fn());
 
-const TESTS: [Test; 10] = [
+const TESTS: [Test; 11] = [
     ("ipvlan_l2_dual_stack_between_two_pods", ipvlan_l2),
     ("ipvlan_l3_dual_stack_between_two_pods", ipvlan_l3),
     ("ipvlan_check_and_foreign_links", ipvlan_check_and_foreign),
@@ -36,6 +36,10 @@ const TESTS: [Test; 10] = [
     ("sriov_same_vf_twice_second_refused", sriov::same_vf_twice),
     ("sriov_dpdk_mode_on_vfio", sriov::dpdk_mode_on_vfio),
     ("sriov_faults_name_the_vf", sriov::faults_named),
+    (
+        "sriov_device_plugin_feeds_plexus_sriov",
+        sriov::device_plugin_feeds_plexus_sriov,
+    ),
     ("sriov_killed_at_every_step_nothing_is_left", sriov_killed),
 ];
 

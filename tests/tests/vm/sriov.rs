@@ -404,3 +404,137 @@ pub fn faults_named() {
     assert_eq!(node.snapshot(), snapshot, "nothing changed on the node");
     assert_eq!(vf_records(&node), Vec::<String>::new(), "no record");
 }
+
+/// `plexus device-plugin` on the VM's igb, run in the node's netns (its
+/// own sysfs, as on a node) and registered with the harness's kubelet: 7
+/// VFs in two pools by selector, unhealthy while the PF is down; kubelet
+/// allocates one to a pod, and the pod's ADD through `plexus`, whose
+/// definition names the resource, gets exactly that VF.
+pub fn device_plugin_feeds_plexus_sriov() {
+    use netns_harness::kubelet::{Kubelet, State};
+    use std::time::Duration;
+    let node = Node::new("sriov-dp");
+    let nic = SriovNic::lend(node.ns());
+    let pf = nic.pf.name.clone().expect("the PF's netdev");
+    let kubelet = Kubelet::start(&node.scratch.join("kubelet")).expect("kubelet");
+    let config = json!({
+        "resourceList": [
+            {"resourceName": "vf_low", "selectors": {"vendors": ["8086"], "drivers": ["igbvf"],
+                                                     "pfNames": [format!("{pf}#0-3")]}},
+            {"resourceName": "vf_high", "selectors": {"pfNames": [format!("{pf}#4-6")]}},
+        ],
+        "deviceDir": kubelet.device_dir(),
+    });
+    let conf_path = node.scratch.join("device-plugin.json");
+    std::fs::write(&conf_path, config.to_string()).expect("config");
+    let log_path = node.scratch.join("device-plugin.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    // `ip netns exec` mounts a sysfs of the node's netns: the PF's netdev
+    // shows under its PCI device, as on a node.
+    let mut plugin = std::process::Command::new("ip")
+        .args(["netns", "exec", node.ns()])
+        .arg(netns_harness::scratch::plexus_bin())
+        .arg("device-plugin")
+        .arg(&conf_path)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("plexus device-plugin");
+    let plugin_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    fn count(r: &'static str, health: &'static str) -> impl Fn(&State) -> usize {
+        move |s: &State| {
+            s.devices
+                .get(r)
+                .map_or(0, |d| d.iter().filter(|(_, h)| h == health).count())
+        }
+    }
+    let t = Duration::from_secs(20);
+    let ok = kubelet.wait(t, |s| {
+        s.registrations == 2
+            && count("plexus.io/vf_low", "Healthy")(s) == 4
+            && count("plexus.io/vf_high", "Healthy")(s) == 3
+    });
+    let seen = kubelet.with(|s| format!("{:?}", s.devices));
+    if !ok {
+        let _ = plugin.kill();
+        panic!("7 VFs in two pools: {seen}\n{}", plugin_log());
+    }
+    let low: Vec<String> = (0..4).map(|n| nic.vfs[n].pci.clone()).collect();
+    let listed = kubelet.with(|s| {
+        s.devices["plexus.io/vf_low"]
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(listed, low, "VFs 0-3 by their PCI addresses");
+
+    // The PF's link down: its VFs unhealthy; up again: healthy.
+    kernel::ip(&["-n", node.ns(), "link", "set", "dev", &pf, "down"]).expect("PF down");
+    let down = kubelet.wait(t, |s| {
+        count("plexus.io/vf_low", "Unhealthy")(s) == 4
+            && count("plexus.io/vf_high", "Unhealthy")(s) == 3
+    });
+    kernel::ip(&["-n", node.ns(), "link", "set", "dev", &pf, "up"]).expect("PF up");
+    let up = kubelet.wait(t, |s| count("plexus.io/vf_low", "Healthy")(s) == 4);
+    if !(down && up) {
+        let _ = plugin.kill();
+        panic!(
+            "health follows the PF (down {down}, up {up})\n{}",
+            plugin_log()
+        );
+    }
+
+    // kubelet allocates a VF to the pod; its ADD gets that VF.
+    let res = "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata:\n  name: sr-res\n  annotations:\n    k8s.v1.cni.cncf.io/resourceName: plexus.io/vf_high\nspec:\n  config: '";
+    let mut conf = sriov_conf(&node, "", json!({}));
+    if let Some(m) = conf.as_object_mut() {
+        m.remove("deviceID");
+    }
+    node.define("sr-res.yaml", &format!("{res}{conf}'\n"));
+    let mut list = node.plexus_list(
+        "1.1.0",
+        plexus_veth("k8s", &["10.244.41.0/24"], &node.ipam_dir()),
+    );
+    list.plugins[0].insert(
+        "podResourcesSocket".into(),
+        json!(kubelet.pod_resources_socket()),
+    );
+    let (ns, pod) = node.pod("default");
+    let pod = pod.networks("sr-res");
+    let (ids, resp) = kubelet
+        .allocate("default", &pod.name, "app", "plexus.io/vf_high", 1)
+        .expect("allocate");
+    assert_eq!(
+        resp.container_responses[0]
+            .envs
+            .get("PCIDEVICE_PLEXUS_IO_VF_HIGH"),
+        Some(&ids[0])
+    );
+    let n = nic
+        .vfs
+        .iter()
+        .position(|f| f.pci == ids[0])
+        .expect("an allocated VF of the NIC");
+    assert!(n >= 4, "vf_high is VFs 4-6, got {n}");
+    let result = node.runtime.add(&list, &pod).expect("ADD");
+    let net1 = nic
+        .vf_netdev(n, Some(ns.name()))
+        .expect("the allocated VF's netdev is in the pod");
+    assert_eq!(net1["ifname"], "net1", "{net1}");
+    assert!(
+        result["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["pciID"] == ids[0].as_str()),
+        "{result}"
+    );
+    node.runtime.del(&list, &pod).expect("DEL");
+    assert!(
+        nic.vf_netdev(n, Some(node.ns())).is_some(),
+        "the VF is back on the node"
+    );
+    let _ = plugin.kill();
+    let _ = plugin.wait();
+    drop(nic);
+}
