@@ -374,3 +374,43 @@ pub fn run(cycles: usize) -> Result<(), String> {
     crate::bench_sriov::run(cycles)?;
     crate::bench_burst::run()
 }
+
+/// A percentile of sorted samples, in ms.
+pub fn pct(sorted: &[Duration], p: f64) -> f64 {
+    ms(percentile(sorted, p))
+}
+
+/// Ours against the reference, ADD and DEL p50/p99 side by side
+/// (`samples[0]` ours, `samples[1]` the reference, each `[ADD, DEL]`
+/// sorted), and the ratios; returns `ratio(command, percentile)`.
+pub fn side_by_side<'s>(
+    ours: &str,
+    reference: &str,
+    samples: &'s [[Vec<Duration>; 2]; 2],
+) -> impl Fn(usize, f64) -> f64 + 's {
+    println!(
+        "{:<46} {:>10} {:>10} {:>10} {:>10}",
+        "", "ADD p50", "ADD p99", "DEL p50", "DEL p99"
+    );
+    let row = |label: &str, s: &[Vec<Duration>; 2]| {
+        println!(
+            "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
+            pct(&s[0], 0.5),
+            pct(&s[0], 0.99),
+            pct(&s[1], 0.5),
+            pct(&s[1], 0.99)
+        );
+    };
+    row(reference, &samples[1]);
+    row(ours, &samples[0]);
+    let ratio = move |cmd: usize, p: f64| pct(&samples[0][cmd], p) / pct(&samples[1][cmd], p);
+    println!(
+        "{:<46} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+        format!("  ratio {}", ours.split(' ').next().unwrap_or(ours)),
+        ratio(0, 0.5),
+        ratio(0, 0.99),
+        ratio(1, 0.5),
+        ratio(1, 0.99)
+    );
+    ratio
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cni::NetConfList;
 use serde_json::json;
 
-use crate::bench::{ms, percentile, verdict};
+use crate::bench::{side_by_side, verdict};
 use crate::scratch::{self, Scratch};
 use crate::{kernel, sriov, vm, Netns, Runtime};
 
@@ -48,10 +48,6 @@ pub fn run(cycles: usize) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    ms(percentile(sorted, p))
 }
 
 fn inside(cycles: usize) -> Result<(), String> {
@@ -114,28 +110,10 @@ fn inside(cycles: usize) -> Result<(), String> {
         "\nSR-IOV (in the VM, qemu's igb under TCG): VF {VF}'s netdev moved into a pod as net1 \
          with an IPv4 address and back, {cycles} ADD/DEL cycles each, alternating"
     );
-    println!(
-        "{:<46} {:>10} {:>10} {:>10} {:>10}",
-        "", "ADD p50", "ADD p99", "DEL p50", "DEL p99"
-    );
-    let row = |label: &str, s: &[Vec<Duration>; 2]| {
-        println!(
-            "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
-            pct(&s[0], 0.5),
-            pct(&s[0], 0.99),
-            pct(&s[1], 0.5),
-            pct(&s[1], 0.99)
-        );
-    };
-    row("host-device + host-local (reference)", &samples[1]);
-    row("plexus-sriov + plexus-ipam (local store)", &samples[0]);
-    let ratio = |cmd: usize, p: f64| pct(&samples[0][cmd], p) / pct(&samples[1][cmd], p);
-    println!(
-        "  ratio plexus-sriov{:>28.3} {:>10.3} {:>10.3} {:>10.3}",
-        ratio(0, 0.5),
-        ratio(0, 0.99),
-        ratio(1, 0.5),
-        ratio(1, 0.99)
+    let ratio = side_by_side(
+        "plexus-sriov + plexus-ipam (local store)",
+        "host-device + host-local (reference)",
+        &samples,
     );
     verdict(
         "plexus-sriov ADD p50 against the reference",

@@ -15,14 +15,9 @@ use cni::plugin::Command as CniCommand;
 use cni::NetConfList;
 use serde_json::json;
 
-use crate::bench::{ms, percentile, verdict};
+use crate::bench::{side_by_side, verdict};
 use crate::node::Node;
 use crate::ovs::{Dpdk, OvsDpdk};
-
-/// A percentile of sorted samples, in ms.
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    ms(percentile(sorted, p))
-}
 
 fn vsctl(ovs: &OvsDpdk, args: &[&str]) -> Result<(), String> {
     let out = Command::new("ovs-vsctl")
@@ -138,28 +133,10 @@ pub fn run(cycles: usize) -> Result<(), String> {
          wait until ovs-vswitchd has the port; ovs-vsctl del-port waits for the switch too, \
          plexus-userspace's DEL until the port is out of OVS's database"
     );
-    println!(
-        "{:<46} {:>10} {:>10} {:>10} {:>10}",
-        "", "ADD p50", "ADD p99", "DEL p50", "DEL p99"
-    );
-    let row = |label: &str, s: &[Vec<Duration>; 2]| {
-        println!(
-            "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
-            pct(&s[0], 0.5),
-            pct(&s[0], 0.99),
-            pct(&s[1], 0.5),
-            pct(&s[1], 0.99)
-        );
-    };
-    row("host-local + ovs-vsctl add-port (reference)", &samples[1]);
-    row("plexus-userspace", &samples[0]);
-    let ratio = |cmd: usize, p: f64| pct(&samples[0][cmd], p) / pct(&samples[1][cmd], p);
-    println!(
-        "  ratio plexus-userspace{:>24.3} {:>10.3} {:>10.3} {:>10.3}",
-        ratio(0, 0.5),
-        ratio(0, 0.99),
-        ratio(1, 0.5),
-        ratio(1, 0.99)
+    let ratio = side_by_side(
+        "plexus-userspace",
+        "host-local + ovs-vsctl add-port (reference)",
+        &samples,
     );
     verdict(
         "plexus-userspace ADD p50 against the reference",

@@ -44,14 +44,7 @@ impl Netns {
     /// Creates a new, empty network namespace named `name`.
     pub fn create(name: &str) -> io::Result<Netns> {
         crate::scratch::sweep_stale();
-        prepare_run_dir()?;
-        let path = Path::new(RUN_DIR).join(name);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", path.display())))?;
+        let path = mount_point(name)?;
         let target = path.clone();
         let made = std::thread::spawn(move || -> io::Result<()> {
             // Only this thread moves; the bind mount keeps the netns alive after it exits.
@@ -82,14 +75,7 @@ impl Netns {
     /// does), so plugins can be run where the caller is; dropping it only
     /// takes the name away.
     pub fn name_own(name: &str) -> io::Result<Netns> {
-        prepare_run_dir()?;
-        let path = Path::new(RUN_DIR).join(name);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", path.display())))?;
+        let path = mount_point(name)?;
         let bound = mount(
             Some("/proc/self/ns/net"),
             &path,
@@ -179,4 +165,18 @@ impl Drop for Netns {
             let _ = self.remove();
         }
     }
+}
+
+/// The file a namespace named `name` is bound to, made new (a name taken
+/// is an error).
+fn mount_point(name: &str) -> io::Result<PathBuf> {
+    prepare_run_dir()?;
+    let path = Path::new(RUN_DIR).join(name);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", path.display())))?;
+    Ok(path)
 }

@@ -5,7 +5,7 @@
 
 use cni::exec::{Executor, Invocation};
 use cni::plugin::{Command, Request};
-use cni::result::Route;
+use cni::result::{Interface, Route};
 use cni::{code, CniResult, Error};
 use serde_json::Value;
 
@@ -226,4 +226,27 @@ pub fn lacks(
         }
     }
     Ok((!out.is_empty()).then(|| format!("{ifname} lacks {}", out.join(", "))))
+}
+
+/// The result of a plugin with one interface in the pod: IPAM's addresses
+/// on it (interface 0), `routes`, IPAM's DNS.
+pub fn on_interface(interface: Interface, ipam: &CniResult, routes: Vec<Route>) -> CniResult {
+    let mut result = CniResult {
+        interfaces: vec![interface],
+        ips: ipam.ips.clone(),
+        routes,
+        dns: ipam.dns.clone(),
+    };
+    for ip in &mut result.ips {
+        ip.interface = Some(0);
+    }
+    result
+}
+
+/// STATUS of a plugin whose only dependency is its IPAM, if it has one.
+pub fn status(req: &Request) -> Result<(), Error> {
+    match Ipam::of(req)? {
+        Some(ipam) => ipam.status(),
+        None => Ok(()),
+    }
 }

@@ -159,22 +159,14 @@ fn attach(req: &Request, conf: &Conf, ipam: &CniResult) -> Result<CniResult, Err
     let routes = ipam_call::configure(&pod, index, ipam)?;
     crate::crash::point("sublink.addressed");
     let link = pod.expect_link(&req.ifname)?;
-    let mut result = CniResult {
-        interfaces: vec![Interface {
-            name: req.ifname.clone(),
-            mac: Some(mac_string(&link.mac)),
-            mtu: Some(link.mtu),
-            sandbox: Some(req.netns.clone()),
-            ..Default::default()
-        }],
-        ips: ipam.ips.clone(),
-        routes,
-        dns: ipam.dns.clone(),
+    let interface = Interface {
+        name: req.ifname.clone(),
+        mac: Some(mac_string(&link.mac)),
+        mtu: Some(link.mtu),
+        sandbox: Some(req.netns.clone()),
+        ..Default::default()
     };
-    for ip in &mut result.ips {
-        ip.interface = Some(0);
-    }
-    Ok(result)
+    Ok(ipam_call::on_interface(interface, ipam, routes))
 }
 
 /// The pod's link of this attachment, if it exists and is ours.

@@ -297,10 +297,7 @@ impl Plugin for Veth {
 
     fn status(&self, req: &Request) -> Result<(), Error> {
         Conf::parse(req)?;
-        match Ipam::of(req)? {
-            Some(ipam) => ipam.status(),
-            None => Ok(()),
-        }
+        ipam_call::status(req)
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {

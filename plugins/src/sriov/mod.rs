@@ -189,23 +189,15 @@ fn address(
         }
         _ => (ipam.routes.clone(), conf.mac.map(|m| mac_string(&m)), None),
     };
-    let mut result = CniResult {
-        interfaces: vec![Interface {
-            name: r.ifname.clone(),
-            mac,
-            mtu,
-            sandbox: Some(r.netns.clone()),
-            pci_id: Some(r.pci.clone()),
-            ..Default::default()
-        }],
-        ips: ipam.ips.clone(),
-        routes,
-        dns: ipam.dns.clone(),
+    let interface = Interface {
+        name: r.ifname.clone(),
+        mac,
+        mtu,
+        sandbox: Some(r.netns.clone()),
+        pci_id: Some(r.pci.clone()),
+        ..Default::default()
     };
-    for ip in &mut result.ips {
-        ip.interface = Some(0);
-    }
-    Ok(result)
+    Ok(ipam_call::on_interface(interface, ipam, routes))
 }
 
 impl Plugin for Sriov {
@@ -346,9 +338,6 @@ impl Plugin for Sriov {
 
     fn status(&self, req: &Request) -> Result<(), Error> {
         Conf::parse(req)?;
-        match Ipam::of(req)? {
-            Some(ipam) => ipam.status(),
-            None => Ok(()),
-        }
+        ipam_call::status(req)
     }
 }
