@@ -144,6 +144,19 @@ pub fn up(ns: &str, dev: &str) -> io::Result<()> {
 /// Everything a namespace holds that a plugin might leave behind: links,
 /// addresses and routes of both families, one line each, sorted.
 pub fn snapshot(ns: &str) -> io::Result<Vec<String>> {
+    // A link going away while it is listed (a netns torn down in the
+    // kernel's own time takes its veths) fails the listing: again.
+    let mut tries = 0;
+    loop {
+        match snapshot_once(ns) {
+            Err(_) if tries < 50 => tries += 1,
+            done => return done,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn snapshot_once(ns: &str) -> io::Result<Vec<String>> {
     let mut lines = Vec::new();
     for l in links(ns)? {
         lines.push(format!("link {} {} {}", l.name, l.kind, l.mac));

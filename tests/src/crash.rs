@@ -38,17 +38,10 @@ pub struct Setup {
 /// The node's links, addresses, routes, permanent neighbours, and the VF
 /// settings its PFs hold.
 pub fn kernel_state(ns: &str) -> BTreeSet<String> {
-    // A link going away while it is listed fails the listing: again.
-    let mut tries = 0;
-    let snapshot = loop {
-        match kernel::snapshot(ns) {
-            Ok(s) => break s,
-            Err(e) if tries > 50 => panic!("snapshot of {ns}: {e}"),
-            Err(_) => tries += 1,
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let mut out: BTreeSet<String> = snapshot.into_iter().collect();
+    let mut out: BTreeSet<String> = kernel::snapshot(ns)
+        .unwrap_or_else(|e| panic!("snapshot of {ns}: {e}"))
+        .into_iter()
+        .collect();
     for fam in ["-4", "-6"] {
         let o = std::process::Command::new("ip")
             .args(["-n", ns, fam, "neigh", "show", "nud", "permanent"])
