@@ -211,19 +211,10 @@ impl PodResourcesLister for Lister {
 }
 
 async fn channel(socket: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://[::1]:50051")
+    let endpoint = tonic::transport::Endpoint::from_static("http://kubelet")
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
+        .timeout(Duration::from_secs(10));
+    crate::grpc::unix_channel(endpoint, socket).await
 }
 
 impl Kubelet {

@@ -16,6 +16,7 @@ pub mod containerd;
 pub mod demo;
 pub mod etcd;
 pub mod fixtures;
+pub mod grpc;
 pub mod kernel;
 pub mod kubelet;
 pub mod netns;

@@ -243,6 +243,16 @@ pub fn on_interface(interface: Interface, ipam: &CniResult, routes: Vec<Route>) 
     result
 }
 
+/// The `prevResult` CHECK checks against (code 7 without one).
+pub fn prev_result(req: &Request) -> Result<CniResult, Error> {
+    let prev = req
+        .conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| Error::new(code::INVALID_NETWORK_CONFIG, "CHECK needs prevResult"))?;
+    Ok(CniResult::from_json(prev)?.1)
+}
+
 /// STATUS of a plugin whose only dependency is its IPAM, if it has one.
 pub fn status(req: &Request) -> Result<(), Error> {
     match Ipam::of(req)? {

@@ -205,12 +205,7 @@ pub fn del(req: &Request, conf: &Conf) -> Result<(), Error> {
 
 /// CHECK: the link is there, of our kind and mode, with its addresses and routes.
 pub fn check(req: &Request, conf: &Conf) -> Result<(), Error> {
-    let prev = req
-        .conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| invalid("CHECK needs prevResult"))?;
-    let (_, prev) = CniResult::from_json(prev)?;
+    let prev = ipam_call::prev_result(req)?;
     if let Some(ipam) = Ipam::of(req)? {
         ipam.check()?;
     }

@@ -302,12 +302,7 @@ impl Plugin for Veth {
 
     fn check(&self, req: &Request) -> Result<(), Error> {
         Conf::parse(req)?;
-        let prev = req
-            .conf
-            .prev_result
-            .as_ref()
-            .ok_or_else(|| invalid("CHECK needs prevResult"))?;
-        let (_, prev) = CniResult::from_json(prev)?;
+        let prev = ipam_call::prev_result(req)?;
         Ipam::required(req, "plexus-veth")?.check()?;
         let host = Netns::host()?;
         let pod = Netns::open(Path::new(&req.netns))?;

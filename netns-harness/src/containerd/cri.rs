@@ -8,12 +8,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as api;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::scratch::unique;
@@ -80,14 +78,11 @@ impl Cri {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let path = socket.to_path_buf();
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        });
-        // The URI only satisfies the builder; the connector picks the socket.
         let channel = rt
-            .block_on(Endpoint::from_static("http://containerd").connect_with_connector(connector))
+            .block_on(crate::grpc::unix_channel(
+                Endpoint::from_static("http://containerd"),
+                socket,
+            ))
             .map_err(|e| io::Error::other(format!("connect to {}: {e}", socket.display())))?;
         Ok(Cri {
             rt,

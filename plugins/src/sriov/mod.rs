@@ -262,12 +262,7 @@ impl Plugin for Sriov {
     fn check(&self, req: &Request) -> Result<(), Error> {
         let conf = Conf::parse(req)?;
         let pci = conf.device()?;
-        let prev = req
-            .conf
-            .prev_result
-            .as_ref()
-            .ok_or_else(|| invalid("CHECK needs prevResult"))?;
-        let (_, prev) = CniResult::from_json(prev)?;
+        let prev = ipam_call::prev_result(req)?;
         if let Some(ipam) = Ipam::of(req)? {
             ipam.check()?;
         }

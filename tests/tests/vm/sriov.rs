@@ -145,38 +145,31 @@ pub fn vf_as_net1_and_back() {
     );
 
     s.node.runtime.check(&s.list, &pod).expect("CHECK");
-    kernel::ip(&[
-        "-n",
-        s.node.ns(),
-        "link",
-        "set",
-        "dev",
-        s.nic.pf.name.as_deref().unwrap_or_default(),
-        "vf",
-        "2",
-        "trust",
-        "off",
-    ])
-    .expect("change trust behind Plexus' back");
+    // VF 2's trust set on the PF, behind Plexus' back.
+    let trust = |state: &str| {
+        let pf = s.nic.pf.name.as_deref().unwrap_or_default();
+        kernel::ip(&[
+            "-n",
+            s.node.ns(),
+            "link",
+            "set",
+            "dev",
+            pf,
+            "vf",
+            "2",
+            "trust",
+            state,
+        ])
+        .unwrap_or_else(|e| panic!("trust {state}: {e}"));
+    };
+    trust("off");
     let err = s
         .node
         .runtime
         .check(&s.list, &pod)
         .expect_err("CHECK sees the change");
     assert!(err.to_string().contains("trust"), "{err}");
-    kernel::ip(&[
-        "-n",
-        s.node.ns(),
-        "link",
-        "set",
-        "dev",
-        s.nic.pf.name.as_deref().unwrap_or_default(),
-        "vf",
-        "2",
-        "trust",
-        "on",
-    ])
-    .expect("trust back on");
+    trust("on");
 
     s.node.runtime.del(&s.list, &pod).expect("DEL");
     assert_eq!(vf_state(&s, 2), before, "VF 2 back as it was");
