@@ -1,59 +1,55 @@
 //! The local store: the same model in a directory, for a single node.
 //!
-//! One file per key under `kv/` (the key's components are its path), holding
-//! the key's modification revision on the first line and the value after it.
-//! Every operation holds an exclusive `flock` on `lock`. A transaction is
-//! first written whole to `txn.log` and synced, then applied file by file
-//! (each written beside its target and renamed over it, then synced), then
-//! the log is removed; a log found on the next operation is applied again,
-//! so a crash leaves all of a transaction or none of it.
+//! The whole store is one snapshot, kept in two files, `state.0` and
+//! `state.1`. A transaction writes the new snapshot (a generation number,
+//! the revision, every key with its modification revision and value, and a
+//! checksum over all of it) over the file that does not hold the current
+//! one, in place, and syncs that one file: one durable sync per transaction,
+//! and no file created, renamed or freed. A snapshot cut short by a crash
+//! fails its checksum, and the other file still holds the one before it: a
+//! crash leaves all of a transaction or none of it. Every operation holds an
+//! exclusive `flock` on `lock` and reads again only when the generation
+//! changed.
+//!
+//! A directory in the earlier layout (one file per key under `kv/`, with a
+//! `revision` file and a `txn.log`) is read once into the first snapshot.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{Kv, Op, Store, Txn, TxnOutcome};
 use crate::Error;
 
 pub struct LocalStore {
     dir: PathBuf,
+    lock: File,
+    files: [File; 2],
+    /// The snapshot last read or written, while its generation is current.
+    state: Option<State>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Log {
+/// One snapshot.
+#[derive(Default)]
+struct State {
+    generation: u64,
     revision: i64,
-    /// (key, base64 value or none for a delete)
-    ops: Vec<(String, Option<String>)>,
+    /// Which of the two files holds it.
+    file: usize,
+    kvs: BTreeMap<String, (i64, Vec<u8>)>,
 }
 
 fn io_err(dir: &Path, what: &str, e: io::Error) -> Error {
     Error::Store(format!("local store {}: {what}: {e}", dir.display()))
 }
 
-/// A key component as a file name: anything but `[A-Za-z0-9._:-]`, and a
-/// leading dot, as `%XX`.
-fn escape(component: &str) -> String {
-    let mut out = String::with_capacity(component.len());
-    for (i, b) in component.bytes().enumerate() {
-        let plain =
-            b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-') || (b == b'.' && i > 0);
-        if plain {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    if out.is_empty() {
-        out.push('%');
-    }
-    out
-}
-
+/// A file name of the earlier layout as its key component (`%XX` escapes).
 fn unescape(name: &str) -> Option<String> {
     if name == "%" {
         return Some(String::new());
@@ -74,49 +70,270 @@ fn unescape(name: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-impl LocalStore {
-    /// Opens (creating) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<LocalStore, Error> {
-        fs::create_dir_all(dir.join("kv")).map_err(|e| io_err(dir, "create", e))?;
-        Ok(LocalStore {
-            dir: dir.to_path_buf(),
+/// A transaction of the earlier layout, as its `txn.log` holds it.
+#[derive(Deserialize)]
+struct Log {
+    revision: i64,
+    /// (key, base64 value or none for a delete)
+    ops: Vec<(String, Option<String>)>,
+}
+
+const MAGIC: &[u8; 8] = b"PXIPAM01";
+/// Magic, generation, revision, body length, checksum.
+const HEADER: usize = 40;
+
+/// FNV-1a, 64 bits: tells a whole snapshot from one cut short.
+fn checksum(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn u64_at(raw: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&raw[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn u32_at(raw: &[u8], at: usize) -> Option<u32> {
+    let b: [u8; 4] = raw.get(at..at + 4)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
+/// The generation a file's header names, if it has one.
+fn header_generation(raw: &[u8]) -> Option<u64> {
+    (raw.len() >= HEADER && &raw[..8] == MAGIC).then(|| u64_at(raw, 8))
+}
+
+impl State {
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(64 * self.kvs.len() + 4);
+        body.extend_from_slice(&(self.kvs.len() as u32).to_le_bytes());
+        for (k, (rev, v)) in &self.kvs {
+            body.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            body.extend_from_slice(k.as_bytes());
+            body.extend_from_slice(&rev.to_le_bytes());
+            body.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            body.extend_from_slice(v);
+        }
+        let mut out = Vec::with_capacity(HEADER + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.revision.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        let sum = checksum(&[&out[8..32], &body]);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// A whole snapshot, or `None` (absent, cut short, or not one).
+    fn decode(raw: &[u8], file: usize) -> Option<State> {
+        header_generation(raw)?;
+        let len = usize::try_from(u64_at(raw, 24)).ok()?;
+        let body = raw.get(HEADER..HEADER.checked_add(len)?)?;
+        if checksum(&[&raw[8..32], body]) != u64_at(raw, 32) {
+            return None;
+        }
+        let mut kvs = BTreeMap::new();
+        let mut at = 4;
+        for _ in 0..u32_at(body, 0)? {
+            let klen = u32_at(body, at)? as usize;
+            let key = std::str::from_utf8(body.get(at + 4..at + 4 + klen)?).ok()?;
+            at += 4 + klen;
+            let rev = i64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+            let vlen = u32_at(body, at + 8)? as usize;
+            let value = body.get(at + 12..at + 12 + vlen)?.to_vec();
+            at += 12 + vlen;
+            kvs.insert(key.to_string(), (rev, value));
+        }
+        Some(State {
+            generation: u64_at(raw, 8),
+            revision: u64_at(raw, 16) as i64,
+            file,
+            kvs,
         })
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        let mut p = self.dir.join("kv");
-        for c in key.split('/') {
-            p.push(escape(c));
-        }
-        p
+    fn kv(&self, key: &str) -> Option<Kv> {
+        self.kvs.get(key).map(|(rev, value)| Kv {
+            key: key.to_string(),
+            value: value.clone(),
+            mod_rev: *rev,
+        })
     }
 
-    fn lock(&self) -> Result<Flock<File>, Error> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("lock"))
-            .map_err(|e| io_err(&self.dir, "open lock", e))?;
-        let locked = Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io_err(&self.dir, "flock", e.into()))?;
-        self.recover()?;
-        Ok(locked)
+    fn mod_rev(&self, key: &str) -> i64 {
+        self.kvs.get(key).map_or(0, |(rev, _)| *rev)
     }
+}
 
-    /// Applies a transaction log left by a crash.
-    fn recover(&self) -> Result<(), Error> {
-        let log_path = self.dir.join("txn.log");
-        let raw = match fs::read(&log_path) {
-            Ok(raw) => raw,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&self.dir, "read txn.log", e)),
+/// Holds the store's `flock` until dropped.
+struct Locked<'a>(&'a File);
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        #[allow(deprecated)]
+        let _ = nix::fcntl::flock(
+            std::os::fd::AsRawFd::as_raw_fd(self.0),
+            nix::fcntl::FlockArg::Unlock,
+        );
+    }
+}
+
+impl LocalStore {
+    /// Opens (creating) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<LocalStore, Error> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, "create", e))?;
+        let open = |name: &str| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.join(name))
+                .map_err(|e| io_err(dir, &format!("open {name}"), e))
         };
-        // A log that is not whole was never synced: its transaction did not happen.
-        if let Ok(log) = serde_json::from_slice::<Log>(&raw) {
-            self.apply(&log)?;
+        let lock = open("lock")?;
+        let existed = dir.join("state.1").exists();
+        let files = [open("state.0")?, open("state.1")?];
+        let store = LocalStore {
+            dir: dir.to_path_buf(),
+            lock,
+            files,
+            state: None,
+        };
+        if !existed {
+            // The two files outlive a crash from the start: later
+            // transactions only write into them.
+            for f in store.files.iter().chain(File::open(dir).iter()) {
+                f.sync_all().map_err(|e| io_err(dir, "sync", e))?;
+            }
         }
-        fs::remove_file(&log_path).map_err(|e| io_err(&self.dir, "remove txn.log", e))
+        Ok(store)
+    }
+
+    fn read_all(&self, i: usize) -> Result<Vec<u8>, Error> {
+        let f = &self.files[i];
+        let len = f
+            .metadata()
+            .map_err(|e| io_err(&self.dir, "stat", e))?
+            .len();
+        let mut raw = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        f.read_exact_at(&mut raw, 0)
+            .map_err(|e| io_err(&self.dir, &format!("read state.{i}"), e))?;
+        Ok(raw)
+    }
+
+    /// The current snapshot: the one held, while no other process wrote a
+    /// newer one; else read again.
+    fn load(&mut self) -> Result<(), Error> {
+        let mut generations = [None, None];
+        for (i, g) in generations.iter_mut().enumerate() {
+            let mut head = [0u8; HEADER];
+            *g = match self.files[i].read_exact_at(&mut head, 0) {
+                Ok(()) => header_generation(&head),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+                Err(e) => return Err(io_err(&self.dir, &format!("read state.{i}"), e)),
+            };
+        }
+        let newest = generations.iter().flatten().max().copied();
+        if let (Some(s), Some(g)) = (&self.state, newest) {
+            if s.generation == g {
+                return Ok(());
+            }
+        }
+        let mut best: Option<State> = None;
+        let mut cut_short = 0;
+        for (i, g) in generations.iter().enumerate() {
+            if g.is_none() {
+                continue;
+            }
+            match State::decode(&self.read_all(i)?, i) {
+                Some(s) if best.as_ref().is_none_or(|b| s.generation > b.generation) => {
+                    best = Some(s)
+                }
+                Some(_) => {}
+                None => cut_short += 1,
+            }
+        }
+        self.state = Some(match best {
+            Some(s) => s,
+            None if cut_short == 2 => {
+                return Err(Error::Store(format!(
+                    "local store {}: both state files are corrupt",
+                    self.dir.display()
+                )))
+            }
+            // Never written: an earlier layout's keys, if any.
+            None => self.import()?,
+        });
+        Ok(())
+    }
+
+    fn state(&self) -> &State {
+        // `load` ran first in every operation.
+        static EMPTY: std::sync::OnceLock<State> = std::sync::OnceLock::new();
+        self.state
+            .as_ref()
+            .unwrap_or_else(|| EMPTY.get_or_init(State::default))
+    }
+
+    /// Writes `next` over the file that does not hold the current snapshot,
+    /// and syncs it.
+    fn commit(&mut self, mut next: State) -> Result<(), Error> {
+        let current = self.state();
+        next.generation = current.generation + 1;
+        next.file = if current.generation == 0 {
+            0
+        } else {
+            1 - current.file
+        };
+        let raw = next.encode();
+        let f = &self.files[next.file];
+        f.write_all_at(&raw, 0)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| io_err(&self.dir, &format!("write state.{}", next.file), e))?;
+        self.state = Some(next);
+        Ok(())
+    }
+
+    /// The keys of the earlier layout (`kv/`, `revision`, `txn.log`),
+    /// written as the first snapshot; empty when there are none.
+    fn import(&mut self) -> Result<State, Error> {
+        let mut state = State::default();
+        if !self.dir.join("kv").is_dir() {
+            return Ok(state);
+        }
+        let mut kvs = Vec::new();
+        self.walk(&self.dir.join("kv"), "", &mut kvs)?;
+        state.revision = match fs::read_to_string(self.dir.join("revision")) {
+            Ok(s) => s.trim().parse().unwrap_or(0),
+            Err(_) => 0,
+        };
+        for kv in kvs {
+            state.revision = state.revision.max(kv.mod_rev);
+            state.kvs.insert(kv.key, (kv.mod_rev, kv.value));
+        }
+        // A transaction its log holds happened (the log was synced first).
+        if let Some(log) = fs::read(self.dir.join("txn.log"))
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Log>(&raw).ok())
+        {
+            for (key, value) in log.ops {
+                match value.and_then(|v| B64.decode(v).ok()) {
+                    Some(v) => state.kvs.insert(key, (log.revision, v)),
+                    None => state.kvs.remove(&key),
+                };
+            }
+            state.revision = state.revision.max(log.revision);
+        }
+        tracing::info!(store = %self.dir.display(), keys = state.kvs.len(),
+            revision = state.revision, "local store: the earlier layout read into state files");
+        self.commit(state)?;
+        Ok(self.state.take().unwrap_or_default())
     }
 
     fn read_file(&self, path: &Path, key: &str) -> Result<Option<Kv>, Error> {
@@ -141,68 +358,6 @@ impl LocalStore {
             value,
             mod_rev: rev,
         }))
-    }
-
-    fn revision(&self) -> Result<i64, Error> {
-        match fs::read_to_string(self.dir.join("revision")) {
-            Ok(s) => s.trim().parse().map_err(|_| {
-                Error::Store(format!(
-                    "local store {}: revision is corrupt",
-                    self.dir.display()
-                ))
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(io_err(&self.dir, "read revision", e)),
-        }
-    }
-
-    fn write_synced(&self, path: &Path, data: &[u8]) -> Result<(), Error> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp~");
-        let tmp = PathBuf::from(tmp);
-        let mut f = File::create(&tmp).map_err(|e| io_err(&self.dir, "write", e))?;
-        f.write_all(data)
-            .and_then(|_| f.sync_data())
-            .and_then(|_| fs::rename(&tmp, path))
-            .map_err(|e| io_err(&self.dir, "write", e))
-    }
-
-    fn apply(&self, log: &Log) -> Result<(), Error> {
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        for (key, value) in &log.ops {
-            let path = self.path(key);
-            let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            match value {
-                Some(v) => {
-                    let v = B64
-                        .decode(v)
-                        .map_err(|e| Error::Store(format!("txn.log: {e}")))?;
-                    fs::create_dir_all(&parent).map_err(|e| io_err(&self.dir, key, e))?;
-                    let mut data = format!("{}\n", log.revision).into_bytes();
-                    data.extend_from_slice(&v);
-                    self.write_synced(&path, &data)?;
-                }
-                None => match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(&self.dir, key, e)),
-                },
-            }
-            if !dirs.contains(&parent) {
-                dirs.push(parent);
-            }
-        }
-        self.write_synced(
-            &self.dir.join("revision"),
-            log.revision.to_string().as_bytes(),
-        )?;
-        dirs.push(self.dir.clone());
-        for d in dirs {
-            if let Ok(f) = File::open(&d) {
-                f.sync_all().map_err(|e| io_err(&self.dir, "sync", e))?;
-            }
-        }
-        Ok(())
     }
 
     fn walk(&self, dir: &Path, key_prefix: &str, out: &mut Vec<Kv>) -> Result<(), Error> {
@@ -230,67 +385,94 @@ impl LocalStore {
         }
         Ok(())
     }
+
+    /// How many durable syncs this store made (for the bench's breakdown).
+    pub fn syncs() -> u64 {
+        SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs `f` holding the store's lock, its snapshot current.
+fn locked<T>(
+    store: &mut LocalStore,
+    f: impl FnOnce(&mut LocalStore) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let lock = store
+        .lock
+        .try_clone()
+        .map_err(|e| io_err(&store.dir, "lock", e))?;
+    #[allow(deprecated)]
+    nix::fcntl::flock(
+        std::os::fd::AsRawFd::as_raw_fd(&lock),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .map_err(|e| io_err(&store.dir, "flock", e.into()))?;
+    let _held = Locked(&lock);
+    store.load()?;
+    f(store)
 }
 
 impl Store for LocalStore {
     fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
-        let _lock = self.lock()?;
-        self.read_file(&self.path(key), key)
+        locked(self, |s| Ok(s.state().kv(key)))
+    }
+
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
+        locked(self, |s| {
+            Ok(keys.iter().filter_map(|k| s.state().kv(k)).collect())
+        })
     }
 
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
-        let _lock = self.lock()?;
-        let dir = self.path(prefix.trim_end_matches('/'));
-        let mut out = Vec::new();
-        self.walk(&dir, prefix, &mut out)?;
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        locked(self, |s| {
+            Ok(s.state()
+                .kvs
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, (rev, v))| Kv {
+                    key: k.clone(),
+                    value: v.clone(),
+                    mod_rev: *rev,
+                })
+                .collect())
+        })
     }
 
     fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error> {
-        let _lock = self.lock()?;
-        let revision = self.revision()?;
-        let mut holds = true;
-        for (key, want) in &txn.compares {
-            let have = self
-                .read_file(&self.path(key), key)?
-                .map_or(0, |kv| kv.mod_rev);
-            if have != *want {
-                holds = false;
-                break;
-            }
-        }
-        if !holds {
-            let mut reads = Vec::new();
-            for key in &txn.on_failure {
-                reads.extend(self.read_file(&self.path(key), key)?);
-            }
-            return Ok(TxnOutcome {
-                succeeded: false,
-                revision,
-                reads,
-            });
-        }
-        let log = Log {
-            revision: revision + 1,
-            ops: txn
-                .success
+        locked(self, |s| {
+            let state = s.state();
+            let holds = txn
+                .compares
                 .iter()
-                .map(|op| match op {
-                    Op::Put(k, v) => (k.clone(), Some(B64.encode(v))),
-                    Op::Delete(k) => (k.clone(), None),
-                })
-                .collect(),
-        };
-        let raw = serde_json::to_vec(&log).map_err(|e| Error::Store(e.to_string()))?;
-        let log_path = self.dir.join("txn.log");
-        self.write_synced(&log_path, &raw)?;
-        self.apply(&log)?;
-        fs::remove_file(&log_path).map_err(|e| io_err(&self.dir, "remove txn.log", e))?;
-        Ok(TxnOutcome {
-            succeeded: true,
-            revision: log.revision,
-            reads: Vec::new(),
+                .all(|(key, want)| state.mod_rev(key) == *want);
+            if !holds {
+                return Ok(TxnOutcome {
+                    succeeded: false,
+                    revision: state.revision,
+                    reads: txn.on_failure.iter().filter_map(|k| state.kv(k)).collect(),
+                });
+            }
+            let revision = state.revision + 1;
+            let mut kvs = state.kvs.clone();
+            for op in txn.success {
+                match op {
+                    Op::Put(k, v) => kvs.insert(k, (revision, v)),
+                    Op::Delete(k) => kvs.remove(&k),
+                };
+            }
+            s.commit(State {
+                revision,
+                kvs,
+                ..State::default()
+            })?;
+            SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(TxnOutcome {
+                succeeded: true,
+                revision,
+                reads: Vec::new(),
+            })
         })
     }
 
@@ -303,12 +485,92 @@ impl Store for LocalStore {
 mod tests {
     use super::*;
 
+    fn put(store: &mut LocalStore, key: &str, value: &str, when: i64) -> TxnOutcome {
+        store
+            .txn(Txn::default().when(key, when).put(key, value.into()))
+            .expect("txn")
+    }
+
     #[test]
-    fn escaping_round_trips_and_stays_one_component() {
-        for s in ["10.1.0.64-26", "fd00::40-122", "..", ".", "a/b", "", "x%y"] {
-            let e = escape(s);
-            assert!(!e.contains('/') && e != "." && e != "..", "{s} -> {e}");
-            assert_eq!(unescape(&e).as_deref(), Some(s));
+    fn one_sync_per_transaction_and_another_store_sees_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = LocalStore::open(dir.path()).expect("open");
+        let mut b = LocalStore::open(dir.path()).expect("open");
+        let before = LocalStore::syncs();
+        assert!(put(&mut a, "blocks/p/x", "1", 0).succeeded);
+        assert!(LocalStore::syncs() - before >= 1);
+        let kv = b.get("blocks/p/x").expect("get").expect("present");
+        assert_eq!((kv.value.as_slice(), kv.mod_rev), (&b"1"[..], 1));
+        // b's compare on the old revision fails and reads the key.
+        let lost = b
+            .txn(Txn::default().when("blocks/p/x", 0).or_read("blocks/p/x"))
+            .expect("txn");
+        assert!(!lost.succeeded && lost.read("blocks/p/x").is_some());
+        assert!(put(&mut b, "blocks/p/x", "2", 1).succeeded);
+        assert!(put(&mut b, "blocks/p/y", "3", 0).succeeded);
+        let keys: Vec<(String, i64)> = a
+            .range("blocks/p/")
+            .expect("range")
+            .into_iter()
+            .map(|kv| (kv.key, kv.mod_rev))
+            .collect();
+        assert_eq!(keys, [("blocks/p/x".into(), 2), ("blocks/p/y".into(), 3)]);
+        assert!(a.range("blocks/q/").expect("range").is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_leaves_the_one_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = LocalStore::open(dir.path()).expect("open");
+        put(&mut s, "k", "one", 0);
+        put(&mut s, "k", "two", 1);
+        // The newest snapshot is in state.1: cut it short, as a crash in
+        // the middle of its write would.
+        let newest = dir.path().join("state.1");
+        let raw = fs::read(&newest).expect("read");
+        fs::write(&newest, &raw[..raw.len() - 3]).expect("write");
+        let mut again = LocalStore::open(dir.path()).expect("open");
+        let kv = again.get("k").expect("get").expect("present");
+        assert_eq!((kv.value.as_slice(), kv.mod_rev), (&b"one"[..], 1));
+        // The next transaction writes over the broken file.
+        assert!(put(&mut again, "k", "three", 1).succeeded);
+        let kv = LocalStore::open(dir.path())
+            .expect("open")
+            .get("k")
+            .expect("get")
+            .expect("present");
+        assert_eq!((kv.value.as_slice(), kv.mod_rev), (&b"three"[..], 2));
+        // Both broken: an error, not an empty store.
+        for f in ["state.0", "state.1"] {
+            let p = dir.path().join(f);
+            let raw = fs::read(&p).expect("read");
+            fs::write(&p, &raw[..HEADER + 1]).expect("write");
         }
+        let err = LocalStore::open(dir.path())
+            .expect("open")
+            .get("k")
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn the_earlier_layout_is_read_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = dir.path().join("kv/blocks/p");
+        fs::create_dir_all(&kv).expect("mkdir");
+        fs::write(kv.join("10.1.0.64-26"), "3\n{\"used\":\"\"}").expect("write");
+        fs::write(dir.path().join("revision"), "4").expect("write");
+        // A synced log whose transaction was not applied yet.
+        let log = format!(
+            "{{\"revision\":5,\"ops\":[[\"handles/n/c/eth0\",\"{}\"]]}}",
+            B64.encode("h")
+        );
+        fs::write(dir.path().join("txn.log"), log).expect("write");
+        let mut s = LocalStore::open(dir.path()).expect("open");
+        let block = s.get("blocks/p/10.1.0.64-26").expect("get").expect("block");
+        assert_eq!(block.mod_rev, 3);
+        let handle = s.get("handles/n/c/eth0").expect("get").expect("handle");
+        assert_eq!((handle.value.as_slice(), handle.mod_rev), (&b"h"[..], 5));
+        assert_eq!(put(&mut s, "x", "y", 0).revision, 6);
     }
 }
