@@ -11,6 +11,8 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cni::args::CniArgs;
@@ -22,7 +24,7 @@ use ipam::{Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, 
 use ipnetwork::IpNetwork;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub struct PlexusIpam;
 
@@ -48,12 +50,70 @@ struct Pending {
     store: String,
 }
 
+/// What one call asked of its store: round trips, the writes among them
+/// (each a durable sync on the local store, a raft commit on etcd), and the
+/// time they took.
+#[derive(Default)]
+struct Counts {
+    round_trips: AtomicU64,
+    writes: AtomicU64,
+    micros: AtomicU64,
+}
+
+/// A store that counts what is asked of it into [`Counts`].
+struct Counted {
+    inner: Box<dyn Store>,
+    counts: Arc<Counts>,
+}
+
+impl Counted {
+    fn add(&self, started: Instant, wrote: bool) {
+        let c = &self.counts;
+        c.round_trips.fetch_add(1, Ordering::Relaxed);
+        c.writes.fetch_add(u64::from(wrote), Ordering::Relaxed);
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        c.micros.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+impl Store for Counted {
+    fn get(&mut self, key: &str) -> Result<Option<ipam::store::Kv>, ipam::Error> {
+        let started = Instant::now();
+        let out = self.inner.get(key);
+        self.add(started, false);
+        out
+    }
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<ipam::store::Kv>, ipam::Error> {
+        let started = Instant::now();
+        let out = self.inner.get_many(keys);
+        self.add(started, false);
+        out
+    }
+    fn range(&mut self, prefix: &str) -> Result<Vec<ipam::store::Kv>, ipam::Error> {
+        let started = Instant::now();
+        let out = self.inner.range(prefix);
+        self.add(started, false);
+        out
+    }
+    fn txn(&mut self, txn: ipam::store::Txn) -> Result<ipam::store::TxnOutcome, ipam::Error> {
+        let started = Instant::now();
+        let out = self.inner.txn(txn);
+        let wrote = out.as_ref().is_ok_and(|o| o.succeeded);
+        self.add(started, wrote);
+        out
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 /// One call's view: the config, the node's state dir, held locked.
 struct Node {
     conf: IpamConf,
     dir: PathBuf,
     _lock: Flock<File>,
     started: Instant,
+    counts: Arc<Counts>,
 }
 
 impl Node {
@@ -98,6 +158,7 @@ impl Node {
             dir,
             _lock: lock,
             started,
+            counts: Arc::default(),
         })
     }
 
@@ -128,7 +189,14 @@ impl Node {
 
     fn try_allocator(&self) -> Result<Allocator<Box<dyn Store>>, ipam::Error> {
         let node = self.conf.node()?;
-        let store = self.store()?;
+        let store: Box<dyn Store> = Box::new(Counted {
+            inner: self.store()?,
+            counts: self.counts.clone(),
+        });
+        // A local store is read from memory: no cache to keep beside it.
+        if !self.on_etcd() {
+            return Ok(Allocator::new(store, &node));
+        }
         let cache: NodeCache = fs::read(self.cache_path(&store.describe()))
             .ok()
             .and_then(|raw| serde_json::from_slice(&raw).ok())
@@ -136,7 +204,14 @@ impl Node {
         Ok(Allocator::new(store, &node).with_cache(cache))
     }
 
+    fn on_etcd(&self) -> bool {
+        matches!(self.conf.store, Some(StoreConf::Etcd(_)))
+    }
+
     fn save(&self, alloc: &mut Allocator<Box<dyn Store>>) {
+        if !self.on_etcd() {
+            return;
+        }
         let path = self.cache_path(&alloc.store().describe());
         let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec(alloc.cache())
@@ -280,6 +355,7 @@ impl Plugin for PlexusIpam {
         crate::crash::point("ipam.assigned");
         node.save(&mut alloc);
         crate::crash::point("ipam.cache-saved");
+        node.report("ADD");
         result(&pool, &assigned?)
     }
 
@@ -291,6 +367,7 @@ impl Plugin for PlexusIpam {
             crate::crash::point("ipam.released");
             node.replay(&mut alloc);
             node.save(&mut alloc);
+            node.report("DEL");
             Ok(())
         });
         match released {
@@ -376,6 +453,20 @@ fn journal(node: &Node, h: &HandleId, e: Error) -> Result<(), Error> {
 }
 
 impl Node {
+    /// The call's one debug line: what it asked of the store, and its time
+    /// (the bench's breakdown reads these fields).
+    fn report(&self, cmd: &str) {
+        let c = &self.counts;
+        debug!(
+            store = if self.on_etcd() { "etcd" } else { "local" },
+            round_trips = c.round_trips.load(Ordering::Relaxed),
+            writes = c.writes.load(Ordering::Relaxed),
+            store_ms = c.micros.load(Ordering::Relaxed) as f64 / 1e3,
+            duration_ms = crate::log::ms_since(self.started),
+            "IPAM {cmd} done"
+        );
+    }
+
     /// The store's description without connecting (for the journal).
     fn store_name(&self) -> Option<String> {
         match &self.conf.store {
