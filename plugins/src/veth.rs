@@ -227,7 +227,7 @@ fn detach(req: &Request) -> Result<(), Error> {
     let host = Netns::host()?;
     match our_host_link(&host, req)? {
         Some(link) => {
-            host.del_link(link.index)?;
+            host.del_link_unregistered(link.index)?;
             crate::crash::point("veth.link-deleted");
             Ok(())
         }

@@ -24,6 +24,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 
+mod detached;
 mod vf;
 pub use vf::{VfConfig, VfLink, VfSetting, VlanProto};
 
@@ -417,6 +418,22 @@ impl Netns {
         });
         changed(
             || format!("delete link {index} in {}", self.path),
+            started,
+            done,
+        )
+    }
+
+    /// Deletes a link and returns once the kernel unregistered it, without
+    /// waiting for the kernel's reclaim of it (see [`detached`]); in a
+    /// namespace this thread is not in, as [`Netns::del_link`].
+    pub fn del_link_unregistered(&self, index: u32) -> Result<(), Error> {
+        if self.foreign {
+            return self.del_link(index);
+        }
+        let started = Instant::now();
+        let done = detached::del_link(index);
+        changed(
+            || format!("delete link {index} in {} (unregistered)", self.path),
             started,
             done,
         )
