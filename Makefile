@@ -5,14 +5,17 @@ CARGO    ?= cargo
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins iproute2 \
             linux-image-amd64 busybox-static time openssl nftables \
-            openvswitch-switch-dpdk dpdk-dev g++ containerd runc
+            openvswitch-switch-dpdk dpdk-dev g++ containerd runc strace
 DESTDIR  ?=
 BINDIR   ?= /opt/cni/bin
 TARGET   := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
-# Release binaries are linked statically (no dynamic loader work at each of
-# the runtime's execs); `--target` keeps that flag off build scripts and macros.
+# Release binaries are linked statically and not position-independent: no
+# dynamic loader and no relocations to apply at each of the runtime's execs,
+# and no page written by them. `--target` keeps these flags off build
+# scripts and macros.
 TRIPLE    = $(shell rustc -vV | sed -n 's/^host: //p')
 RELEASE   = $(TARGET)/$(TRIPLE)/release
+RELEASE_FLAGS := -C target-feature=+crt-static -C relocation-model=static
 
 .PHONY: all deps build build-release lint test fuzz demo bench bench-scale soak install clean
 
@@ -49,7 +52,7 @@ build: deps
 	$(CARGO) build --workspace --bins
 
 build-release: deps
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TRIPLE) --workspace --bins
+	RUSTFLAGS="$(RELEASE_FLAGS)" $(CARGO) build --release --target $(TRIPLE) --workspace --bins
 
 lint:
 	$(CARGO) fmt --all -- --check
