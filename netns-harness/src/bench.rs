@@ -7,13 +7,10 @@
 //! with the reference (the first variant). Peak RSS is GNU time's `%M` for
 //! one ADD: the largest process of the plugin's tree, IPAM child included.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cni::NetConfList;
-use serde_json::Value;
 
-use crate::fixtures::{plexus_veth, ptp};
 use crate::node::Node;
 use crate::runtime::Runtime;
 
@@ -30,15 +27,16 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 pub(crate) struct Variant {
-    label: &'static str,
+    pub(crate) label: &'static str,
     list: NetConfList,
     /// The pod's `k8s.v1.cni.cncf.io/networks` annotation, if any.
     networks: Option<&'static str>,
     /// The binary the runtime execs, for the RSS measurement.
-    entry: &'static str,
+    pub(crate) entry: &'static str,
     add: Vec<Duration>,
     del: Vec<Duration>,
-    rss_kb: Option<u64>,
+    /// Peak RSS over one ADD and one DEL.
+    pub(crate) rss_kb: Option<u64>,
 }
 
 impl Variant {
@@ -72,39 +70,6 @@ impl Variant {
     }
 }
 
-/// A bin dir where `entry` runs under GNU time, writing its peak RSS to `out`.
-fn timed_bin_dir(node: &Node, entry: &str, out: &Path) -> Result<PathBuf, String> {
-    let dir = node.scratch.join(crate::scratch::unique("rss"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    for e in std::fs::read_dir(&node.bin)
-        .map_err(|e| e.to_string())?
-        .flatten()
-    {
-        if e.file_name() != entry {
-            let target = std::fs::canonicalize(e.path()).map_err(|e| e.to_string())?;
-            std::os::unix::fs::symlink(target, dir.join(e.file_name()))
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    let real = std::fs::canonicalize(node.bin.join(entry)).map_err(|e| e.to_string())?;
-    // The real binary is exec'd by a path whose last component is `entry`
-    // (the multi-call binary picks its plugin by that name).
-    let named = dir.join(format!("real-{entry}"));
-    std::fs::create_dir_all(&named).map_err(|e| e.to_string())?;
-    std::os::unix::fs::symlink(&real, named.join(entry)).map_err(|e| e.to_string())?;
-    let script = format!(
-        "#!/bin/sh\nexec /usr/bin/time -f %M -o {} {} \"$@\"\n",
-        out.display(),
-        named.join(entry).display()
-    );
-    let path = dir.join(entry);
-    std::fs::write(&path, script).map_err(|e| e.to_string())?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
-    Ok(dir)
-}
-
 /// Where one call's time went, from its debug log lines (their
 /// `duration_ms`): the call's own span, plugins, IPAM, netlink, records.
 #[derive(Default)]
@@ -118,13 +83,21 @@ struct Spans {
     execd: f64,
     /// Written or removed on a thread of its own while the delegates attach.
     groups_beside: f64,
+    /// `plexus-ipam`'s own account: time in its store, round trips, writes.
+    store: f64,
+    round_trips: f64,
+    writes: f64,
+}
+
+fn field(line: &str, name: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn duration_of(line: &str) -> f64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("duration_ms="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    field(line, "duration_ms")
 }
 
 fn spans(log: &str, cmd: &str) -> Spans {
@@ -147,6 +120,10 @@ fn spans(log: &str, cmd: &str) -> Spans {
             }
         } else if line.contains("}: planned") {
             s.plan += d;
+        } else if line.contains(&format!("IPAM {cmd} done")) {
+            s.store += field(line, "store_ms");
+            s.round_trips += field(line, "round_trips");
+            s.writes += field(line, "writes");
         } else if line.contains("}: netlink") {
             s.netlink += d;
         } else if line.contains("record written") {
@@ -188,8 +165,8 @@ fn breakdown(node: &Node, v: &Variant) -> Result<(), String> {
         let rest = s.call - s.plan - s.netlink - s.records - s.execd;
         println!(
             "  {:<32} {cmd} {wall:>6.2}ms = process start/exit {:.2} + call {:.2} (plan {:.2}, netlink {:.2}, \
-             records {:.2}, exec'd delegates {:.2}, rest {:.2}; IPAM {:.2}, security groups {:.2} \
-             beside)",
+             records {:.2}, exec'd delegates {:.2}, rest {:.2}; IPAM {:.2} with its store {:.2} \
+             in {} round trips, {} writes; security groups {:.2} beside)",
             v.label,
             wall - s.call,
             s.call,
@@ -199,30 +176,50 @@ fn breakdown(node: &Node, v: &Variant) -> Result<(), String> {
             s.execd,
             rest.max(0.0),
             s.ipam,
+            s.store,
+            s.round_trips,
+            s.writes,
             s.groups_beside
         );
     }
     Ok(())
 }
 
-fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
+/// The peak RSS (KiB) of any run of `entry` while `calls` runs the
+/// runtime it is given, whose `entry` runs under GNU time.
+pub(crate) fn measure_rss_of(
+    node: &Node,
+    entry: &str,
+    calls: impl FnOnce(&Runtime) -> Result<(), String>,
+) -> Result<u64, String> {
     let out = node
         .scratch
         .join(format!("{}.txt", crate::scratch::unique("rss")));
-    let dir = timed_bin_dir(node, v.entry, &out)?;
-    let rt = Runtime::new(
-        &dir,
-        &node.scratch.join(crate::scratch::unique("libcni")),
-        &node.netns,
-    )
-    .map_err(|e| e.to_string())?;
-    let (_ns, pod) = v.pod(node)?;
-    rt.add(&v.list, &pod)
-        .map_err(|e| format!("{} ADD under time: {e}", v.label))?;
+    let rt = node
+        .runtime_wrapping(
+            entry,
+            &format!("/usr/bin/time -a -f %M -o {}", out.display()),
+        )
+        .map_err(|e| e.to_string())?;
+    calls(&rt)?;
     let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
-    v.rss_kb = text.lines().last().and_then(|l| l.trim().parse().ok());
-    rt.del(&v.list, &pod)
-        .map_err(|e| format!("{} DEL: {e}", v.label))
+    text.lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .ok_or_else(|| format!("no peak RSS of {entry} in {}", out.display()))
+}
+
+fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
+    let (_ns, pod) = v.pod(node)?;
+    let (list, label) = (&v.list, v.label);
+    let kb = measure_rss_of(node, v.entry, |rt| {
+        rt.add(list, &pod)
+            .map_err(|e| format!("{label} ADD under time: {e}"))?;
+        rt.del(list, &pod)
+            .map_err(|e| format!("{label} DEL under time: {e}"))
+    })?;
+    v.rss_kb = Some(kb);
+    Ok(())
 }
 
 /// Each variant's ADD and DEL `cycles` times, alternating, then its peak
@@ -312,60 +309,8 @@ pub(crate) fn verdict(what: &str, ratio: f64, target: f64, at_least: bool) {
 
 /// Runs every scenario with `cycles` cycles each and prints the comparison.
 pub fn run(cycles: usize) -> Result<(), String> {
-    let node = Node::try_new("bench").map_err(|e| format!("create node: {e}"))?;
-    let ipam = node.ipam_dir();
-    let parse = |v: Value| NetConfList::parse_value(&v).map_err(|e| e.to_string());
-    println!("== make bench (release build), one node netns, {cycles} cycles per variant");
-
-    let mut v4 = [
-        Variant::new(
-            "ptp + host-local (reference)",
-            parse(ptp("ref4", "1.0.0", &["10.200.0.0/24"], &ipam))?,
-            "ptp",
-        ),
-        Variant::new(
-            "plexus -> ptp + host-local",
-            node.plexus_list("1.0.0", ptp("viaptp", "1.0.0", &["10.201.0.0/24"], &ipam)),
-            "plexus",
-        ),
-        Variant::new(
-            "plexus (plexus-veth + host-local)",
-            node.plexus_list("1.0.0", plexus_veth("veth4", &["10.202.0.0/24"], &ipam)),
-            "plexus",
-        ),
-    ];
-    let r4 = scenario(&node, "IPv4", cycles, &mut v4)?;
-
-    let mut ds = [
-        Variant::new(
-            "ptp + host-local (reference)",
-            parse(ptp(
-                "ref6",
-                "1.0.0",
-                &["10.203.0.0/24", "fd00:203::/64"],
-                &ipam,
-            ))?,
-            "ptp",
-        ),
-        Variant::new(
-            "plexus (plexus-veth + host-local)",
-            node.plexus_list(
-                "1.0.0",
-                plexus_veth("veth6", &["10.204.0.0/24", "fd00:204::/64"], &ipam),
-            ),
-            "plexus",
-        ),
-    ];
-    let r6 = scenario(&node, "Dual stack", cycles, &mut ds)?;
-
-    println!("\ntargets (plexus with plexus-veth against ptp, p50):");
-    verdict("dual-stack ADD ratio", r6[1][0] / r6[0][0], 0.05, false);
-    verdict("IPv4 ADD ratio", r4[2][0] / r4[0][0], 0.7, false);
-    verdict("IPv4 DEL ratio", r4[2][2] / r4[0][2], 1.0, false);
-    verdict("dual-stack DEL ratio", r6[1][2] / r6[0][2], 1.0, false);
-    if !node.leases().is_empty() {
-        return Err(format!("leases left after the bench: {:?}", node.leases()));
-    }
+    println!("== make bench (release build), {cycles} cycles per variant");
+    crate::bench_stack::run(cycles)?;
     crate::bench_ipam::run()?;
     crate::bench_api::run()?;
     crate::bench_nodeapi::run(cycles)?;

@@ -11,6 +11,7 @@ pub mod bench_ipam;
 pub mod bench_nodeapi;
 pub mod bench_scale;
 pub mod bench_sriov;
+pub mod bench_stack;
 pub mod bench_userspace;
 pub mod containerd;
 pub mod demo;

@@ -1,5 +1,6 @@
 //! `netns-harness demo`, `bench [cycles]`, `bench-ipam`, `bench-burst`, `bench-scale [N…]`, `bench-api`, `soak [minutes]`,
-//! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]`, `bench-sriov [cycles]`
+//! `bench-nodeapi [cycles]`, `bench-groups [cycles]`, `bench-userspace [cycles]`, `bench-sriov [cycles]`,
+//! `bench-stack [cycles]`
 //! (only the IPAM, central API, node-side API, security-group, user-space or SR-IOV part)
 //! and `vm [--sriov] COMMAND…`.
 
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         Some("bench") => cycles(&args).and_then(netns_harness::bench::run),
         Some("bench-nodeapi") => cycles(&args).and_then(netns_harness::bench_nodeapi::run),
         Some("bench-userspace") => cycles(&args).and_then(netns_harness::bench_userspace::run),
+        Some("bench-stack") => cycles(&args).and_then(netns_harness::bench_stack::run),
         Some("bench-sriov") => cycles(&args).and_then(netns_harness::bench_sriov::run),
         Some("bench-groups") => cycles(&args).and_then(netns_harness::bench_groups::run),
         Some("bench-ipam") => netns_harness::bench_ipam::run(),
@@ -77,7 +79,7 @@ fn main() -> ExitCode {
         },
         Some("vm") if args.len() > 1 => vm(&args[1..]),
         _ => Err(
-            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | soak [minutes] | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | bench-sriov [cycles] | vm [--sriov] COMMAND [ARGS…]".into(),
+            "usage: netns-harness demo | bench [cycles] | bench-ipam | bench-burst | bench-scale [N…] | bench-api | soak [minutes] | bench-nodeapi [cycles] | bench-groups [cycles] | bench-userspace [cycles] | bench-sriov [cycles] | bench-stack [cycles] | vm [--sriov] COMMAND [ARGS…]".into(),
         ),
     };
     match outcome {

@@ -2,6 +2,7 @@
 //! macvlan, a runtime bin dir, and the dirs plugins keep state in, so tests and
 //! the demo run side by side without touching the real host.
 
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -124,6 +125,37 @@ impl Node {
     /// Plexus' log file.
     pub fn log_file(&self) -> PathBuf {
         self.scratch.join("plexus.log")
+    }
+
+    /// A runtime of this node whose plugin `entry` runs under `wrapper`
+    /// (a command line, `entry`'s path and arguments appended), the other
+    /// plugins as they are.
+    pub fn runtime_wrapping(&self, entry: &str, wrapper: &str) -> io::Result<Runtime> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.scratch.join(crate::scratch::unique("wrapped"));
+        fs::create_dir_all(&dir)?;
+        for e in fs::read_dir(&self.bin)?.flatten() {
+            if e.file_name() != entry {
+                std::os::unix::fs::symlink(fs::canonicalize(e.path())?, dir.join(e.file_name()))?;
+            }
+        }
+        // The real binary is exec'd by a path whose last component is
+        // `entry` (the multi-call binary picks its plugin by that name).
+        let named = dir.join(format!("real-{entry}"));
+        fs::create_dir_all(&named)?;
+        std::os::unix::fs::symlink(fs::canonicalize(self.bin.join(entry))?, named.join(entry))?;
+        let script = format!(
+            "#!/bin/sh\nexec {wrapper} {} \"$@\"\n",
+            named.join(entry).display()
+        );
+        let path = dir.join(entry);
+        fs::write(&path, script)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+        Runtime::new(
+            &dir,
+            &self.scratch.join(crate::scratch::unique("libcni")),
+            &self.netns,
+        )
     }
 
     /// The node conflist with `plexus` as its only plugin.

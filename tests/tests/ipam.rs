@@ -630,6 +630,85 @@ fn plexus_ipam_with_etcd_down_fails_add_in_time_and_journals_del() {
     );
 }
 
+/// The durable syncs (`fsync`, `fdatasync`, `sync_file_range`, `syncfs`,
+/// `sync`, `msync`) a plugin's process tree made, as strace saw them.
+fn syncs(trace: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(trace).unwrap_or_default();
+    std::fs::remove_file(trace).ok();
+    text.lines()
+        .filter(|l| !l.contains("resumed>") && l.contains('('))
+        .map(String::from)
+        .collect()
+}
+
+/// A pod set up entirely by Plexus, its IPAM on the local store: once the
+/// node holds a block of the pool, every ADD and every DEL makes exactly one
+/// durable sync (IPAM's transaction), and the records need none of their own.
+#[test]
+fn the_whole_stack_syncs_once_per_add_and_once_per_del() {
+    let node = Node::new("ipam-syncs");
+    let trace = node.scratch.join("syncs.trace");
+    let rt = node
+        .runtime_wrapping(
+            "plexus",
+            &format!(
+                "strace -f -qq -e trace=fsync,fdatasync,sync_file_range,syncfs,sync,msync -o {}",
+                trace.display()
+            ),
+        )
+        .expect("runtime under strace");
+    for (name, ranges) in [
+        ("syncs4", serde_json::json!([[{"subnet": "10.73.0.0/24"}]])),
+        (
+            "syncs6",
+            serde_json::json!([[{"subnet": "10.74.0.0/24"}], [{"subnet": "fd00:74::/64"}]]),
+        ),
+    ] {
+        let section = ipam_section(
+            &node,
+            serde_json::json!({"type": "local", "path": node.scratch.join("store")}),
+            ranges,
+        );
+        let list = node.plexus_list(
+            "1.0.0",
+            serde_json::json!({"cniVersion": "1.0.0", "name": name, "type": "plexus-veth", "ipam": section}),
+        );
+        // The first ADD of a pool on a node also makes the store, defines
+        // the pool and claims the node's block: transactions of their own.
+        let (first, pod) = node.pod("default");
+        rt.add(&list, &pod).expect("first ADD");
+        assert!(
+            !syncs(&trace).is_empty(),
+            "{name}: the first ADD is durable"
+        );
+        for round in 0..3 {
+            let (ns, pod) = node.pod("default");
+            rt.add(&list, &pod).expect("ADD");
+            let add = syncs(&trace);
+            assert_eq!(
+                add.len(),
+                1,
+                "{name} ADD {round}: one durable sync: {add:?}"
+            );
+            rt.del(&list, &pod).expect("DEL");
+            let del = syncs(&trace);
+            assert_eq!(
+                del.len(),
+                1,
+                "{name} DEL {round}: one durable sync: {del:?}"
+            );
+            assert_eq!(
+                kernel::link_names(ns.name()).expect("links"),
+                ["lo"],
+                "{name} DEL {round}: the pod holds only lo"
+            );
+        }
+        rt.del(&list, &pod).expect("first DEL");
+        syncs(&trace);
+        node.assert_released(&first, name);
+    }
+}
+
 #[test]
 fn plexus_ipam_refuses_bad_pools_and_names_the_full_one() {
     let node = Node::new("ipam-bad");
@@ -655,7 +734,11 @@ fn plexus_ipam_refuses_bad_pools_and_names_the_full_one() {
         assert!(err.msg.contains(why), "{why}: {}", err.msg);
     }
     assert!(
-        !node.scratch.join("store/kv/handles").exists(),
+        LocalStore::open(&node.scratch.join("store"))
+            .expect("store")
+            .range("handles/")
+            .expect("handles")
+            .is_empty(),
         "nothing was assigned"
     );
 
