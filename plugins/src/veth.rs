@@ -115,11 +115,15 @@ struct Pair {
 /// addresses; it runs while IPAM is still deciding them.
 fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let host = Netns::host()?;
-    let pod = Netns::open(Path::new(&req.netns))?;
     let name = host_name(&req.container_id, &req.ifname);
     // The pod side is born inside the pod, already named; the host side up.
     // Creation is all or nothing: a name taken on either side creates nothing.
-    if let Err(e) = host.add_veth(&name, &req.ifname, &pod, conf.mtu, &HOST_MAC) {
+    // It needs only the pod's netns file: it runs while another thread
+    // enters the pod for the netlink socket the rest needs.
+    let (pod, created) = Netns::open_with(Path::new(&req.netns), |file| {
+        host.add_veth(&name, &req.ifname, (file, &req.netns), conf.mtu, &HOST_MAC)
+    })?;
+    if let Err(e) = created {
         if pod.link(&req.ifname)?.is_some() {
             return Err(invalid(format!(
                 "interface {} already exists in {}",

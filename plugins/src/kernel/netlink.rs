@@ -137,15 +137,25 @@ pub fn mac_string(mac: &[u8]) -> String {
 impl Netns {
     /// Opens a netlink socket inside the namespace at `path`.
     pub fn open(path: &Path) -> Result<Netns, Error> {
-        Self::open_file(path, true)
+        Self::open_file(path, true, |_| ()).map(|(ns, ())| ns)
+    }
+
+    /// [`Netns::open`], running `work` with the namespace's file on this
+    /// thread while another enters the namespace for its netlink socket.
+    pub fn open_with<T>(path: &Path, work: impl FnOnce(&File) -> T) -> Result<(Netns, T), Error> {
+        Self::open_file(path, true, work)
     }
 
     /// The namespace this process runs in (the host's, for a plugin).
     pub fn host() -> Result<Netns, Error> {
-        Self::open_file(Path::new("/proc/thread-self/ns/net"), false)
+        Self::open_file(Path::new("/proc/thread-self/ns/net"), false, |_| ()).map(|(ns, ())| ns)
     }
 
-    fn open_file(path: &Path, enter: bool) -> Result<Netns, Error> {
+    fn open_file<T>(
+        path: &Path,
+        enter: bool,
+        work: impl FnOnce(&File) -> T,
+    ) -> Result<(Netns, T), Error> {
         let shown = path.display().to_string();
         let file = File::open(path).map_err(|e| {
             Error::new(code::IO_FAILURE, format!("open netns {shown}")).with_details(e.to_string())
@@ -154,32 +164,39 @@ impl Netns {
             .enable_io()
             .build()
             .map_err(|e| nl_err("start netlink runtime", e))?;
-        let opened = if enter {
+        let (opened, out) = if enter {
             let rt_handle = rt.handle().clone();
             std::thread::scope(|s| {
-                s.spawn(|| {
+                let entering = s.spawn(|| {
                     setns(&file, CloneFlags::CLONE_NEWNET)
                         .map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
                     let _guard = rt_handle.enter();
                     rtnetlink::new_connection()
                         .map_err(|e| nl_err(format!("netlink in {shown}"), e))
-                })
-                .join()
-                .unwrap_or_else(|_| Err(nl_err("netns thread", "panicked")))
+                });
+                let out = work(&file);
+                let opened = entering
+                    .join()
+                    .unwrap_or_else(|_| Err(nl_err("netns thread", "panicked")));
+                (opened, out)
             })
         } else {
             let _guard = rt.enter();
-            rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e))
+            let opened = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e));
+            (opened, work(&file))
         };
         let (conn, handle, _) = opened?;
         rt.spawn(conn);
-        Ok(Netns {
-            rt,
-            handle,
-            file,
-            path: shown,
-            foreign: enter,
-        })
+        Ok((
+            Netns {
+                rt,
+                handle,
+                file,
+                path: shown,
+                foreign: enter,
+            },
+            out,
+        ))
     }
 
     /// Writes `/proc/sys/<key>` as seen from inside this namespace (from a
@@ -249,7 +266,7 @@ impl Netns {
         &self,
         name: &str,
         peer: &str,
-        peer_ns: &Netns,
+        (peer_ns, peer_path): (&File, &str),
         mtu: u32,
         mac: &[u8],
     ) -> Result<(), Error> {
@@ -264,7 +281,7 @@ impl Netns {
                 for info in infos {
                     if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
                         p.attributes
-                            .push(LinkAttribute::NetNsFd(peer_ns.file.as_raw_fd()));
+                            .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
                         p.attributes.push(LinkAttribute::Mtu(mtu));
                         p.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
                     }
@@ -275,7 +292,7 @@ impl Netns {
         let done = self.rt.block_on(async {
             self.handle.link().add(msg).execute().await.map_err(|e| {
                 nl_err(
-                    format!("create veth {name} with peer {peer} in {}", peer_ns.path),
+                    format!("create veth {name} with peer {peer} in {peer_path}"),
                     e,
                 )
             })
@@ -283,8 +300,8 @@ impl Netns {
         changed(
             || {
                 format!(
-                    "create veth {name} (peer {peer} in {}) in {}",
-                    peer_ns.path, self.path
+                    "create veth {name} (peer {peer} in {peer_path}) in {}",
+                    self.path
                 )
             },
             started,
