@@ -207,6 +207,16 @@ impl<S: Store> Allocator<S> {
         {
             return Ok(());
         }
+        // Defined already, as most calls find it: one read, no write.
+        let key = pool_key(&pool.name);
+        if let Some(kv) = self.store.get(&key)? {
+            if decode::<Pool>(&kv.value, &key)? == *pool {
+                let entry = self.cache.entry(pool.name.clone()).or_default();
+                entry.def = Some(pool.clone());
+                entry.def_rev = Some(kv.mod_rev);
+                return Ok(());
+            }
+        }
         for kv in self.store.range("pools/")? {
             let other: Pool = decode(&kv.value, &kv.key)?;
             if other.name == pool.name {
@@ -224,7 +234,6 @@ impl<S: Store> Allocator<S> {
                 }
             }
         }
-        let key = pool_key(&pool.name);
         let out = self.store.txn(
             Txn::default()
                 .when(&key, 0)
