@@ -442,13 +442,16 @@ impl Netns {
 
     /// Deletes a link and returns once the kernel unregistered it, without
     /// waiting for the kernel's reclaim of it (see [`detached`]); in a
-    /// namespace this thread is not in, as [`Netns::del_link`].
+    /// namespace this thread is not in, or when no child can be made, as
+    /// [`Netns::del_link`].
     pub fn del_link_unregistered(&self, index: u32) -> Result<(), Error> {
         if self.foreign {
             return self.del_link(index);
         }
         let started = Instant::now();
-        let done = detached::del_link(index);
+        let Some(done) = detached::del_link(index) else {
+            return self.del_link(index);
+        };
         changed(
             || format!("delete link {index} in {} (unregistered)", self.path),
             started,

@@ -122,22 +122,46 @@ fn child(req: &[u8; 32], report: RawFd) -> ! {
 
 /// Deletes link `index` of this thread's netns; returns once the kernel
 /// unregistered it (see the module's comment). A link already gone is done.
-pub fn del_link(index: u32) -> Result<(), Error> {
-    let listener = route_socket(RTMGRP_LINK)?;
+/// `None` when nothing was asked of the kernel (no socket, pipe or child
+/// could be made): the caller deletes the link itself.
+pub fn del_link(index: u32) -> Option<Result<(), Error>> {
+    let listener = match route_socket(RTMGRP_LINK) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e.msg, "no detached delete");
+            return None;
+        }
+    };
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills `fds` with two descriptors this function owns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(os_err("pipe"));
+        tracing::debug!(error = %os_err("pipe").msg, "no detached delete");
+        return None;
     }
     // SAFETY: both were just created and are owned here.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let req = request(index);
     // SAFETY: the child only runs `child` (async-signal-safe) and exits.
     let pid = match unsafe { libc::fork() } {
-        -1 => return Err(os_err("fork")),
+        -1 => {
+            tracing::debug!(error = %os_err("fork").msg, "no detached delete");
+            return None;
+        }
         0 => child(&req, write.as_raw_fd()),
         pid => pid,
     };
+    Some(wait(index, pid, &listener, read, write))
+}
+
+/// Waits for the announcement of `index`'s deletion, or for the child's
+/// answer when the kernel refused.
+fn wait(
+    index: u32,
+    pid: libc::pid_t,
+    listener: &OwnedFd,
+    read: OwnedFd,
+    write: OwnedFd,
+) -> Result<(), Error> {
     // Reaped here if this process lives on; by init once it exited.
     let _ = std::thread::Builder::new()
         .stack_size(64 * 1024)
