@@ -78,7 +78,9 @@ fn announces(buf: &[u8], index: u32) -> bool {
         let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
         let len = word(at) as usize;
         let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-        if kind == RTM_DELLINK && word(at + 20) == index {
+        // The link's own announcement (AF_UNSPEC), not a bridge's of a port.
+        let family = buf[at + 16];
+        if kind == RTM_DELLINK && family == libc::AF_UNSPEC as u8 && word(at + 20) == index {
             return true;
         }
         if len < 16 {
@@ -100,7 +102,12 @@ fn child(req: &[u8; 32], report: RawFd) -> ! {
         if report != 3 {
             libc::dup2(report, 3);
         }
-        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+            // Before Linux 5.9: one by one, as far as plugins open them.
+            for fd in 4..4096 {
+                libc::close(fd);
+            }
+        }
         for fd in 0..3 {
             libc::close(fd);
         }
