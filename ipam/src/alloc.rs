@@ -207,19 +207,14 @@ impl<S: Store> Allocator<S> {
         {
             return Ok(());
         }
-        // Defined already, as most calls find it: one read, no write.
         let key = pool_key(&pool.name);
-        if let Some(kv) = self.store.get(&key)? {
-            if decode::<Pool>(&kv.value, &key)? == *pool {
-                let entry = self.cache.entry(pool.name.clone()).or_default();
-                entry.def = Some(pool.clone());
-                entry.def_rev = Some(kv.mod_rev);
-                return Ok(());
-            }
-        }
+        let mut stored_rev = None;
         for kv in self.store.range("pools/")? {
             let other: Pool = decode(&kv.value, &kv.key)?;
             if other.name == pool.name {
+                if other == *pool {
+                    stored_rev = Some(kv.mod_rev);
+                }
                 continue;
             }
             for a in &pool.ranges {
@@ -233,6 +228,13 @@ impl<S: Store> Allocator<S> {
                     });
                 }
             }
+        }
+        // Defined already, as most calls find it: no write.
+        if let Some(rev) = stored_rev {
+            let entry = self.cache.entry(pool.name.clone()).or_default();
+            entry.def = Some(pool.clone());
+            entry.def_rev = Some(rev);
+            return Ok(());
         }
         let out = self.store.txn(
             Txn::default()
@@ -489,6 +491,22 @@ impl<S: Store> Allocator<S> {
                 }
             }
             let own = node_blocks_prefix(&record.pool, &self.node);
+            // Whether an emptied block goes back depends on the node's other
+            // blocks: known to a run that loaded them (a new one per call on
+            // the local store reads them now). Only the giving back needs
+            // them: a failed read keeps the block.
+            if blocks
+                .iter()
+                .any(|(k, (_, b))| k.starts_with(&own) && b.is_empty())
+                && !self
+                    .cache
+                    .get(&record.pool)
+                    .is_some_and(|c| c.loaded && c.def.is_some())
+            {
+                if let Ok(pool) = self.pool(&record.pool) {
+                    let _ = self.load(&pool, false);
+                }
+            }
             let mut txn = Txn::default().when(&hkey, hkv.mod_rev).delete(&hkey);
             let mut given_back = Vec::new();
             for (key, (rev, block)) in &blocks {
@@ -1159,6 +1177,33 @@ mod tests {
             again, given[4],
             "once wrapped, the block is gone through from its start again"
         );
+    }
+
+    #[test]
+    fn a_new_allocator_per_call_gives_empty_blocks_back_too() {
+        // As plexus-ipam on the local store: a new allocator per call, no
+        // cache carried from one to the next.
+        let dir = tempfile::tempdir().expect("dir");
+        let pods = pool("10.0.0.0/25", "fd00::/121");
+        let open = || LocalStore::open(dir.path()).expect("store");
+        let call = || {
+            let mut a = Allocator::new(open(), "node-a");
+            a.define_pool(&pods).expect("define");
+            a
+        };
+        let h = |i: usize| HandleId::new("pods", &format!("c{i}"), "eth0");
+        for i in 0..66 {
+            call().assign(&pods, &h(i), &[]).expect("assign");
+        }
+        call().release(&h(0)).expect("release");
+        for i in 62..66 {
+            call().release(&h(i)).expect("release");
+        }
+        let back = holders(&mut open())
+            .values()
+            .filter(|h| matches!(h, Holder::Returned(_)))
+            .count();
+        assert_eq!(back, 2, "the emptied second block of each family went back");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! changed.
 //!
 //! A directory in the earlier layout (one file per key under `kv/`, with a
-//! `revision` file and a `txn.log`) is read once into the first snapshot.
+//! `revision` file and a `txn.log`) is read once into the first snapshot,
+//! and `kv/` set aside as `kv.imported/`. State files that hold no whole
+//! snapshot though one was written are an error, never an empty store.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -42,6 +44,8 @@ struct State {
     revision: i64,
     /// Which of the two files holds it.
     file: usize,
+    /// Its checksum (with the generation and file, what a reader compares).
+    sum: u64,
     kvs: BTreeMap<String, (i64, Vec<u8>)>,
 }
 
@@ -141,18 +145,21 @@ impl State {
         let mut at = 4;
         for _ in 0..u32_at(body, 0)? {
             let klen = u32_at(body, at)? as usize;
-            let key = std::str::from_utf8(body.get(at + 4..at + 4 + klen)?).ok()?;
-            at += 4 + klen;
-            let rev = i64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
-            let vlen = u32_at(body, at + 8)? as usize;
-            let value = body.get(at + 12..at + 12 + vlen)?.to_vec();
-            at += 12 + vlen;
+            let kend = at.checked_add(4)?.checked_add(klen)?;
+            let key = std::str::from_utf8(body.get(at + 4..kend)?).ok()?;
+            at = kend;
+            let rev = i64::from_le_bytes(body.get(at..at.checked_add(8)?)?.try_into().ok()?);
+            let vlen = u32_at(body, at.checked_add(8)?)? as usize;
+            let vend = at.checked_add(12)?.checked_add(vlen)?;
+            let value = body.get(at + 12..vend)?.to_vec();
+            at = vend;
             kvs.insert(key.to_string(), (rev, value));
         }
         Some(State {
             generation: u64_at(raw, 8),
             revision: u64_at(raw, 16) as i64,
             file,
+            sum: u64_at(raw, 32),
             kvs,
         })
     }
@@ -230,46 +237,59 @@ impl LocalStore {
     /// The current snapshot: the one held, while no other process wrote a
     /// newer one; else read again.
     fn load(&mut self) -> Result<(), Error> {
-        let mut generations = [None, None];
-        for (i, g) in generations.iter_mut().enumerate() {
+        // Each file's length, and its header's generation and checksum.
+        let mut heads: [(u64, Option<(u64, u64)>); 2] = [(0, None), (0, None)];
+        for (i, h) in heads.iter_mut().enumerate() {
+            let f = &self.files[i];
+            let len = f
+                .metadata()
+                .map_err(|e| io_err(&self.dir, "stat", e))?
+                .len();
             let mut head = [0u8; HEADER];
-            *g = match self.files[i].read_exact_at(&mut head, 0) {
-                Ok(()) => header_generation(&head),
+            let tag = match f.read_exact_at(&mut head, 0) {
+                Ok(()) => header_generation(&head).map(|g| (g, u64_at(&head, 32))),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
                 Err(e) => return Err(io_err(&self.dir, &format!("read state.{i}"), e)),
             };
+            *h = (len, tag);
         }
-        let newest = generations.iter().flatten().max().copied();
-        if let (Some(s), Some(g)) = (&self.state, newest) {
-            if s.generation == g {
+        let newest = (0..2)
+            .filter_map(|i| heads[i].1.map(|(g, sum)| (g, i, sum)))
+            .max();
+        if let (Some(s), Some(n)) = (&self.state, newest) {
+            if (s.generation, s.file, s.sum) == n {
                 return Ok(());
             }
         }
         let mut best: Option<State> = None;
-        let mut cut_short = 0;
-        for (i, g) in generations.iter().enumerate() {
-            if g.is_none() {
+        for (i, (_, tag)) in heads.iter().enumerate() {
+            if tag.is_none() {
                 continue;
             }
-            match State::decode(&self.read_all(i)?, i) {
-                Some(s) if best.as_ref().is_none_or(|b| s.generation > b.generation) => {
-                    best = Some(s)
+            if let Some(s) = State::decode(&self.read_all(i)?, i) {
+                if best.as_ref().is_none_or(|b| s.generation > b.generation) {
+                    best = Some(s);
                 }
-                Some(_) => {}
-                None => cut_short += 1,
             }
         }
-        self.state = Some(match best {
-            Some(s) => s,
-            None if cut_short == 2 => {
-                return Err(Error::Store(format!(
-                    "local store {}: both state files are corrupt",
-                    self.dir.display()
-                )))
-            }
-            // Never written: an earlier layout's keys, if any.
-            None => self.import()?,
-        });
+        if let Some(s) = best {
+            self.state = Some(s);
+            return Ok(());
+        }
+        // No whole snapshot. Never written, or only the first one cut short
+        // (after it, each file holds one): an earlier layout's keys, if any.
+        // Anything else was written and is damaged: never taken for empty.
+        let fresh = heads
+            .iter()
+            .all(|(len, tag)| *len == 0 || matches!(tag, Some((1, _))));
+        if !fresh {
+            return Err(Error::Store(format!(
+                "local store {}: the state files are corrupt",
+                self.dir.display()
+            )));
+        }
+        self.state = None;
+        self.state = Some(self.import()?);
         Ok(())
     }
 
@@ -292,10 +312,17 @@ impl LocalStore {
             1 - current.file
         };
         let raw = next.encode();
+        next.sum = u64_at(&raw, 32);
         let f = &self.files[next.file];
         f.write_all_at(&raw, 0)
             .and_then(|_| f.sync_data())
             .map_err(|e| io_err(&self.dir, &format!("write state.{}", next.file), e))?;
+        if next.generation == 1 {
+            // The files' names outlive a crash too, whoever made them.
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_err(&self.dir, "sync", e))?;
+        }
         self.state = Some(next);
         Ok(())
     }
@@ -323,8 +350,13 @@ impl LocalStore {
             .and_then(|raw| serde_json::from_slice::<Log>(&raw).ok())
         {
             for (key, value) in log.ops {
-                match value.and_then(|v| B64.decode(v).ok()) {
-                    Some(v) => state.kvs.insert(key, (log.revision, v)),
+                match value {
+                    Some(v) => {
+                        let v = B64
+                            .decode(v)
+                            .map_err(|e| Error::Store(format!("txn.log: {key}: {e}")))?;
+                        state.kvs.insert(key, (log.revision, v))
+                    }
                     None => state.kvs.remove(&key),
                 };
             }
@@ -333,6 +365,11 @@ impl LocalStore {
         tracing::info!(store = %self.dir.display(), keys = state.kvs.len(),
             revision = state.revision, "local store: the earlier layout read into state files");
         self.commit(state)?;
+        // Read once: the earlier layout is kept aside, never read again.
+        let aside = self.dir.join("kv.imported");
+        fs::rename(self.dir.join("kv"), &aside)
+            .and_then(|_| File::open(&self.dir).and_then(|d| d.sync_all()))
+            .map_err(|e| io_err(&self.dir, "set kv/ aside", e))?;
         Ok(self.state.take().unwrap_or_default())
     }
 
@@ -554,6 +591,28 @@ mod tests {
     }
 
     #[test]
+    fn only_a_first_snapshot_cut_short_reads_as_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = LocalStore::open(dir.path()).expect("open");
+        put(&mut s, "k", "one", 0);
+        // The first write cut short: it never happened.
+        let first = dir.path().join("state.0");
+        let raw = fs::read(&first).expect("read");
+        fs::write(&first, &raw[..HEADER + 2]).expect("write");
+        let mut again = LocalStore::open(dir.path()).expect("open");
+        assert!(again.get("k").expect("get").is_none());
+        assert_eq!(put(&mut again, "k", "two", 0).revision, 1);
+        // Bytes that are no snapshot at all, with none beside them: damage.
+        fs::write(dir.path().join("state.0"), b"not a snapshot").expect("write");
+        fs::write(dir.path().join("state.1"), b"").expect("write");
+        let err = LocalStore::open(dir.path())
+            .expect("open")
+            .get("k")
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
     fn the_earlier_layout_is_read_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kv = dir.path().join("kv/blocks/p");
@@ -572,5 +631,6 @@ mod tests {
         let handle = s.get("handles/n/c/eth0").expect("get").expect("handle");
         assert_eq!((handle.value.as_slice(), handle.mod_rev), (&b"h"[..], 5));
         assert_eq!(put(&mut s, "x", "y", 0).revision, 6);
+        assert!(!dir.path().join("kv").exists() && dir.path().join("kv.imported").is_dir());
     }
 }
