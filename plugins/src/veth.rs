@@ -123,6 +123,12 @@ fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let (pod, created) = Netns::open_with(Path::new(&req.netns), |file| {
         host.add_veth(&name, &req.ifname, (file, &req.netns), conf.mtu, &HOST_MAC)
     })?;
+    let pod = match (pod, &created) {
+        (Ok(pod), _) => pod,
+        // Created, the pod not entered: the caller's cleanup removes it.
+        (Err(e), Ok(())) => return Err(e),
+        (Err(_), Err(e)) => return Err(e.clone()),
+    };
     if let Err(e) = created {
         if pod.link(&req.ifname)?.is_some() {
             return Err(invalid(format!(

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -137,25 +138,30 @@ pub fn mac_string(mac: &[u8]) -> String {
 impl Netns {
     /// Opens a netlink socket inside the namespace at `path`.
     pub fn open(path: &Path) -> Result<Netns, Error> {
-        Self::open_file(path, true, |_| ()).map(|(ns, ())| ns)
+        Self::open_file(path, true, |_| ()).and_then(|(ns, ())| ns)
     }
 
     /// [`Netns::open`], running `work` with the namespace's file on this
-    /// thread while another enters the namespace for its netlink socket.
-    pub fn open_with<T>(path: &Path, work: impl FnOnce(&File) -> T) -> Result<(Netns, T), Error> {
+    /// thread while another enters the namespace for its netlink socket;
+    /// `work`'s outcome even when entering failed (once the file opened).
+    pub fn open_with<T>(
+        path: &Path,
+        work: impl FnOnce(&File) -> T,
+    ) -> Result<(Result<Netns, Error>, T), Error> {
         Self::open_file(path, true, work)
     }
 
     /// The namespace this process runs in (the host's, for a plugin).
     pub fn host() -> Result<Netns, Error> {
-        Self::open_file(Path::new("/proc/thread-self/ns/net"), false, |_| ()).map(|(ns, ())| ns)
+        Self::open_file(Path::new("/proc/thread-self/ns/net"), false, |_| ())
+            .and_then(|(ns, ())| ns)
     }
 
     fn open_file<T>(
         path: &Path,
         enter: bool,
         work: impl FnOnce(&File) -> T,
-    ) -> Result<(Netns, T), Error> {
+    ) -> Result<(Result<Netns, Error>, T), Error> {
         let shown = path.display().to_string();
         let file = File::open(path).map_err(|e| {
             Error::new(code::IO_FAILURE, format!("open netns {shown}")).with_details(e.to_string())
@@ -185,18 +191,17 @@ impl Netns {
             let opened = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e));
             (opened, work(&file))
         };
-        let (conn, handle, _) = opened?;
-        rt.spawn(conn);
-        Ok((
+        let ns = opened.map(|(conn, handle, _)| {
+            rt.spawn(conn);
             Netns {
                 rt,
                 handle,
                 file,
                 path: shown,
                 foreign: enter,
-            },
-            out,
-        ))
+            }
+        });
+        Ok((ns, out))
     }
 
     /// Writes `/proc/sys/<key>` as seen from inside this namespace (from a
@@ -445,7 +450,13 @@ impl Netns {
     /// namespace this thread is not in, or when no child can be made, as
     /// [`Netns::del_link`].
     pub fn del_link_unregistered(&self, index: u32) -> Result<(), Error> {
-        if self.foreign {
+        // The child deletes in this thread's netns: this one's, checked.
+        let here = std::fs::metadata("/proc/thread-self/ns/net");
+        let same = match (here, self.file.metadata()) {
+            (Ok(h), Ok(m)) => (h.dev(), h.ino()) == (m.dev(), m.ino()),
+            _ => false,
+        };
+        if self.foreign || !same {
             return self.del_link(index);
         }
         let started = Instant::now();

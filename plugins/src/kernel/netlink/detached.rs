@@ -103,8 +103,14 @@ fn child(req: &[u8; 32], report: RawFd) -> ! {
             libc::dup2(report, 3);
         }
         if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
-            // Before Linux 5.9: one by one, as far as plugins open them.
-            for fd in 4..4096 {
+            // Before Linux 5.9: one by one, up to the limit.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 20) as i32
+            } else {
+                4096
+            };
+            for fd in 4..top {
                 libc::close(fd);
             }
         }
@@ -222,7 +228,13 @@ fn wait(
             if got > 0 && announces(&buf[..got as usize], index) {
                 return Ok(());
             }
-            if got < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+            // Announcements lost (ENOBUFS): listen no more.
+            if got < 0
+                && !matches!(
+                    std::io::Error::last_os_error().raw_os_error(),
+                    Some(libc::EAGAIN | libc::EINTR)
+                )
+            {
                 listening = false;
             }
         }
