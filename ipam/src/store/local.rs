@@ -528,6 +528,15 @@ mod tests {
             .expect("txn")
     }
 
+    /// The store in `dir` refuses to read, naming the damage.
+    fn assert_corrupt(dir: &Path) {
+        let err = LocalStore::open(dir)
+            .expect("open")
+            .get("k")
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
     #[test]
     fn one_sync_per_transaction_and_another_store_sees_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -583,11 +592,7 @@ mod tests {
             let raw = fs::read(&p).expect("read");
             fs::write(&p, &raw[..HEADER + 1]).expect("write");
         }
-        let err = LocalStore::open(dir.path())
-            .expect("open")
-            .get("k")
-            .expect_err("corrupt");
-        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert_corrupt(dir.path());
     }
 
     #[test]
@@ -605,11 +610,7 @@ mod tests {
         // Bytes that are no snapshot at all, with none beside them: damage.
         fs::write(dir.path().join("state.0"), b"not a snapshot").expect("write");
         fs::write(dir.path().join("state.1"), b"").expect("write");
-        let err = LocalStore::open(dir.path())
-            .expect("open")
-            .get("k")
-            .expect_err("corrupt");
-        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert_corrupt(dir.path());
     }
 
     #[test]
