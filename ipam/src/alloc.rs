@@ -207,7 +207,6 @@ impl<S: Store> Allocator<S> {
         {
             return Ok(());
         }
-        let key = pool_key(&pool.name);
         let mut stored_rev = None;
         for kv in self.store.range("pools/")? {
             let other: Pool = decode(&kv.value, &kv.key)?;
@@ -230,25 +229,33 @@ impl<S: Store> Allocator<S> {
             }
         }
         // Defined already, as most calls find it: no write.
-        if let Some(rev) = stored_rev {
-            let entry = self.cache.entry(pool.name.clone()).or_default();
-            entry.def = Some(pool.clone());
-            entry.def_rev = Some(rev);
-            return Ok(());
-        }
+        let rev = match stored_rev {
+            Some(rev) => rev,
+            None => self.store_pool(pool)?,
+        };
+        let entry = self.cache.entry(pool.name.clone()).or_default();
+        entry.def = Some(pool.clone());
+        entry.def_rev = Some(rev);
+        Ok(())
+    }
+
+    /// Writes `pool`'s definition unless one is there; the revision of
+    /// what the store holds, which must be `pool`.
+    fn store_pool(&mut self, pool: &Pool) -> Result<i64, Error> {
+        let key = &pool_key(&pool.name);
         let out = self.store.txn(
             Txn::default()
-                .when(&key, 0)
-                .put(&key, encode(pool)?)
-                .or_read(&key),
+                .when(key, 0)
+                .put(key, encode(pool)?)
+                .or_read(key),
         )?;
         self.stats.txns += 1;
         let mut rev = out.revision;
         if !out.succeeded {
-            let stored: Pool = match out.read(&key) {
+            let stored: Pool = match out.read(key) {
                 Some(kv) => {
                     rev = kv.mod_rev;
-                    decode(&kv.value, &key)?
+                    decode(&kv.value, key)?
                 }
                 None => return Err(Error::Store(format!("{key} changed while defining it"))),
             };
@@ -263,10 +270,7 @@ impl<S: Store> Allocator<S> {
                 });
             }
         }
-        let entry = self.cache.entry(pool.name.clone()).or_default();
-        entry.def = Some(pool.clone());
-        entry.def_rev = Some(rev);
-        Ok(())
+        Ok(rev)
     }
 
     /// A pool defined in the store.

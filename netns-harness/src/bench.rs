@@ -4,8 +4,8 @@
 //! Each scenario attaches and detaches one pod over and over, alternating
 //! between its variants so that they share whatever noise the machine has;
 //! every ADD and DEL is timed, and each variant's p50 and p99 are compared
-//! with the reference (the first variant). Peak RSS is GNU time's `%M` for
-//! one ADD: the largest process of the plugin's tree, IPAM child included.
+//! with the reference (the first variant). Peak RSS is GNU time's `%M` over
+//! one ADD and one DEL: the largest process of the plugin's tree.
 
 use std::time::{Duration, Instant};
 

@@ -67,39 +67,35 @@ struct Counted {
 }
 
 impl Counted {
-    fn add(&self, started: Instant, wrote: bool) {
-        let c = &self.counts;
-        c.round_trips.fetch_add(1, Ordering::Relaxed);
-        c.writes.fetch_add(u64::from(wrote), Ordering::Relaxed);
+    /// Runs one round trip on the inner store, counted and timed.
+    fn count<T>(
+        &mut self,
+        call: impl FnOnce(&mut dyn Store) -> Result<T, ipam::Error>,
+    ) -> Result<T, ipam::Error> {
+        let started = Instant::now();
+        let out = call(self.inner.as_mut());
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        c.micros.fetch_add(us, Ordering::Relaxed);
+        self.counts.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.counts.micros.fetch_add(us, Ordering::Relaxed);
+        out
     }
 }
 
 impl Store for Counted {
     fn get(&mut self, key: &str) -> Result<Option<ipam::store::Kv>, ipam::Error> {
-        let started = Instant::now();
-        let out = self.inner.get(key);
-        self.add(started, false);
-        out
+        self.count(|s| s.get(key))
     }
     fn get_many(&mut self, keys: &[String]) -> Result<Vec<ipam::store::Kv>, ipam::Error> {
-        let started = Instant::now();
-        let out = self.inner.get_many(keys);
-        self.add(started, false);
-        out
+        self.count(|s| s.get_many(keys))
     }
     fn range(&mut self, prefix: &str) -> Result<Vec<ipam::store::Kv>, ipam::Error> {
-        let started = Instant::now();
-        let out = self.inner.range(prefix);
-        self.add(started, false);
-        out
+        self.count(|s| s.range(prefix))
     }
     fn txn(&mut self, txn: ipam::store::Txn) -> Result<ipam::store::TxnOutcome, ipam::Error> {
-        let started = Instant::now();
-        let out = self.inner.txn(txn);
-        let wrote = out.as_ref().is_ok_and(|o| o.succeeded);
-        self.add(started, wrote);
+        let out = self.count(|s| s.txn(txn));
+        if out.as_ref().is_ok_and(|o| o.succeeded) {
+            self.counts.writes.fetch_add(1, Ordering::Relaxed);
+        }
         out
     }
     fn describe(&self) -> String {

@@ -123,21 +123,21 @@ fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let (pod, created) = Netns::open_with(Path::new(&req.netns), |file| {
         host.add_veth(&name, &req.ifname, (file, &req.netns), conf.mtu, &HOST_MAC)
     })?;
-    let pod = match (pod, &created) {
-        (Ok(pod), _) => pod,
+    let pod = match (pod, created) {
+        (Ok(pod), Ok(())) => pod,
+        (Ok(pod), Err(e)) => {
+            if pod.link(&req.ifname)?.is_some() {
+                return Err(invalid(format!(
+                    "interface {} already exists in {}",
+                    req.ifname, req.netns
+                )));
+            }
+            return Err(e);
+        }
         // Created, the pod not entered: the caller's cleanup removes it.
         (Err(e), Ok(())) => return Err(e),
-        (Err(_), Err(e)) => return Err(e.clone()),
+        (Err(_), Err(e)) => return Err(e),
     };
-    if let Err(e) = created {
-        if pod.link(&req.ifname)?.is_some() {
-            return Err(invalid(format!(
-                "interface {} already exists in {}",
-                req.ifname, req.netns
-            )));
-        }
-        return Err(e);
-    }
     crate::crash::point("veth.pair-created");
     host.mark(&name, &owner_alias(&req.container_id, &req.ifname))?;
     crate::crash::point("veth.pair-marked");

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -33,8 +34,8 @@ pub struct LocalStore {
     dir: PathBuf,
     lock: File,
     files: [File; 2],
-    /// The snapshot last read or written, while its generation is current.
-    state: Option<State>,
+    /// The snapshot last read or written (generation 0: none yet).
+    state: State,
 }
 
 /// One snapshot.
@@ -177,16 +178,14 @@ impl State {
     }
 }
 
-/// Holds the store's `flock` until dropped.
-struct Locked<'a>(&'a File);
+/// Holds the store's `flock` (on the descriptor of its `lock` file) until
+/// dropped.
+struct Locked(RawFd);
 
-impl Drop for Locked<'_> {
+impl Drop for Locked {
     fn drop(&mut self) {
         #[allow(deprecated)]
-        let _ = nix::fcntl::flock(
-            std::os::fd::AsRawFd::as_raw_fd(self.0),
-            nix::fcntl::FlockArg::Unlock,
-        );
+        let _ = nix::fcntl::flock(self.0, nix::fcntl::FlockArg::Unlock);
     }
 }
 
@@ -203,35 +202,29 @@ impl LocalStore {
                 .open(dir.join(name))
                 .map_err(|e| io_err(dir, &format!("open {name}"), e))
         };
-        let lock = open("lock")?;
-        let existed = dir.join("state.1").exists();
-        let files = [open("state.0")?, open("state.1")?];
-        let store = LocalStore {
+        // Empty until the first snapshot, which syncs their names too.
+        Ok(LocalStore {
             dir: dir.to_path_buf(),
-            lock,
-            files,
-            state: None,
-        };
-        if !existed {
-            // The two files outlive a crash from the start: later
-            // transactions only write into them.
-            for f in store.files.iter().chain(File::open(dir).iter()) {
-                f.sync_all().map_err(|e| io_err(dir, "sync", e))?;
-            }
-        }
-        Ok(store)
+            lock: open("lock")?,
+            files: [open("state.0")?, open("state.1")?],
+            state: State::default(),
+        })
     }
 
-    fn read_all(&self, i: usize) -> Result<Vec<u8>, Error> {
-        let f = &self.files[i];
-        let len = f
-            .metadata()
-            .map_err(|e| io_err(&self.dir, "stat", e))?
-            .len();
+    /// The first `len` bytes of file `i`.
+    fn read_all(&self, i: usize, len: u64) -> Result<Vec<u8>, Error> {
         let mut raw = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        f.read_exact_at(&mut raw, 0)
+        self.files[i]
+            .read_exact_at(&mut raw, 0)
             .map_err(|e| io_err(&self.dir, &format!("read state.{i}"), e))?;
         Ok(raw)
+    }
+
+    /// Makes the directory's entries (the files' names) outlive a crash.
+    fn sync_dir(&self) -> Result<(), Error> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.dir, "sync", e))
     }
 
     /// The current snapshot: the one held, while no other process wrote a
@@ -256,24 +249,23 @@ impl LocalStore {
         let newest = (0..2)
             .filter_map(|i| heads[i].1.map(|(g, sum)| (g, i, sum)))
             .max();
-        if let (Some(s), Some(n)) = (&self.state, newest) {
-            if (s.generation, s.file, s.sum) == n {
-                return Ok(());
-            }
+        let s = &self.state;
+        if newest == Some((s.generation, s.file, s.sum)) {
+            return Ok(());
         }
         let mut best: Option<State> = None;
-        for (i, (_, tag)) in heads.iter().enumerate() {
+        for (i, (len, tag)) in heads.iter().enumerate() {
             if tag.is_none() {
                 continue;
             }
-            if let Some(s) = State::decode(&self.read_all(i)?, i) {
+            if let Some(s) = State::decode(&self.read_all(i, *len)?, i) {
                 if best.as_ref().is_none_or(|b| s.generation > b.generation) {
                     best = Some(s);
                 }
             }
         }
         if let Some(s) = best {
-            self.state = Some(s);
+            self.state = s;
             return Ok(());
         }
         // No whole snapshot. Never written, or only the first one cut short
@@ -288,23 +280,14 @@ impl LocalStore {
                 self.dir.display()
             )));
         }
-        self.state = None;
-        self.state = Some(self.import()?);
-        Ok(())
-    }
-
-    fn state(&self) -> &State {
-        // `load` ran first in every operation.
-        static EMPTY: std::sync::OnceLock<State> = std::sync::OnceLock::new();
-        self.state
-            .as_ref()
-            .unwrap_or_else(|| EMPTY.get_or_init(State::default))
+        self.state = State::default();
+        self.import()
     }
 
     /// Writes `next` over the file that does not hold the current snapshot,
     /// and syncs it.
     fn commit(&mut self, mut next: State) -> Result<(), Error> {
-        let current = self.state();
+        let current = &self.state;
         next.generation = current.generation + 1;
         next.file = if current.generation == 0 {
             0
@@ -319,20 +302,18 @@ impl LocalStore {
             .map_err(|e| io_err(&self.dir, &format!("write state.{}", next.file), e))?;
         if next.generation == 1 {
             // The files' names outlive a crash too, whoever made them.
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(&self.dir, "sync", e))?;
+            self.sync_dir()?;
         }
-        self.state = Some(next);
+        self.state = next;
         Ok(())
     }
 
     /// The keys of the earlier layout (`kv/`, `revision`, `txn.log`),
-    /// written as the first snapshot; empty when there are none.
-    fn import(&mut self) -> Result<State, Error> {
+    /// written as the first snapshot; none when there are none.
+    fn import(&mut self) -> Result<(), Error> {
         let mut state = State::default();
         if !self.dir.join("kv").is_dir() {
-            return Ok(state);
+            return Ok(());
         }
         let mut kvs = Vec::new();
         self.walk(&self.dir.join("kv"), "", &mut kvs)?;
@@ -368,9 +349,8 @@ impl LocalStore {
         // Read once: the earlier layout is kept aside, never read again.
         let aside = self.dir.join("kv.imported");
         fs::rename(self.dir.join("kv"), &aside)
-            .and_then(|_| File::open(&self.dir).and_then(|d| d.sync_all()))
             .map_err(|e| io_err(&self.dir, "set kv/ aside", e))?;
-        Ok(self.state.take().unwrap_or_default())
+        self.sync_dir()
     }
 
     fn read_file(&self, path: &Path, key: &str) -> Result<Option<Kv>, Error> {
@@ -422,49 +402,36 @@ impl LocalStore {
         }
         Ok(())
     }
-
-    /// How many durable syncs this store made (for the bench's breakdown).
-    pub fn syncs() -> u64 {
-        SYNCS.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
-
-static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Runs `f` holding the store's lock, its snapshot current.
 fn locked<T>(
     store: &mut LocalStore,
     f: impl FnOnce(&mut LocalStore) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let lock = store
-        .lock
-        .try_clone()
-        .map_err(|e| io_err(&store.dir, "lock", e))?;
+    let fd = store.lock.as_raw_fd();
     #[allow(deprecated)]
-    nix::fcntl::flock(
-        std::os::fd::AsRawFd::as_raw_fd(&lock),
-        nix::fcntl::FlockArg::LockExclusive,
-    )
-    .map_err(|e| io_err(&store.dir, "flock", e.into()))?;
-    let _held = Locked(&lock);
+    nix::fcntl::flock(fd, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|e| io_err(&store.dir, "flock", e.into()))?;
+    let _held = Locked(fd);
     store.load()?;
     f(store)
 }
 
 impl Store for LocalStore {
     fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
-        locked(self, |s| Ok(s.state().kv(key)))
+        locked(self, |s| Ok(s.state.kv(key)))
     }
 
     fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
         locked(self, |s| {
-            Ok(keys.iter().filter_map(|k| s.state().kv(k)).collect())
+            Ok(keys.iter().filter_map(|k| s.state.kv(k)).collect())
         })
     }
 
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
         locked(self, |s| {
-            Ok(s.state()
+            Ok(s.state
                 .kvs
                 .range(prefix.to_string()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
@@ -479,7 +446,7 @@ impl Store for LocalStore {
 
     fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error> {
         locked(self, |s| {
-            let state = s.state();
+            let state = &s.state;
             let holds = txn
                 .compares
                 .iter()
@@ -504,7 +471,6 @@ impl Store for LocalStore {
                 kvs,
                 ..State::default()
             })?;
-            SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(TxnOutcome {
                 succeeded: true,
                 revision,
@@ -542,9 +508,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut a = LocalStore::open(dir.path()).expect("open");
         let mut b = LocalStore::open(dir.path()).expect("open");
-        let before = LocalStore::syncs();
         assert!(put(&mut a, "blocks/p/x", "1", 0).succeeded);
-        assert!(LocalStore::syncs() - before >= 1);
+        // Written to its file before the transaction answered.
+        let raw = fs::read(dir.path().join("state.0")).expect("state.0");
+        assert_eq!(header_generation(&raw), Some(1));
         let kv = b.get("blocks/p/x").expect("get").expect("present");
         assert_eq!((kv.value.as_slice(), kv.mod_rev), (&b"1"[..], 1));
         // b's compare on the old revision fails and reads the key.

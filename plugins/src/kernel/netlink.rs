@@ -451,12 +451,14 @@ impl Netns {
     /// [`Netns::del_link`].
     pub fn del_link_unregistered(&self, index: u32) -> Result<(), Error> {
         // The child deletes in this thread's netns: this one's, checked.
-        let here = std::fs::metadata("/proc/thread-self/ns/net");
-        let same = match (here, self.file.metadata()) {
-            (Ok(h), Ok(m)) => (h.dev(), h.ino()) == (m.dev(), m.ino()),
-            _ => false,
+        let here = || -> std::io::Result<bool> {
+            let (h, m) = (
+                std::fs::metadata("/proc/thread-self/ns/net")?,
+                self.file.metadata()?,
+            );
+            Ok((h.dev(), h.ino()) == (m.dev(), m.ino()))
         };
-        if self.foreign || !same {
+        if self.foreign || !here().unwrap_or(false) {
             return self.del_link(index);
         }
         let started = Instant::now();
