@@ -127,6 +127,23 @@ fn nl_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::new(code::INTERNAL, format!("{what}: {e}"))
 }
 
+/// Runs `f` with this thread in the network namespace `ns` (its file), then
+/// back in its own. Only for calls that bind something to the namespace
+/// (a socket): nothing else runs on this thread meanwhile. Coming back cannot
+/// fail short of the kernel losing a namespace this thread holds open; if it
+/// did, the process ends rather than go on in the pod's namespace.
+fn in_netns<T>(ns: &File, shown: &str, f: impl FnOnce() -> T) -> Result<T, Error> {
+    let own = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| nl_err("open this thread's netns", e))?;
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
+    let out = f();
+    if let Err(e) = setns(&own, CloneFlags::CLONE_NEWNET) {
+        tracing::error!(error = %e, netns = %shown, "cannot leave the pod's netns: exiting");
+        std::process::exit(1);
+    }
+    Ok(out)
+}
+
 /// Formats a MAC address as `aa:bb:…`.
 pub fn mac_string(mac: &[u8]) -> String {
     mac.iter()
@@ -171,21 +188,13 @@ impl Netns {
             .build()
             .map_err(|e| nl_err("start netlink runtime", e))?;
         let (opened, out) = if enter {
-            let rt_handle = rt.handle().clone();
-            std::thread::scope(|s| {
-                let entering = s.spawn(|| {
-                    setns(&file, CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
-                    let _guard = rt_handle.enter();
-                    rtnetlink::new_connection()
-                        .map_err(|e| nl_err(format!("netlink in {shown}"), e))
-                });
-                let out = work(&file);
-                let opened = entering
-                    .join()
-                    .unwrap_or_else(|_| Err(nl_err("netns thread", "panicked")));
-                (opened, out)
-            })
+            // The socket is bound to the namespace of the thread that makes
+            // it: this thread steps into the pod for that one call and back.
+            let opened = in_netns(&file, &shown, || {
+                let _guard = rt.enter();
+                rtnetlink::new_connection().map_err(|e| nl_err(format!("netlink in {shown}"), e))
+            });
+            (opened.and_then(|o| o), work(&file))
         } else {
             let _guard = rt.enter();
             let opened = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e));
@@ -280,7 +289,11 @@ impl Netns {
             .address(mac.to_vec())
             .up()
             .build();
+        // One queue each, asked for: veth otherwise makes one per CPU and
+        // then cuts the pair down to one, an expedited RCU grace period each.
+        let one_queue = [LinkAttribute::NumTxQueues(1), LinkAttribute::NumRxQueues(1)];
         msg.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
+        msg.attributes.extend(one_queue.clone());
         for attr in &mut msg.attributes {
             if let LinkAttribute::LinkInfo(infos) = attr {
                 for info in infos {
@@ -289,6 +302,7 @@ impl Netns {
                             .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
                         p.attributes.push(LinkAttribute::Mtu(mtu));
                         p.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
+                        p.attributes.extend(one_queue.clone());
                     }
                 }
             }
