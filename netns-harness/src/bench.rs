@@ -222,9 +222,31 @@ fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
     Ok(())
 }
 
-/// Each variant's ADD and DEL `cycles` times, alternating (in turn from
-/// each cycle's first, which rotates), then its peak
-/// RSS; prints the table and returns each variant's ADD and DEL p50 and p99.
+/// The order of cycle `cycle` of `n` variants, from a Williams design: over
+/// `n` cycles (`2n` for odd `n`) every variant comes directly after every
+/// other exactly once.
+pub(crate) fn balanced_order(cycle: usize, n: usize) -> Vec<usize> {
+    let row = if n % 2 == 1 { cycle / 2 } else { cycle };
+    // 0, 1, n-1, 2, n-2, …, shifted by the row.
+    let mut order: Vec<usize> = (0..n)
+        .map(|k| {
+            if k % 2 == 1 {
+                k.div_ceil(2)
+            } else {
+                (n - k / 2) % n
+            }
+        })
+        .map(|first| (first + row) % n)
+        .collect();
+    if n % 2 == 1 && cycle % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Each variant's ADD and DEL `cycles` times, alternating (each cycle in
+/// the order [`balanced_order`] gives), then its peak RSS; prints the table
+/// and returns each variant's ADD and DEL p50 and p99.
 pub(crate) fn scenario(
     node: &Node,
     title: &str,
@@ -238,11 +260,10 @@ pub(crate) fn scenario(
         .collect::<Result<Vec<_>, String>>()?;
     let n = variants.len();
     for i in 0..cycles {
-        // Each cycle starts with the next variant: every variant follows
-        // every other as often (a call pays for what the kernel still does
-        // after the one before, such as a deleted veth's reclaim).
-        for k in 0..n {
-            let j = (i + k) % n;
+        // A call pays for what the kernel still does after the one before
+        // (a deleted veth's reclaim): the cycles' orders make every variant
+        // directly follow every other equally often.
+        for j in balanced_order(i, n) {
             let (v, (_ns, pod)) = (&mut variants[j], &pods[j]);
             let t = Instant::now();
             node.runtime
@@ -365,4 +386,33 @@ pub fn side_by_side<'s>(
         ratio(1, 0.99)
     );
     ratio
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_order;
+
+    #[test]
+    fn every_variant_directly_follows_every_other_equally_often() {
+        for n in 1..=6 {
+            let cycles = if n % 2 == 1 { 2 * n } else { n };
+            let mut pairs = std::collections::HashMap::new();
+            for c in 0..cycles {
+                let order = balanced_order(c, n);
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..n).collect::<Vec<_>>(),
+                    "n={n} cycle {c}: {order:?}"
+                );
+                for w in order.windows(2) {
+                    *pairs.entry((w[0], w[1])).or_insert(0) += 1;
+                }
+            }
+            let want = if n % 2 == 1 { 2 } else { 1 };
+            assert_eq!(pairs.len(), n * (n - 1), "n={n}: {pairs:?}");
+            assert!(pairs.values().all(|&c| c == want), "n={n}: {pairs:?}");
+        }
+    }
 }
