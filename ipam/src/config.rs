@@ -79,6 +79,11 @@ pub struct EtcdConf {
     pub password: Option<String>,
     /// Seconds a call may take, retries included (default 5).
     pub timeout_seconds: Option<f64>,
+    /// The Unix socket of this node's store relay (`plexus store-relay`):
+    /// calls go through its open connection while it answers, straight to
+    /// etcd otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -96,6 +101,7 @@ impl EtcdConf {
             username: None,
             password: None,
             timeout_seconds: None,
+            relay: None,
         }
     }
 

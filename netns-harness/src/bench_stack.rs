@@ -1,6 +1,6 @@
 //! `make bench`, the whole stack: a pod set up entirely by Plexus (`plexus`
 //! with the cluster network `plexus-veth` + `plexus-ipam`, on its local store
-//! and on a 3-member etcd) against Debian's `ptp` + `host-local`, IPv4 and
+//! and on a 3-member etcd, straight and through the node's store relay) against Debian's `ptp` + `host-local`, IPv4 and
 //! dual stack, all alternating in one loop; then `plexus-ipam` alone against
 //! `host-local`, each exec'd by the runtime as an IPAM plugin.
 
@@ -15,6 +15,7 @@ use crate::bench::{measure_rss_of, scenario, side_by_side, verdict, Variant};
 use crate::etcd::EtcdCluster;
 use crate::fixtures::ptp;
 use crate::node::Node;
+use crate::relay::StoreRelay;
 
 /// `plexus-veth` with `plexus-ipam` (`store`: none for the local store).
 fn plexus_stack(name: &str, subnets: &[&str], state: &Path, store: Option<Value>) -> Value {
@@ -41,9 +42,14 @@ pub fn run(cycles: usize) -> Result<(), String> {
     let state = node.scratch.join("plexus-ipam");
     let parse = |v: Value| NetConfList::parse_value(&v).map_err(|e| e.to_string());
     let on_etcd = json!({"type": "etcd", "endpoints": etcd.endpoints()});
+    let relay = StoreRelay::start_in(&node.netns, &node.scratch.join("store-relay.sock"))
+        .map_err(|e| format!("store relay: {e}"))?;
+    let via_relay = json!({
+        "type": "etcd", "endpoints": etcd.endpoints(), "relay": relay.socket(),
+    });
     println!(
         "== the whole stack (release build), one node netns, {cycles} cycles per variant; \
-         etcd: 3 members on this machine"
+         etcd: 3 members on this machine; the store relay in the node netns"
     );
     let mut v = [
         Variant::new(
@@ -75,9 +81,17 @@ pub fn run(cycles: usize) -> Result<(), String> {
             ),
             "plexus",
         ),
+        Variant::new(
+            "plexus, IPv4, etcd via the relay",
+            node.plexus_list(
+                "1.0.0",
+                plexus_stack("relay4", &["10.215.0.0/24"], &state, Some(via_relay)),
+            ),
+            "plexus",
+        ),
     ];
     let r = scenario(&node, "The whole stack", cycles, &mut v)?;
-    let (ref4, local4, local6, etcd4) = (r[0], r[1], r[2], r[3]);
+    let (ref4, local4, local6, etcd4, relay4) = (r[0], r[1], r[2], r[3], r[4]);
     // The reference's dual stack is not run: ptp waits out IPv6 duplicate
     // address detection (~2 s an ADD here), so the IPv4 ADD is the bar.
     println!("\ntargets (p50, against the reference's IPv4 ADD and DEL):");
@@ -86,9 +100,11 @@ pub fn run(cycles: usize) -> Result<(), String> {
         ("IPv4 ADD, local store", local4, 0, 0.35),
         ("dual-stack ADD, local store", local6, 0, 0.35),
         ("IPv4 ADD, etcd", etcd4, 0, 0.45),
+        ("IPv4 ADD, etcd via the node's store relay", relay4, 0, 0.45),
         ("IPv4 DEL, local store", local4, 2, 0.8),
         ("dual-stack DEL, local store", local6, 2, 0.8),
         ("IPv4 DEL, etcd", etcd4, 2, 0.8),
+        ("IPv4 DEL, etcd via the node's store relay", relay4, 2, 0.8),
     ] {
         verdict(what, ours[i] / ref4[i], target, false);
     }
@@ -102,6 +118,7 @@ pub fn run(cycles: usize) -> Result<(), String> {
         );
     }
     ipam_alone(&node, cycles)?;
+    drop(relay);
     drop(etcd);
     if !node.leases().is_empty() {
         return Err(format!("leases left after the bench: {:?}", node.leases()));

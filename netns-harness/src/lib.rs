@@ -25,6 +25,7 @@ pub mod node;
 pub mod ovs;
 pub mod plexusd;
 pub mod probe;
+pub mod relay;
 pub mod runtime;
 pub mod scratch;
 pub mod soak;

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use cni::plugin::{Plugin, Request};
 use cni::result::IpConfig;
 use cni::{code, CniResult, Error};
 use ipam::config::{IpamConf, StoreConf};
+use ipam::store::relay::Relayed;
 use ipam::{Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, Pool, Store};
 use ipnetwork::IpNetwork;
 use nix::fcntl::{Flock, FlockArg};
@@ -58,6 +59,8 @@ struct Counts {
     round_trips: AtomicU64,
     writes: AtomicU64,
     micros: AtomicU64,
+    /// Whether the store was reached through the node's store relay.
+    relayed: AtomicBool,
 }
 
 /// A store that counts what is asked of it into [`Counts`].
@@ -162,7 +165,16 @@ impl Node {
         Ok(match &self.conf.store {
             Some(StoreConf::Etcd(etcd)) => {
                 let deadline = self.started + etcd.timeout();
-                Box::new(EtcdStore::connect_shared(etcd)?.with_deadline(deadline))
+                match &etcd.relay {
+                    Some(socket) => {
+                        let store = Relayed::open(socket, etcd, deadline);
+                        self.counts
+                            .relayed
+                            .store(store.through_relay(), Ordering::Relaxed);
+                        Box::new(store)
+                    }
+                    None => Box::new(EtcdStore::connect_shared(etcd)?.with_deadline(deadline)),
+                }
             }
             Some(StoreConf::Local { path: Some(p) }) => Box::new(LocalStore::open(p)?),
             Some(StoreConf::Local { path: None }) | None => {
@@ -454,7 +466,11 @@ impl Node {
     fn report(&self, cmd: &str) {
         let c = &self.counts;
         debug!(
-            store = if self.on_etcd() { "etcd" } else { "local" },
+            store = match (self.on_etcd(), c.relayed.load(Ordering::Relaxed)) {
+                (false, _) => "local",
+                (true, false) => "etcd",
+                (true, true) => "etcd via the relay",
+            },
             round_trips = c.round_trips.load(Ordering::Relaxed),
             writes = c.writes.load(Ordering::Relaxed),
             store_ms = c.micros.load(Ordering::Relaxed) as f64 / 1e3,

@@ -53,6 +53,9 @@ fn main() -> ExitCode {
         "plexus" if std::env::args().nth(1).as_deref() == Some("agent") => {
             meta::agent::main(std::env::args().nth(2).as_deref())
         }
+        "plexus" if std::env::args().nth(1).as_deref() == Some("store-relay") => {
+            daemons::store_relay::main(std::env::args().nth(2).as_deref())
+        }
         "plexus" if std::env::args().nth(1).as_deref() == Some("device-plugin") => {
             daemons::device_plugin::main(std::env::args().nth(2).as_deref())
         }

@@ -418,7 +418,9 @@ use cni::plugin::Command;
 use cni::NetConfList;
 use netns_harness::fixtures::addr_ip;
 use netns_harness::node::Node;
+use netns_harness::relay::StoreRelay;
 use netns_harness::{kernel, probe};
+use std::os::unix::fs::PermissionsExt;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -891,4 +893,98 @@ fn plexus_ipam_named_pools_and_static_requests() {
     .expect_err("taken");
     assert_eq!(taken.code, ipam::code::UNAVAILABLE);
     assert!(taken.msg.contains("already assigned"), "{}", taken.msg);
+}
+
+/// The `store="…"` of each "IPAM ADD/DEL done" line in the node's log.
+fn ipam_stores(node: &Node) -> Vec<String> {
+    let text = std::fs::read_to_string(node.log_file()).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("IPAM ADD done") || l.contains("IPAM DEL done"))
+        .filter_map(|l| {
+            l.split("store=\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[test]
+fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
+    let node = Node::new("ipam-relay");
+    let etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+    let socket = node.scratch.join("relay").join("store.sock");
+    let mut relay = StoreRelay::start_in(&node.netns, &socket).expect("relay");
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the relay's socket is root's alone");
+    // A second relay on the same socket refuses, and leaves the first be.
+    let second = std::process::Command::new(netns_harness::scratch::plexus_bin())
+        .args(["store-relay", &socket.to_string_lossy()])
+        .output()
+        .expect("run a second relay");
+    assert!(!second.status.success(), "a second relay took the socket");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another store relay listens there"),
+        "{second:?}"
+    );
+    let mut store = etcd_store(&etcd.endpoints());
+    store["relay"] = serde_json::json!(socket);
+    let cluster = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "relayed", "type": "plexus-veth",
+        "ipam": ipam_section(&node, store, serde_json::json!([[{"subnet": "10.67.0.0/24"}]])),
+    });
+    let mut list = node.plexus_list("1.0.0", cluster);
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), serde_json::json!("debug"));
+    }
+    let (_ns_a, pod_a) = node.pod("default");
+    let (ns_b, pod_b) = node.pod("default");
+
+    node.runtime
+        .add(&list, &pod_a)
+        .expect("ADD a through the relay");
+    assert_eq!(ipam_stores(&node), ["etcd via the relay"]);
+    assert_eq!(
+        audit(&node, &etcd, "relayed").0,
+        vec![pod_a.container_id.clone()]
+    );
+
+    // The relay dies (its socket file stays): straight to etcd.
+    relay.kill();
+    node.runtime
+        .add(&list, &pod_b)
+        .expect("ADD b without the relay");
+    assert_eq!(ipam_stores(&node), ["etcd via the relay", "etcd"]);
+    assert_eq!(kernel::addrs(ns_b.name(), "eth0").expect("addrs").len(), 1);
+    let mut both = vec![pod_a.container_id.clone(), pod_b.container_id.clone()];
+    both.sort();
+    assert_eq!(audit(&node, &etcd, "relayed").0, both);
+
+    // Started again over the stale socket: DEL goes through it.
+    let _relay = StoreRelay::start_in(&node.netns, &socket).expect("relay again");
+    // A client that sends garbage is hung up on; the relay goes on.
+    {
+        use std::io::{Read, Write};
+        let mut bad = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        bad.write_all(b"not json\n").expect("write");
+        let mut rest = Vec::new();
+        bad.read_to_end(&mut rest).expect("hung up on");
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+    node.runtime.del(&list, &pod_a).expect("DEL a");
+    node.runtime.del(&list, &pod_b).expect("DEL b");
+    assert_eq!(
+        ipam_stores(&node),
+        [
+            "etcd via the relay",
+            "etcd",
+            "etcd via the relay",
+            "etcd via the relay"
+        ]
+    );
+    assert_eq!(audit(&node, &etcd, "relayed"), (vec![], 0));
 }

@@ -222,8 +222,13 @@ impl EtcdStore {
 
     /// No call returns later than `deadline`.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
-        self.deadline = Some(deadline);
+        self.set_deadline(deadline);
         self
+    }
+
+    /// Bounds this store's calls from now on by `deadline`.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
     }
 
     /// Every key under each of `prefixes` (each ending with `/`), read at one

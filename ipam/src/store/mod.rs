@@ -5,11 +5,14 @@
 
 pub mod etcd;
 pub mod local;
+pub mod relay;
+
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
 /// A key, its value and the revision that last changed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
@@ -17,7 +20,7 @@ pub struct Kv {
 }
 
 /// A write of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Put(String, Vec<u8>),
     Delete(String),
@@ -25,7 +28,7 @@ pub enum Op {
 
 /// If every key in `compares` still has the given modification revision (0:
 /// absent), apply `success`; otherwise read `on_failure` (keys, not prefixes).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     pub compares: Vec<(String, i64)>,
     pub success: Vec<Op>,
@@ -56,7 +59,7 @@ impl Txn {
 
 /// What a transaction did: on success the revision its writes carry; on
 /// failure the `on_failure` keys that exist.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnOutcome {
     pub succeeded: bool,
     pub revision: i64,

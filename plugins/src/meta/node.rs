@@ -114,6 +114,7 @@ impl RawApi {
             username: self.username,
             password: self.password,
             timeout_seconds: self.timeout_seconds,
+            relay: None,
         })
     }
 }

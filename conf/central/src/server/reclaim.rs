@@ -171,6 +171,7 @@ pub fn ipam_etcd(flags: &super::store::EtcdFlags) -> EtcdConf {
         username: None,
         password: None,
         timeout_seconds: None,
+        relay: None,
     }
 }
 

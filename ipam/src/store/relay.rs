@@ -1,0 +1,257 @@
+//! The node's store relay: a long-lived process (`plexus store-relay`) that
+//! keeps its etcd connections open, and the store that reaches etcd through
+//! it.
+//!
+//! A CNI plugin is a new process per call, so a direct etcd call pays for a
+//! connection (TCP, HTTP/2, TLS when configured) before its one transaction.
+//! Through the relay a call pays for a Unix socket instead; the relay makes
+//! the same etcd calls, with the same retries and deadline, on a connection
+//! that is already up.
+//!
+//! Wire format, one JSON document per line over a Unix stream: the client
+//! first sends the store's config ([`EtcdConf`]), then one [`Request`] per
+//! store call, each answered by one [`Reply`]. Nothing is kept between
+//! connections but the etcd connections.
+//!
+//! [`Relayed`] never depends on the relay: with no relay listening, or one
+//! that goes away mid-call, it makes the call straight to etcd. Repeating a
+//! call the relay may already have made is safe: reads are reads, and a
+//! transaction compares revisions, so one that committed fails the second
+//! time and the caller reads what it wrote.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+use super::etcd::{describe, EtcdStore};
+use super::{Kv, Store, Txn, TxnOutcome};
+use crate::config::EtcdConf;
+use crate::Error;
+
+/// One store call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Call {
+    Get(String),
+    GetMany(Vec<String>),
+    Range(String),
+    Txn(Txn),
+}
+
+/// A call and the milliseconds it may take.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub call: Call,
+    pub ms: u64,
+}
+
+/// A call's outcome.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Reply {
+    Kvs(Vec<Kv>),
+    Txn(TxnOutcome),
+    Unreachable { store: String, detail: String },
+    Config(String),
+    Failed(String),
+}
+
+impl Reply {
+    fn of_error(e: Error) -> Reply {
+        match e {
+            Error::Unreachable { store, detail } => Reply::Unreachable { store, detail },
+            Error::Config(m) => Reply::Config(m),
+            other => Reply::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Serves one client connection: its config line, then its calls, until it
+/// hangs up or stays silent for `idle`.
+pub fn serve(stream: UnixStream, idle: Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(idle))?;
+    let mut writer = stream.try_clone()?;
+    let mut lines = BufReader::new(stream).lines();
+    let Some(first) = lines.next() else {
+        return Ok(());
+    };
+    let conf: EtcdConf = serde_json::from_str(&first?).map_err(io::Error::other)?;
+    let mut store: Option<EtcdStore> = None;
+    for line in lines {
+        let req: Request = serde_json::from_str(&line?).map_err(io::Error::other)?;
+        let deadline = Instant::now() + Duration::from_millis(req.ms);
+        let connected = match &mut store {
+            Some(s) => Ok(s),
+            None => EtcdStore::connect_shared(&conf).map(|s| store.insert(s)),
+        };
+        let reply = match connected {
+            Ok(s) => {
+                s.set_deadline(deadline);
+                answer(s, req.call)
+            }
+            Err(e) => Reply::of_error(e),
+        };
+        let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+        out.push(b'\n');
+        writer.write_all(&out)?;
+    }
+    Ok(())
+}
+
+fn answer(store: &mut EtcdStore, call: Call) -> Reply {
+    let out = match call {
+        Call::Get(key) => store
+            .get(&key)
+            .map(|kv| Reply::Kvs(kv.into_iter().collect())),
+        Call::GetMany(keys) => store.get_many(&keys).map(Reply::Kvs),
+        Call::Range(prefix) => store.range(&prefix).map(Reply::Kvs),
+        Call::Txn(txn) => store.txn(txn).map(Reply::Txn),
+    };
+    out.unwrap_or_else(Reply::of_error)
+}
+
+/// A connection to the relay, its config sent.
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    fn connect(socket: &Path, conf: &EtcdConf) -> io::Result<Client> {
+        let mut writer = UnixStream::connect(socket)?;
+        let mut hello = serde_json::to_vec(conf).map_err(io::Error::other)?;
+        hello.push(b'\n');
+        writer.write_all(&hello)?;
+        Ok(Client {
+            reader: BufReader::new(writer.try_clone()?),
+            writer,
+        })
+    }
+
+    /// One call; `Err` when the relay could not be asked or did not answer.
+    fn call(&mut self, call: &Call, left: Duration) -> io::Result<Reply> {
+        let req = Request {
+            call: call.clone(),
+            ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+        };
+        let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        // The relay answers within the call's time; a little more for the
+        // socket, then it is taken for gone.
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(left + Duration::from_millis(100)))?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        serde_json::from_str(&answer).map_err(io::Error::other)
+    }
+}
+
+/// The etcd store of `conf`, through the node's relay while it answers and
+/// straight to etcd otherwise; every call ends by `deadline`.
+pub struct Relayed {
+    conf: EtcdConf,
+    deadline: Instant,
+    relay: Option<Client>,
+    direct: Option<EtcdStore>,
+    name: String,
+}
+
+impl Relayed {
+    /// Through the relay at `socket` when one listens there; the direct
+    /// connection is only made when needed.
+    pub fn open(socket: &Path, conf: &EtcdConf, deadline: Instant) -> Relayed {
+        let relay = Client::connect(socket, conf)
+            .inspect_err(|e| debug!(socket = %socket.display(), error = %e, "no store relay: straight to etcd"))
+            .ok();
+        Relayed {
+            conf: conf.clone(),
+            deadline,
+            relay,
+            direct: None,
+            name: describe(&conf.endpoints, &conf.prefix),
+        }
+    }
+
+    /// Whether calls still go through the relay.
+    pub fn through_relay(&self) -> bool {
+        self.relay.is_some()
+    }
+
+    fn call(&mut self, call: Call) -> Result<Reply, Error> {
+        if let Some(relay) = &mut self.relay {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match relay.call(&call, left) {
+                Ok(reply) => return Ok(reply),
+                Err(e) if Instant::now() >= self.deadline => {
+                    return Err(Error::Unreachable {
+                        store: self.name.clone(),
+                        detail: format!("the store relay did not answer in time: {e}"),
+                    })
+                }
+                Err(e) => {
+                    debug!(error = %e, "store relay gone: straight to etcd");
+                    self.relay = None;
+                }
+            }
+        }
+        let direct = match &mut self.direct {
+            Some(d) => d,
+            None => self
+                .direct
+                .insert(EtcdStore::connect_shared(&self.conf)?.with_deadline(self.deadline)),
+        };
+        Ok(answer(direct, call))
+    }
+
+    fn kvs(&mut self, call: Call) -> Result<Vec<Kv>, Error> {
+        match self.call(call)? {
+            Reply::Kvs(kvs) => Ok(kvs),
+            other => Err(self.failure(other)),
+        }
+    }
+
+    fn failure(&self, reply: Reply) -> Error {
+        match reply {
+            Reply::Unreachable { store, detail } => Error::Unreachable { store, detail },
+            Reply::Config(m) => Error::Config(m),
+            Reply::Failed(m) => Error::Store(m),
+            Reply::Kvs(_) | Reply::Txn(_) => Error::Store(format!(
+                "{}: the store relay answered out of turn",
+                self.name
+            )),
+        }
+    }
+}
+
+impl Store for Relayed {
+    fn get(&mut self, key: &str) -> Result<Option<Kv>, Error> {
+        Ok(self.kvs(Call::Get(key.to_string()))?.into_iter().next())
+    }
+
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Kv>, Error> {
+        self.kvs(Call::GetMany(keys.to_vec()))
+    }
+
+    fn range(&mut self, prefix: &str) -> Result<Vec<Kv>, Error> {
+        self.kvs(Call::Range(prefix.to_string()))
+    }
+
+    fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error> {
+        match self.call(Call::Txn(txn))? {
+            Reply::Txn(out) => Ok(out),
+            other => Err(self.failure(other)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
