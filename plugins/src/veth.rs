@@ -118,8 +118,8 @@ fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let name = host_name(&req.container_id, &req.ifname);
     // The pod side is born inside the pod, already named; the host side up.
     // Creation is all or nothing: a name taken on either side creates nothing.
-    // It needs only the pod's netns file: it runs while another thread
-    // enters the pod for the netlink socket the rest needs.
+    // It needs only the pod's netns file, opened with the netlink socket
+    // the rest needs in the pod.
     let (pod, created) = Netns::open_with(Path::new(&req.netns), |file| {
         host.add_veth(&name, &req.ifname, (file, &req.netns), conf.mtu, &HOST_MAC)
     })?;

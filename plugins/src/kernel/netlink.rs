@@ -1,7 +1,8 @@
 //! Netlink inside a network namespace. This is the one place that enters a
-//! namespace: a short-lived thread `setns`es into it and opens the netlink
-//! socket there, so the socket stays bound to that namespace while every later
-//! request runs from the calling thread, which never leaves its own.
+//! namespace: the calling thread `setns`es into it for as long as opening the
+//! netlink socket takes and comes straight back (sysctls: a short-lived
+//! thread), so the socket stays bound to that namespace while every later
+//! request runs from a thread in its own.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -158,9 +159,8 @@ impl Netns {
         Self::open_file(path, true, |_| ()).and_then(|(ns, ())| ns)
     }
 
-    /// [`Netns::open`], running `work` with the namespace's file on this
-    /// thread while another enters the namespace for its netlink socket;
-    /// `work`'s outcome even when entering failed (once the file opened).
+    /// [`Netns::open`], then `work` with the namespace's file; `work`'s
+    /// outcome even when entering failed (once the file opened).
     pub fn open_with<T>(
         path: &Path,
         work: impl FnOnce(&File) -> T,
