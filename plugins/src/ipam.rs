@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -221,11 +222,21 @@ impl Node {
             return;
         }
         let path = self.cache_path(&alloc.store().describe());
-        let tmp = path.with_extension("tmp");
+        // Written over in place: only a cache, checked against the store's
+        // revisions by every transaction, and one cut short does not parse
+        // and is not read. Replacing it by rename would make the filesystem
+        // allocate the new file's blocks at once and free the old one's.
         let written = serde_json::to_vec(alloc.cache())
             .map_err(std::io::Error::other)
-            .and_then(|raw| fs::write(&tmp, raw))
-            .and_then(|_| fs::rename(&tmp, &path));
+            .and_then(|raw| {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)?;
+                f.write_all_at(&raw, 0)?;
+                f.set_len(raw.len() as u64)
+            });
         if let Err(e) = written {
             // Only a cache: the next run reads the store instead.
             warn!(error = %e, path = %path.display(), "IPAM cache not saved");
