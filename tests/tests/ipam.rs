@@ -988,3 +988,58 @@ fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
     );
     assert_eq!(audit(&node, &etcd, "relayed"), (vec![], 0));
 }
+
+#[test]
+fn the_store_relay_sends_calls_to_the_etcd_leader_and_follows_a_new_one() {
+    let node = Node::new("ipam-relay-leader");
+    let mut etcd = EtcdCluster::start_in(3, &node.netns).expect("etcd");
+    let socket = node.scratch.join("store.sock");
+    let relay = StoreRelay::start_in(&node.netns, &socket).expect("relay");
+    let mut store = etcd_store(&etcd.endpoints());
+    store["relay"] = serde_json::json!(socket);
+    let cluster = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "led", "type": "plexus-veth",
+        "ipam": ipam_section(&node, store, serde_json::json!([[{"subnet": "10.68.0.0/24"}]])),
+    });
+    let mut list = node.plexus_list("1.0.0", cluster);
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), serde_json::json!("debug"));
+    }
+    let endpoints = etcd.endpoints();
+    let leader_named = |relay: &StoreRelay, i: usize| {
+        let want = format!("leader=\"{}\"", endpoints[i]);
+        relay
+            .log_text()
+            .lines()
+            .any(|l| l.contains("etcd leader") && l.contains(&want))
+    };
+    let (_a, pod_a) = node.pod("default");
+    node.runtime.add(&list, &pod_a).expect("ADD a");
+    let leader = etcd.leader().expect("a leader");
+    assert!(leader_named(&relay, leader), "{}", relay.log_text());
+
+    // The leader goes: the call still goes through the relay, which asks
+    // any member, then learns who leads now.
+    etcd.stop_member(leader).expect("stop the leader");
+    let (_b, pod_b) = node.pod("default");
+    node.runtime
+        .add(&list, &pod_b)
+        .expect("ADD b, the leader gone");
+    let (_c, pod_c) = node.pod("default");
+    node.runtime.add(&list, &pod_c).expect("ADD c");
+    assert_eq!(ipam_stores(&node), ["etcd via the relay"; 3]);
+    let now = etcd.leader().expect("a new leader");
+    assert_ne!(now, leader);
+    assert!(leader_named(&relay, now), "{}", relay.log_text());
+    let mut held = vec![
+        pod_a.container_id.clone(),
+        pod_b.container_id.clone(),
+        pod_c.container_id.clone(),
+    ];
+    held.sort();
+    assert_eq!(audit(&node, &etcd, "led").0, held);
+    for pod in [&pod_a, &pod_b, &pod_c] {
+        node.runtime.del(&list, pod).expect("DEL");
+    }
+    assert_eq!(audit(&node, &etcd, "led"), (vec![], 0));
+}

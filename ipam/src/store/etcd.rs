@@ -341,6 +341,24 @@ impl EtcdStore {
         }
     }
 
+    /// The configured endpoint of the member that leads now, if etcd names
+    /// one among them (its members' advertised client URLs against this
+    /// store's endpoints).
+    pub fn leader_endpoint(&mut self) -> Result<Option<String>, Error> {
+        let leader = self
+            .retry("status", |mut c| async move { c.status().await })?
+            .leader();
+        let members = self.retry("member list", |mut c| async move { c.member_list().await })?;
+        let trim = |u: &str| u.trim_end_matches('/').to_string();
+        let ours: Vec<String> = self.endpoints.iter().map(|e| trim(e)).collect();
+        Ok(members
+            .members()
+            .iter()
+            .filter(|m| m.id() == leader)
+            .flat_map(|m| m.client_urls().iter().map(|u| trim(u)))
+            .find(|u| ours.contains(u)))
+    }
+
     /// Runs `call` until it answers, cannot be cured, or time runs out.
     fn retry<T, F, Fut>(&mut self, what: &str, mut call: F) -> Result<T, Error>
     where

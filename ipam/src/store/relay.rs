@@ -19,13 +19,14 @@
 //! transaction compares revisions, so one that committed fails the second
 //! time and the caller reads what it wrote.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::etcd::{describe, EtcdStore};
 use super::{Kv, Store, Txn, TxnOutcome};
@@ -70,9 +71,79 @@ impl Reply {
     }
 }
 
+/// How long the relay trusts what it learned of a store's leader.
+const LEADER_TTL: Duration = Duration::from_secs(10);
+/// How long a call may try the leader alone before any member is asked.
+const LEADER_TRY: Duration = Duration::from_secs(1);
+
+/// What the relay knows of each store's leader: the endpoint of the member
+/// that leads (none: not known, any member is asked), and when it learned
+/// it. Calls go to the leader: a member that does not lead hands a write to
+/// the leader and answers only once it has applied it itself.
+#[derive(Default)]
+pub struct Leaders(HashMap<String, (Option<String>, Instant)>);
+
+impl Leaders {
+    /// A store's connection, whatever its prefix and timeout.
+    fn key(conf: &EtcdConf) -> String {
+        format!(
+            "{:?}",
+            (
+                &conf.endpoints,
+                &conf.ca_file,
+                &conf.cert_file,
+                &conf.key_file,
+                &conf.username,
+                &conf.password
+            )
+        )
+    }
+
+    /// The leader's store for `conf`, if a leader is known: on a connection
+    /// to it alone, whose calls give up after [`LEADER_TRY`].
+    fn store(&self, conf: &EtcdConf) -> Option<Result<EtcdStore, Error>> {
+        let (endpoint, _) = self.0.get(&Self::key(conf))?;
+        let mut alone = conf.clone();
+        alone.endpoints = vec![endpoint.clone()?];
+        alone.timeout_seconds = Some(LEADER_TRY.as_secs_f64());
+        Some(EtcdStore::connect_shared(&alone))
+    }
+
+    /// Learns the leader again when what was learned is older than
+    /// [`LEADER_TTL`] (only for more than one endpoint).
+    fn refresh(&mut self, conf: &EtcdConf, any: &mut EtcdStore) {
+        let key = Self::key(conf);
+        if conf.endpoints.len() < 2
+            || self
+                .0
+                .get(&key)
+                .is_some_and(|(_, at)| at.elapsed() < LEADER_TTL)
+        {
+            return;
+        }
+        any.set_deadline(Instant::now() + LEADER_TRY);
+        let leader = any.leader_endpoint().unwrap_or_else(|e| {
+            debug!(error = %e, "etcd leader not learned");
+            None
+        });
+        let before = self.0.get(&key).map(|(l, _)| l.clone());
+        if before.as_ref() != Some(&leader) {
+            info!(leader = leader.as_deref().unwrap_or("none known"), endpoints = ?conf.endpoints,
+                "etcd leader: calls go to it");
+        }
+        self.0.insert(key, (leader, Instant::now()));
+    }
+
+    fn forget(&mut self, conf: &EtcdConf) {
+        self.0.remove(&Self::key(conf));
+    }
+}
+
 /// Serves one client connection: its config line, then its calls, until it
-/// hangs up or stays silent for `idle`.
-pub fn serve(stream: UnixStream, idle: Duration) -> io::Result<()> {
+/// hangs up or stays silent for `idle`. Each call goes to the leader when
+/// one is known, to any member otherwise; between calls the leader is
+/// learned again when what `leaders` holds is stale.
+pub fn serve(stream: UnixStream, idle: Duration, leaders: &mut Leaders) -> io::Result<()> {
     stream.set_read_timeout(Some(idle))?;
     let mut writer = stream.try_clone()?;
     let mut lines = BufReader::new(stream).lines();
@@ -80,38 +151,64 @@ pub fn serve(stream: UnixStream, idle: Duration) -> io::Result<()> {
         return Ok(());
     };
     let conf: EtcdConf = serde_json::from_str(&first?).map_err(io::Error::other)?;
-    let mut store: Option<EtcdStore> = None;
+    let mut any: Option<EtcdStore> = None;
     for line in lines {
         let req: Request = serde_json::from_str(&line?).map_err(io::Error::other)?;
         let deadline = Instant::now() + Duration::from_millis(req.ms);
-        let connected = match &mut store {
-            Some(s) => Ok(s),
-            None => EtcdStore::connect_shared(&conf).map(|s| store.insert(s)),
+        let on_leader = match leaders.store(&conf) {
+            Some(Ok(mut leader)) => {
+                leader.set_deadline(deadline.min(Instant::now() + LEADER_TRY));
+                match try_answer(&mut leader, req.call.clone()) {
+                    Err(Error::Unreachable { detail, .. }) => {
+                        debug!(detail, "etcd leader unreachable: asking any member");
+                        leaders.forget(&conf);
+                        None
+                    }
+                    done => Some(done.unwrap_or_else(Reply::of_error)),
+                }
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "no connection to the etcd leader: asking any member");
+                leaders.forget(&conf);
+                None
+            }
+            None => None,
         };
-        let reply = match connected {
-            Ok(s) => {
+        let connected = match &mut any {
+            Some(s) => Ok(s),
+            None => EtcdStore::connect_shared(&conf).map(|s| any.insert(s)),
+        };
+        let reply = match (on_leader, connected) {
+            (Some(reply), _) => reply,
+            (None, Ok(s)) => {
                 s.set_deadline(deadline);
                 answer(s, req.call)
             }
-            Err(e) => Reply::of_error(e),
+            (None, Err(e)) => Reply::of_error(e),
         };
         let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
         out.push(b'\n');
         writer.write_all(&out)?;
+        if let Some(s) = &mut any {
+            leaders.refresh(&conf, s);
+        }
     }
     Ok(())
 }
 
-fn answer(store: &mut EtcdStore, call: Call) -> Reply {
-    let out = match call {
+fn try_answer(store: &mut EtcdStore, call: Call) -> Result<Reply, Error> {
+    match call {
         Call::Get(key) => store
             .get(&key)
             .map(|kv| Reply::Kvs(kv.into_iter().collect())),
         Call::GetMany(keys) => store.get_many(&keys).map(Reply::Kvs),
         Call::Range(prefix) => store.range(&prefix).map(Reply::Kvs),
         Call::Txn(txn) => store.txn(txn).map(Reply::Txn),
-    };
-    out.unwrap_or_else(Reply::of_error)
+    }
+}
+
+fn answer(store: &mut EtcdStore, call: Call) -> Reply {
+    try_answer(store, call).unwrap_or_else(Reply::of_error)
 }
 
 /// A connection to the relay, its config sent.

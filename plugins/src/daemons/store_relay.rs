@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ipam::store::relay::Leaders;
 use tracing::{debug, info, warn};
 
 /// How long a client may stay silent before the relay hangs up on it.
@@ -30,9 +31,10 @@ pub fn main(socket: Option<&str>) -> ExitCode {
         }
     };
     info!(socket, "store relay listening");
+    let mut leaders = Leaders::default();
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => serve(s),
+            Ok(s) => serve(s, &mut leaders),
             Err(e) => warn!(error = %e, "accept"),
         }
     }
@@ -56,8 +58,8 @@ fn listen(socket: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn serve(stream: UnixStream) {
-    match ipam::store::relay::serve(stream, IDLE) {
+fn serve(stream: UnixStream, leaders: &mut Leaders) {
+    match ipam::store::relay::serve(stream, IDLE, leaders) {
         Ok(()) => debug!("store relay client done"),
         Err(e) => debug!(error = %e, "store relay client dropped"),
     }
