@@ -185,10 +185,8 @@ impl Node {
     }
 
     fn cache_path(&self, store: &str) -> PathBuf {
-        let h = store.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        self.dir.join(format!("cache-{h:016x}.json"))
+        self.dir
+            .join(format!("cache-{:016x}.json", fnv1a(store.as_bytes())))
     }
 
     /// The allocator for this node, its cache loaded.
@@ -208,7 +206,7 @@ impl Node {
         }
         let cache: NodeCache = fs::read(self.cache_path(&store.describe()))
             .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .and_then(|raw| cache_body(&raw).and_then(|b| serde_json::from_slice(b).ok()))
             .unwrap_or_default();
         Ok(Allocator::new(store, &node).with_cache(cache))
     }
@@ -222,12 +220,17 @@ impl Node {
             return;
         }
         let path = self.cache_path(&alloc.store().describe());
-        // Written over in place: only a cache, checked against the store's
-        // revisions by every transaction, and one cut short does not parse
-        // and is not read. Replacing it by rename would make the filesystem
-        // allocate the new file's blocks at once and free the old one's.
+        // Written over in place, behind its checksum: one cut short (or
+        // spliced with the one before) is not read, and the store is read
+        // instead. Replacing it by rename would make the filesystem allocate
+        // the new file's blocks at once and free the old one's.
         let written = serde_json::to_vec(alloc.cache())
             .map_err(std::io::Error::other)
+            .map(|body| {
+                let mut raw = format!("{:016x}\n", fnv1a(&body)).into_bytes();
+                raw.extend_from_slice(&body);
+                raw
+            })
             .and_then(|raw| {
                 let f = OpenOptions::new()
                     .create(true)
@@ -283,6 +286,21 @@ impl Node {
             }
         }
     }
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The node cache file's body, when its checksum line matches it.
+fn cache_body(raw: &[u8]) -> Option<&[u8]> {
+    let nl = raw.iter().position(|b| *b == b'\n')?;
+    let sum = u64::from_str_radix(std::str::from_utf8(&raw[..nl]).ok()?, 16).ok()?;
+    let body = &raw[nl + 1..];
+    (fnv1a(body) == sum).then_some(body)
 }
 
 fn handle(req: &Request) -> HandleId {
@@ -499,5 +517,26 @@ impl Node {
             // A local store is always reachable: nothing to journal.
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cache_body, fnv1a};
+
+    #[test]
+    fn the_node_cache_is_read_only_whole() {
+        let body = br#"{"blocks":{"a":[7,{"w":[1,2]}]}}"#;
+        let mut raw = format!("{:016x}\n", fnv1a(body)).into_bytes();
+        raw.extend_from_slice(body);
+        assert_eq!(cache_body(&raw), Some(&body[..]));
+        // Cut short, spliced with an older one, or without its checksum.
+        assert_eq!(cache_body(&raw[..raw.len() - 3]), None);
+        let mut spliced = raw.clone();
+        let at = spliced.len() - 6;
+        spliced[at] = b'9';
+        assert_eq!(cache_body(&spliced), None);
+        assert_eq!(cache_body(body), None);
+        assert_eq!(cache_body(b""), None);
     }
 }
