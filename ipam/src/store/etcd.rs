@@ -66,7 +66,11 @@ impl EtcdStore {
             .with_timeout(timeout)
             .with_require_leader(true);
         if let (Some(user), Some(password)) = (&conf.username, &conf.password) {
-            options = options.with_user(user.clone(), password.clone());
+            // A long-lived client (the agent, the store relay) outlives
+            // its token: etcd's expire.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if conf.ca_file.is_some() || conf.cert_file.is_some() {
             let mut tls = TlsOptions::new();

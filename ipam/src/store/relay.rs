@@ -9,18 +9,20 @@
 //! that is already up.
 //!
 //! Wire format, one JSON document per line over a Unix stream: the client
-//! first sends the store's config ([`EtcdConf`]), then one [`Request`] per
-//! store call, each answered by one [`Reply`]. Nothing is kept between
-//! connections but the etcd connections.
+//! first sends the store's config ([`EtcdConf`]), which the relay answers
+//! with `"ready"` once it serves this client, then one [`Request`] per store
+//! call, each answered by one [`Reply`]. Nothing is kept between connections
+//! but the etcd connections and which member leads.
 //!
-//! [`Relayed`] never depends on the relay: with no relay listening, or one
-//! that goes away mid-call, it makes the call straight to etcd. Repeating a
+//! [`Relayed`] never depends on the relay: with no relay listening, one
+//! busy with another client, one that goes away or answers with an error,
+//! it makes the call straight to etcd. Repeating a
 //! call the relay may already have made is safe: reads are reads, and a
 //! transaction compares revisions, so one that committed fails the second
 //! time and the caller reads what it wrote.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -139,29 +141,79 @@ impl Leaders {
     }
 }
 
-/// Serves one client connection: its config line, then its calls, until it
-/// hangs up or stays silent for `idle`. Each call goes to the leader when
-/// one is known, to any member otherwise; between calls the leader is
+/// The longest line the relay reads: a call is a few keys or one
+/// transaction.
+const MAX_LINE: u64 = 1 << 20;
+/// How long a client waits for the relay to take its connection (it serves
+/// one at a time) before it goes straight to etcd.
+const HELLO_WAIT: Duration = Duration::from_millis(100);
+/// The relay's answer to a client's config line: it is serving this client.
+const READY: &str = "\"ready\"";
+
+/// One line of at most [`MAX_LINE`] bytes, without its newline; `None` at
+/// the end of the stream.
+fn read_line(reader: &mut impl BufRead) -> io::Result<Option<String>> {
+    let mut line = String::new();
+    let n = reader.by_ref().take(MAX_LINE).read_line(&mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with('\n') {
+        return Err(io::Error::other("line too long or cut short"));
+    }
+    line.pop();
+    Ok(Some(line))
+}
+
+fn write_line(writer: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    let mut out = serde_json::to_vec(value).map_err(io::Error::other)?;
+    out.push(b'\n');
+    writer.write_all(&out)
+}
+
+/// Serves one client connection: its config line (answered at once, so the
+/// client knows it is being served), then its calls, until it hangs up or
+/// stays silent or unread for `idle`. Each call goes to the leader when one
+/// is known, to any member otherwise; once the client is gone the leader is
 /// learned again when what `leaders` holds is stale.
 pub fn serve(stream: UnixStream, idle: Duration, leaders: &mut Leaders) -> io::Result<()> {
     stream.set_read_timeout(Some(idle))?;
+    stream.set_write_timeout(Some(idle))?;
     let mut writer = stream.try_clone()?;
-    let mut lines = BufReader::new(stream).lines();
-    let Some(first) = lines.next() else {
+    let mut reader = BufReader::new(stream);
+    let Some(first) = read_line(&mut reader)? else {
         return Ok(());
     };
-    let conf: EtcdConf = serde_json::from_str(&first?).map_err(io::Error::other)?;
+    let conf: EtcdConf = serde_json::from_str(&first).map_err(io::Error::other)?;
+    writer.write_all(format!("{READY}\n").as_bytes())?;
     let mut any: Option<EtcdStore> = None;
-    for line in lines {
-        let req: Request = serde_json::from_str(&line?).map_err(io::Error::other)?;
+    let served = serve_calls(&mut reader, &mut writer, &conf, &mut any, leaders);
+    if any.is_none() {
+        any = EtcdStore::connect_shared(&conf).ok();
+    }
+    if let Some(s) = &mut any {
+        leaders.refresh(&conf, s);
+    }
+    served
+}
+
+fn serve_calls(
+    reader: &mut impl BufRead,
+    writer: &mut impl Write,
+    conf: &EtcdConf,
+    any: &mut Option<EtcdStore>,
+    leaders: &mut Leaders,
+) -> io::Result<()> {
+    while let Some(line) = read_line(reader)? {
+        let req: Request = serde_json::from_str(&line).map_err(io::Error::other)?;
         let deadline = Instant::now() + Duration::from_millis(req.ms);
-        let on_leader = match leaders.store(&conf) {
+        let on_leader = match leaders.store(conf) {
             Some(Ok(mut leader)) => {
                 leader.set_deadline(deadline.min(Instant::now() + LEADER_TRY));
                 match try_answer(&mut leader, req.call.clone()) {
                     Err(Error::Unreachable { detail, .. }) => {
                         debug!(detail, "etcd leader unreachable: asking any member");
-                        leaders.forget(&conf);
+                        leaders.forget(conf);
                         None
                     }
                     done => Some(done.unwrap_or_else(Reply::of_error)),
@@ -169,29 +221,28 @@ pub fn serve(stream: UnixStream, idle: Duration, leaders: &mut Leaders) -> io::R
             }
             Some(Err(e)) => {
                 debug!(error = %e, "no connection to the etcd leader: asking any member");
-                leaders.forget(&conf);
+                leaders.forget(conf);
                 None
             }
             None => None,
         };
-        let connected = match &mut any {
-            Some(s) => Ok(s),
-            None => EtcdStore::connect_shared(&conf).map(|s| any.insert(s)),
-        };
-        let reply = match (on_leader, connected) {
-            (Some(reply), _) => reply,
-            (None, Ok(s)) => {
-                s.set_deadline(deadline);
-                answer(s, req.call)
+        let reply = match on_leader {
+            Some(reply) => reply,
+            None => {
+                let connected = match any {
+                    Some(s) => Ok(s),
+                    None => EtcdStore::connect_shared(conf).map(|s| any.insert(s)),
+                };
+                match connected {
+                    Ok(s) => {
+                        s.set_deadline(deadline);
+                        answer(s, req.call)
+                    }
+                    Err(e) => Reply::of_error(e),
+                }
             }
-            (None, Err(e)) => Reply::of_error(e),
         };
-        let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
-        out.push(b'\n');
-        writer.write_all(&out)?;
-        if let Some(s) = &mut any {
-            leaders.refresh(&conf, s);
-        }
+        write_line(writer, &reply)?;
     }
     Ok(())
 }
@@ -211,38 +262,40 @@ fn answer(store: &mut EtcdStore, call: Call) -> Reply {
     try_answer(store, call).unwrap_or_else(Reply::of_error)
 }
 
-/// A connection to the relay, its config sent.
+/// A connection to the relay that is serving it.
 struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Client {
+    /// Connects and sends the config; the relay must take the connection
+    /// within [`HELLO_WAIT`].
     fn connect(socket: &Path, conf: &EtcdConf) -> io::Result<Client> {
         let mut writer = UnixStream::connect(socket)?;
-        let mut hello = serde_json::to_vec(conf).map_err(io::Error::other)?;
-        hello.push(b'\n');
-        writer.write_all(&hello)?;
-        Ok(Client {
-            reader: BufReader::new(writer.try_clone()?),
-            writer,
-        })
+        writer.set_write_timeout(Some(HELLO_WAIT))?;
+        write_line(&mut writer, conf)?;
+        let mut reader = BufReader::new(writer.try_clone()?);
+        reader.get_ref().set_read_timeout(Some(HELLO_WAIT))?;
+        let mut ready = String::new();
+        reader.read_line(&mut ready)?;
+        if ready.trim_end() != READY {
+            return Err(io::Error::other(format!("the relay answered {ready:?}")));
+        }
+        Ok(Client { reader, writer })
     }
 
-    /// One call; `Err` when the relay could not be asked or did not answer.
+    /// One call; `Err` when the relay could not be asked or did not answer
+    /// within `left` (and a little more for the socket).
     fn call(&mut self, call: &Call, left: Duration) -> io::Result<Reply> {
+        let patience = left + Duration::from_millis(100);
         let req = Request {
             call: call.clone(),
             ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         };
-        let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
-        line.push(b'\n');
-        self.writer.write_all(&line)?;
-        // The relay answers within the call's time; a little more for the
-        // socket, then it is taken for gone.
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(left + Duration::from_millis(100)))?;
+        self.writer.set_write_timeout(Some(patience))?;
+        write_line(&mut self.writer, &req)?;
+        self.reader.get_ref().set_read_timeout(Some(patience))?;
         let mut answer = String::new();
         if self.reader.read_line(&mut answer)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -282,21 +335,27 @@ impl Relayed {
         self.relay.is_some()
     }
 
+    /// The call through the relay; straight to etcd, with the time left,
+    /// once the relay is gone, silent, or answered with an error (a relay
+    /// that cannot reach etcd, or holds an expired token, is no reason for
+    /// a call that can to fail). The relay is not asked again by this call's
+    /// store: after a timeout its answers could come out of turn.
     fn call(&mut self, call: Call) -> Result<Reply, Error> {
         if let Some(relay) = &mut self.relay {
             let left = self.deadline.saturating_duration_since(Instant::now());
-            match relay.call(&call, left) {
+            let failed = match relay.call(&call, left) {
+                Ok(Reply::Unreachable { detail, .. }) => detail,
+                Ok(Reply::Config(m) | Reply::Failed(m)) => m,
                 Ok(reply) => return Ok(reply),
-                Err(e) if Instant::now() >= self.deadline => {
-                    return Err(Error::Unreachable {
-                        store: self.name.clone(),
-                        detail: format!("the store relay did not answer in time: {e}"),
-                    })
-                }
-                Err(e) => {
-                    debug!(error = %e, "store relay gone: straight to etcd");
-                    self.relay = None;
-                }
+                Err(e) => e.to_string(),
+            };
+            debug!(error = %failed, "store relay failed: straight to etcd");
+            self.relay = None;
+            if Instant::now() >= self.deadline {
+                return Err(Error::Unreachable {
+                    store: self.name.clone(),
+                    detail: format!("through the store relay: {failed}"),
+                });
             }
         }
         let direct = match &mut self.direct {

@@ -3,13 +3,16 @@
 //! answers one client at a time: the node's IPAM calls already take turns on
 //! the node lock, and each is one or two store calls.
 
-use std::os::unix::fs::PermissionsExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use ipam::store::relay::Leaders;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::stat::{umask, Mode};
 use tracing::{debug, info, warn};
 
 /// How long a client may stay silent before the relay hangs up on it.
@@ -23,7 +26,8 @@ pub fn main(socket: Option<&str>) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .try_init();
-    let listener = match listen(Path::new(socket)) {
+    // The lock is held until the process ends.
+    let (listener, _lock) = match listen(Path::new(socket)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("plexus store-relay: {socket}: {e}");
@@ -41,21 +45,35 @@ pub fn main(socket: Option<&str>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Binds `socket` for root alone, replacing a socket file no relay answers
-/// on any more; refuses while another relay does.
-fn listen(socket: &Path) -> std::io::Result<UnixListener> {
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(std::io::Error::other("another store relay listens there"));
-        }
-        std::fs::remove_file(socket)?;
-    }
+/// Binds `socket` for root alone (created under umask 077), holding
+/// `<socket>.lock` for as long as the relay runs: a second relay refuses,
+/// and a socket file left by one that died is replaced (nothing else is).
+fn listen(socket: &Path) -> std::io::Result<(UnixListener, Flock<File>)> {
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = UnixListener::bind(socket)?;
+    let mut lock_path = socket.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)?;
+    let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| std::io::Error::other("another store relay listens there"))?;
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)?,
+        Ok(_) => return Err(std::io::Error::other("exists and is not a socket")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let before = umask(Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(socket);
+    umask(before);
+    let listener = bound?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok((listener, lock))
 }
 
 fn serve(stream: UnixStream, leaders: &mut Leaders) {
