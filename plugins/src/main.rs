@@ -4,8 +4,9 @@
 //! `/proc/self/maps` for the main thread's stack guard, sets up an alternate
 //! signal stack and checks descriptors 0-2, a tenth of a millisecond of
 //! every exec of a plugin that lives a few. The arguments and environment
-//! still reach std (glibc hands them over); SIGPIPE is ignored here as std
-//! would, so a reader that went away is an error to report, not a death.
+//! still reach std (glibc hands them over); SIGPIPE is ignored and closed
+//! descriptors 0-2 opened on /dev/null here as std would, so a reader that
+//! went away is an error to report, not a death.
 
 #![cfg_attr(not(test), no_main)]
 
@@ -63,6 +64,20 @@ pub extern "C" fn main(
             nix::sys::signal::SigHandler::SigIgn,
         )
     };
+    // As std would: descriptors 0-2 closed by whoever started us are
+    // opened on /dev/null, so no file or socket of ours takes their place.
+    for fd in 0..3 {
+        if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF) {
+            // Opened, it takes the lowest free descriptor: this one.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                std::mem::forget(null);
+            }
+        }
+    }
     let code = dispatch();
     // std::process::exit flushes stdout, as returning from std's main would.
     std::process::exit(status(code))

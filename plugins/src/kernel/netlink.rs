@@ -134,15 +134,21 @@ fn nl_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
 /// fail short of the kernel losing a namespace this thread holds open; if it
 /// did, the process ends rather than go on in the pod's namespace.
 fn in_netns<T>(ns: &File, shown: &str, f: impl FnOnce() -> T) -> Result<T, Error> {
+    /// Brings the thread back to its own namespace, `f` unwinding or not.
+    struct Back<'a>(File, &'a str);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            if let Err(e) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
+                tracing::error!(error = %e, netns = %self.1, "cannot leave the pod's netns: exiting");
+                std::process::exit(1);
+            }
+        }
+    }
     let own = File::open("/proc/thread-self/ns/net")
         .map_err(|e| nl_err("open this thread's netns", e))?;
     setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| nl_err(format!("enter netns {shown}"), e))?;
-    let out = f();
-    if let Err(e) = setns(&own, CloneFlags::CLONE_NEWNET) {
-        tracing::error!(error = %e, netns = %shown, "cannot leave the pod's netns: exiting");
-        std::process::exit(1);
-    }
-    Ok(out)
+    let _back = Back(own, shown);
+    Ok(f())
 }
 
 /// Formats a MAC address as `aa:bb:…`.
