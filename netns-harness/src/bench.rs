@@ -222,31 +222,35 @@ fn measure_rss(node: &Node, v: &mut Variant) -> Result<(), String> {
     Ok(())
 }
 
-/// The order of cycle `cycle` of `n` variants, from a Williams design: over
-/// `n` cycles (`2n` for odd `n`) every variant comes directly after every
-/// other exactly once.
-pub(crate) fn balanced_order(cycle: usize, n: usize) -> Vec<usize> {
-    let row = if n % 2 == 1 { cycle / 2 } else { cycle };
-    // 0, 1, n-1, 2, n-2, …, shifted by the row.
-    let mut order: Vec<usize> = (0..n)
-        .map(|k| {
-            if k % 2 == 1 {
-                k.div_ceil(2)
-            } else {
-                (n - k / 2) % n
-            }
-        })
-        .map(|first| (first + row) % n)
-        .collect();
-    if n % 2 == 1 && cycle % 2 == 1 {
-        order.reverse();
+/// The order the variants run in, repeated: a closed walk through every
+/// ordered pair of distinct variants once (an Eulerian circuit of the
+/// complete directed graph, found by Hierholzer's algorithm). Repeated, every
+/// variant comes directly after every other equally often, across the
+/// repeats too, and each runs `n - 1` times a round.
+pub(crate) fn balanced_sequence(n: usize) -> Vec<usize> {
+    if n < 2 {
+        return vec![0; n];
     }
-    order
+    // The variants each has yet to be followed by.
+    let mut next: Vec<Vec<usize>> = (0..n)
+        .map(|v| (0..n).rev().filter(|&u| u != v).collect())
+        .collect();
+    let (mut walk, mut circuit) = (vec![0], Vec::new());
+    while let Some(&v) = walk.last() {
+        match next[v].pop() {
+            Some(u) => walk.push(u),
+            None => circuit.extend(walk.pop()),
+        }
+    }
+    circuit.reverse();
+    // It ends where it began: the repeat starts there.
+    circuit.pop();
+    circuit
 }
 
-/// Each variant's ADD and DEL `cycles` times, alternating (each cycle in
-/// the order [`balanced_order`] gives), then its peak RSS; prints the table
-/// and returns each variant's ADD and DEL p50 and p99.
+/// Each variant's ADD and DEL `cycles` times, alternating in the order
+/// [`balanced_sequence`] gives, then its peak RSS; prints the table and
+/// returns each variant's ADD and DEL p50 and p99.
 pub(crate) fn scenario(
     node: &Node,
     title: &str,
@@ -258,24 +262,29 @@ pub(crate) fn scenario(
         .iter()
         .map(|v| v.pod(node))
         .collect::<Result<Vec<_>, String>>()?;
-    let n = variants.len();
-    for i in 0..cycles {
-        // A call pays for what the kernel still does after the one before
-        // (a deleted veth's reclaim): the cycles' orders make every variant
-        // directly follow every other equally often.
-        for j in balanced_order(i, n) {
-            let (v, (_ns, pod)) = (&mut variants[j], &pods[j]);
-            let t = Instant::now();
-            node.runtime
-                .add(&v.list, pod)
-                .map_err(|e| format!("{} ADD {i}: {e}", v.label))?;
-            v.add.push(t.elapsed());
-            let t = Instant::now();
-            node.runtime
-                .del(&v.list, pod)
-                .map_err(|e| format!("{} DEL {i}: {e}", v.label))?;
-            v.del.push(t.elapsed());
+    // A call pays for what the kernel still does after the one before (a
+    // deleted veth's reclaim): in this order every variant directly follows
+    // every other equally often.
+    let order = balanced_sequence(variants.len());
+    for j in order.iter().cycle().copied() {
+        if variants.iter().all(|v| v.add.len() >= cycles) {
+            break;
         }
+        if variants[j].add.len() >= cycles {
+            continue;
+        }
+        let (v, (_ns, pod)) = (&mut variants[j], &pods[j]);
+        let i = v.add.len();
+        let t = Instant::now();
+        node.runtime
+            .add(&v.list, pod)
+            .map_err(|e| format!("{} ADD {i}: {e}", v.label))?;
+        v.add.push(t.elapsed());
+        let t = Instant::now();
+        node.runtime
+            .del(&v.list, pod)
+            .map_err(|e| format!("{} DEL {i}: {e}", v.label))?;
+        v.del.push(t.elapsed());
     }
     for v in variants.iter_mut() {
         measure_rss(node, v)?;
@@ -390,29 +399,28 @@ pub fn side_by_side<'s>(
 
 #[cfg(test)]
 mod tests {
-    use super::balanced_order;
+    use super::balanced_sequence;
 
     #[test]
     fn every_variant_directly_follows_every_other_equally_often() {
-        for n in 1..=6 {
-            let cycles = if n % 2 == 1 { 2 * n } else { n };
+        for n in 1..=7 {
+            let seq = balanced_sequence(n);
+            let want = if n < 2 { n } else { n * (n - 1) };
+            assert_eq!(seq.len(), want, "n={n}: {seq:?}");
             let mut pairs = std::collections::HashMap::new();
-            for c in 0..cycles {
-                let order = balanced_order(c, n);
-                let mut sorted = order.clone();
-                sorted.sort_unstable();
-                assert_eq!(
-                    sorted,
-                    (0..n).collect::<Vec<_>>(),
-                    "n={n} cycle {c}: {order:?}"
-                );
-                for w in order.windows(2) {
-                    *pairs.entry((w[0], w[1])).or_insert(0) += 1;
-                }
+            // Repeated: the pair across the repeat counts too.
+            for k in 0..seq.len() {
+                *pairs.entry((seq[k], seq[(k + 1) % seq.len()])).or_insert(0) += 1;
             }
-            let want = if n % 2 == 1 { 2 } else { 1 };
-            assert_eq!(pairs.len(), n * (n - 1), "n={n}: {pairs:?}");
-            assert!(pairs.values().all(|&c| c == want), "n={n}: {pairs:?}");
+            if n >= 2 {
+                assert_eq!(pairs.len(), n * (n - 1), "n={n}: {seq:?}");
+                assert!(pairs.keys().all(|(a, b)| a != b), "n={n}: {seq:?}");
+                assert!(pairs.values().all(|&c| c == 1), "n={n}: {seq:?}");
+            }
+            for v in 0..n {
+                let runs = seq.iter().filter(|&&x| x == v).count();
+                assert_eq!(runs, (n - 1).max(1), "n={n}: {seq:?}");
+            }
         }
     }
 }

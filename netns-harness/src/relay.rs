@@ -26,7 +26,6 @@ impl StoreRelay {
         let log = socket.with_extension("log");
         let mut cmd = Command::new(plexus_bin());
         cmd.args(["store-relay", &socket.to_string_lossy()])
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
@@ -63,6 +62,16 @@ impl StoreRelay {
     /// What the relay logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The relay's peak resident memory so far (KiB), from the kernel.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// Kills the relay (its socket file stays, as after a crash).

@@ -964,6 +964,31 @@ fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
     both.sort();
     assert_eq!(audit(&node, &etcd, "relayed").0, both);
 
+    // A relay that takes no client (stuck, or busy with another): straight
+    // to etcd after a moment, never waiting out the call's time.
+    let stuck_socket = node.scratch.join("stuck.sock");
+    let _stuck = std::os::unix::net::UnixListener::bind(&stuck_socket).expect("bind");
+    let mut stuck_store = etcd_store(&etcd.endpoints());
+    stuck_store["relay"] = serde_json::json!(stuck_socket);
+    let stuck_list = node.plexus_list(
+        "1.0.0",
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "relayed", "type": "plexus-veth",
+            "ipam": ipam_section(&node, stuck_store, serde_json::json!([[{"subnet": "10.67.0.0/24"}]])),
+        }),
+    );
+    let (_ns_c, pod_c) = node.pod("default");
+    let started = std::time::Instant::now();
+    node.runtime
+        .add(&stuck_list, &pod_c)
+        .expect("ADD c past a stuck relay");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    node.runtime.del(&stuck_list, &pod_c).expect("DEL c");
+
     // Started again over the stale socket: DEL goes through it.
     let _relay = StoreRelay::start_in(&node.netns, &socket).expect("relay again");
     // A client that sends garbage is hung up on; the relay goes on.
