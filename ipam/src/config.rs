@@ -105,6 +105,22 @@ impl EtcdConf {
         }
     }
 
+    /// What a connection is made with (endpoints and credentials), whatever
+    /// the prefix and timeout of the store using it.
+    pub fn connection_key(&self) -> String {
+        format!(
+            "{:?}",
+            (
+                &self.endpoints,
+                &self.ca_file,
+                &self.cert_file,
+                &self.key_file,
+                &self.username,
+                &self.password,
+            )
+        )
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout_seconds
             .filter(|s| s.is_finite() && *s > 0.0)

@@ -895,6 +895,30 @@ fn plexus_ipam_named_pools_and_static_requests() {
     assert!(taken.msg.contains("already assigned"), "{}", taken.msg);
 }
 
+/// The node conflist with `name` (plexus-veth + plexus-ipam on `etcd`
+/// through the relay at `socket`) as the cluster network; IPAM's debug
+/// lines logged when `debug`.
+fn relayed_list(
+    node: &Node,
+    etcd: &EtcdCluster,
+    socket: &Path,
+    name: &str,
+    subnet: &str,
+    debug: bool,
+) -> NetConfList {
+    let mut store = etcd_store(&etcd.endpoints());
+    store["relay"] = serde_json::json!(socket);
+    let cluster = serde_json::json!({
+        "cniVersion": "1.0.0", "name": name, "type": "plexus-veth",
+        "ipam": ipam_section(node, store, serde_json::json!([[{"subnet": subnet}]])),
+    });
+    let mut list = node.plexus_list("1.0.0", cluster);
+    if let Some(p) = list.plugins.first_mut().filter(|_| debug) {
+        p.insert("logLevel".into(), serde_json::json!("debug"));
+    }
+    list
+}
+
 /// The `store="…"` of each "IPAM ADD/DEL done" line in the node's log.
 fn ipam_stores(node: &Node) -> Vec<String> {
     let text = std::fs::read_to_string(node.log_file()).unwrap_or_default();
@@ -931,16 +955,7 @@ fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
         String::from_utf8_lossy(&second.stderr).contains("another store relay listens there"),
         "{second:?}"
     );
-    let mut store = etcd_store(&etcd.endpoints());
-    store["relay"] = serde_json::json!(socket);
-    let cluster = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "relayed", "type": "plexus-veth",
-        "ipam": ipam_section(&node, store, serde_json::json!([[{"subnet": "10.67.0.0/24"}]])),
-    });
-    let mut list = node.plexus_list("1.0.0", cluster);
-    if let Some(p) = list.plugins.first_mut() {
-        p.insert("logLevel".into(), serde_json::json!("debug"));
-    }
+    let list = relayed_list(&node, &etcd, &socket, "relayed", "10.67.0.0/24", true);
     let (_ns_a, pod_a) = node.pod("default");
     let (ns_b, pod_b) = node.pod("default");
 
@@ -968,14 +983,13 @@ fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
     // to etcd after a moment, never waiting out the call's time.
     let stuck_socket = node.scratch.join("stuck.sock");
     let _stuck = std::os::unix::net::UnixListener::bind(&stuck_socket).expect("bind");
-    let mut stuck_store = etcd_store(&etcd.endpoints());
-    stuck_store["relay"] = serde_json::json!(stuck_socket);
-    let stuck_list = node.plexus_list(
-        "1.0.0",
-        serde_json::json!({
-            "cniVersion": "1.0.0", "name": "relayed", "type": "plexus-veth",
-            "ipam": ipam_section(&node, stuck_store, serde_json::json!([[{"subnet": "10.67.0.0/24"}]])),
-        }),
+    let stuck_list = relayed_list(
+        &node,
+        &etcd,
+        &stuck_socket,
+        "relayed",
+        "10.67.0.0/24",
+        false,
     );
     let (_ns_c, pod_c) = node.pod("default");
     let started = std::time::Instant::now();
@@ -1020,16 +1034,7 @@ fn the_store_relay_sends_calls_to_the_etcd_leader_and_follows_a_new_one() {
     let mut etcd = EtcdCluster::start_in(3, &node.netns).expect("etcd");
     let socket = node.scratch.join("store.sock");
     let relay = StoreRelay::start_in(&node.netns, &socket).expect("relay");
-    let mut store = etcd_store(&etcd.endpoints());
-    store["relay"] = serde_json::json!(socket);
-    let cluster = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "led", "type": "plexus-veth",
-        "ipam": ipam_section(&node, store, serde_json::json!([[{"subnet": "10.68.0.0/24"}]])),
-    });
-    let mut list = node.plexus_list("1.0.0", cluster);
-    if let Some(p) = list.plugins.first_mut() {
-        p.insert("logLevel".into(), serde_json::json!("debug"));
-    }
+    let list = relayed_list(&node, &etcd, &socket, "led", "10.68.0.0/24", true);
     let endpoints = etcd.endpoints();
     let leader_named = |relay: &StoreRelay, i: usize| {
         let want = format!("leader=\"{}\"", endpoints[i]);

@@ -131,17 +131,7 @@ impl EtcdStore {
         /// Connections made so far, by what they were made with.
         type Shared = Vec<(String, Arc<tokio::runtime::Runtime>, Client)>;
         static SHARED: Mutex<Shared> = Mutex::new(Vec::new());
-        let how = format!(
-            "{:?}",
-            (
-                &conf.endpoints,
-                &conf.ca_file,
-                &conf.cert_file,
-                &conf.key_file,
-                &conf.username,
-                &conf.password,
-            )
-        );
+        let how = conf.connection_key();
         let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, rt, client)) = shared.iter().find(|(h, ..)| *h == how) {
             return Ok(EtcdStore {

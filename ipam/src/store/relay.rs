@@ -86,25 +86,10 @@ const LEADER_TRY: Duration = Duration::from_secs(1);
 pub struct Leaders(HashMap<String, (Option<String>, Instant)>);
 
 impl Leaders {
-    /// A store's connection, whatever its prefix and timeout.
-    fn key(conf: &EtcdConf) -> String {
-        format!(
-            "{:?}",
-            (
-                &conf.endpoints,
-                &conf.ca_file,
-                &conf.cert_file,
-                &conf.key_file,
-                &conf.username,
-                &conf.password
-            )
-        )
-    }
-
     /// The leader's store for `conf`, if a leader is known: on a connection
     /// to it alone, whose calls give up after [`LEADER_TRY`].
     fn store(&self, conf: &EtcdConf) -> Option<Result<EtcdStore, Error>> {
-        let (endpoint, _) = self.0.get(&Self::key(conf))?;
+        let (endpoint, _) = self.0.get(&conf.connection_key())?;
         let mut alone = conf.clone();
         alone.endpoints = vec![endpoint.clone()?];
         alone.timeout_seconds = Some(LEADER_TRY.as_secs_f64());
@@ -114,7 +99,7 @@ impl Leaders {
     /// Learns the leader again when what was learned is older than
     /// [`LEADER_TTL`] (only for more than one endpoint).
     fn refresh(&mut self, conf: &EtcdConf, any: &mut EtcdStore) {
-        let key = Self::key(conf);
+        let key = conf.connection_key();
         if conf.endpoints.len() < 2
             || self
                 .0
@@ -137,7 +122,7 @@ impl Leaders {
     }
 
     fn forget(&mut self, conf: &EtcdConf) {
-        self.0.remove(&Self::key(conf));
+        self.0.remove(&conf.connection_key());
     }
 }
 
