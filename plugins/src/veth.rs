@@ -115,29 +115,19 @@ struct Pair {
 /// addresses; it runs while IPAM is still deciding them.
 fn make_pair(req: &Request, conf: &Conf) -> Result<Pair, Error> {
     let host = Netns::host()?;
+    let pod = Netns::open(Path::new(&req.netns))?;
     let name = host_name(&req.container_id, &req.ifname);
     // The pod side is born inside the pod, already named; the host side up.
     // Creation is all or nothing: a name taken on either side creates nothing.
-    // It needs only the pod's netns file, opened with the netlink socket
-    // the rest needs in the pod.
-    let (pod, created) = Netns::open_with(Path::new(&req.netns), |file| {
-        host.add_veth(&name, &req.ifname, (file, &req.netns), conf.mtu, &HOST_MAC)
-    })?;
-    let pod = match (pod, created) {
-        (Ok(pod), Ok(())) => pod,
-        (Ok(pod), Err(e)) => {
-            if pod.link(&req.ifname)?.is_some() {
-                return Err(invalid(format!(
-                    "interface {} already exists in {}",
-                    req.ifname, req.netns
-                )));
-            }
-            return Err(e);
+    if let Err(e) = host.add_veth(&name, &req.ifname, &pod, conf.mtu, &HOST_MAC) {
+        if pod.link(&req.ifname)?.is_some() {
+            return Err(invalid(format!(
+                "interface {} already exists in {}",
+                req.ifname, req.netns
+            )));
         }
-        // Created, the pod not entered: the caller's cleanup removes it.
-        (Err(e), Ok(())) => return Err(e),
-        (Err(_), Err(e)) => return Err(e),
-    };
+        return Err(e);
+    }
     crate::crash::point("veth.pair-created");
     host.mark(&name, &owner_alias(&req.container_id, &req.ifname))?;
     crate::crash::point("veth.pair-marked");

@@ -162,29 +162,15 @@ pub fn mac_string(mac: &[u8]) -> String {
 impl Netns {
     /// Opens a netlink socket inside the namespace at `path`.
     pub fn open(path: &Path) -> Result<Netns, Error> {
-        Self::open_file(path, true, |_| ()).and_then(|(ns, ())| ns)
-    }
-
-    /// [`Netns::open`], then `work` with the namespace's file; `work`'s
-    /// outcome even when entering failed (once the file opened).
-    pub fn open_with<T>(
-        path: &Path,
-        work: impl FnOnce(&File) -> T,
-    ) -> Result<(Result<Netns, Error>, T), Error> {
-        Self::open_file(path, true, work)
+        Self::open_file(path, true)
     }
 
     /// The namespace this process runs in (the host's, for a plugin).
     pub fn host() -> Result<Netns, Error> {
-        Self::open_file(Path::new("/proc/thread-self/ns/net"), false, |_| ())
-            .and_then(|(ns, ())| ns)
+        Self::open_file(Path::new("/proc/thread-self/ns/net"), false)
     }
 
-    fn open_file<T>(
-        path: &Path,
-        enter: bool,
-        work: impl FnOnce(&File) -> T,
-    ) -> Result<(Result<Netns, Error>, T), Error> {
+    fn open_file(path: &Path, enter: bool) -> Result<Netns, Error> {
         let shown = path.display().to_string();
         let file = File::open(path).map_err(|e| {
             Error::new(code::IO_FAILURE, format!("open netns {shown}")).with_details(e.to_string())
@@ -193,30 +179,25 @@ impl Netns {
             .enable_io()
             .build()
             .map_err(|e| nl_err("start netlink runtime", e))?;
-        let (opened, out) = if enter {
-            // The socket is bound to the namespace of the thread that makes
-            // it: this thread steps into the pod for that one call and back.
-            let opened = in_netns(&file, &shown, || {
+        // The socket is bound to the namespace of the thread that makes it:
+        // for another namespace, this thread steps in for that one call.
+        let (conn, handle, _) = if enter {
+            in_netns(&file, &shown, || {
                 let _guard = rt.enter();
                 rtnetlink::new_connection().map_err(|e| nl_err(format!("netlink in {shown}"), e))
-            });
-            (opened.and_then(|o| o), work(&file))
+            })??
         } else {
             let _guard = rt.enter();
-            let opened = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e));
-            (opened, work(&file))
+            rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e))?
         };
-        let ns = opened.map(|(conn, handle, _)| {
-            rt.spawn(conn);
-            Netns {
-                rt,
-                handle,
-                file,
-                path: shown,
-                foreign: enter,
-            }
-        });
-        Ok((ns, out))
+        rt.spawn(conn);
+        Ok(Netns {
+            rt,
+            handle,
+            file,
+            path: shown,
+            foreign: enter,
+        })
     }
 
     /// Writes `/proc/sys/<key>` as seen from inside this namespace (from a
@@ -286,7 +267,7 @@ impl Netns {
         &self,
         name: &str,
         peer: &str,
-        (peer_ns, peer_path): (&File, &str),
+        peer_ns: &Netns,
         mtu: u32,
         mac: &[u8],
     ) -> Result<(), Error> {
@@ -305,7 +286,7 @@ impl Netns {
                 for info in infos {
                     if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
                         p.attributes
-                            .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
+                            .push(LinkAttribute::NetNsFd(peer_ns.file.as_raw_fd()));
                         p.attributes.push(LinkAttribute::Mtu(mtu));
                         p.attributes.push(LinkAttribute::Group(PLEXUS_GROUP));
                         p.attributes.extend(one_queue.clone());
@@ -317,7 +298,7 @@ impl Netns {
         let done = self.rt.block_on(async {
             self.handle.link().add(msg).execute().await.map_err(|e| {
                 nl_err(
-                    format!("create veth {name} with peer {peer} in {peer_path}"),
+                    format!("create veth {name} with peer {peer} in {}", peer_ns.path),
                     e,
                 )
             })
@@ -325,8 +306,8 @@ impl Netns {
         changed(
             || {
                 format!(
-                    "create veth {name} (peer {peer} in {peer_path}) in {}",
-                    self.path
+                    "create veth {name} (peer {peer} in {}) in {}",
+                    peer_ns.path, self.path
                 )
             },
             started,
