@@ -349,26 +349,23 @@ impl Relayed {
                 .direct
                 .insert(EtcdStore::connect_shared(&self.conf)?.with_deadline(self.deadline)),
         };
-        Ok(answer(direct, call))
+        try_answer(direct, call)
     }
 
     fn kvs(&mut self, call: Call) -> Result<Vec<Kv>, Error> {
         match self.call(call)? {
             Reply::Kvs(kvs) => Ok(kvs),
-            other => Err(self.failure(other)),
+            _ => Err(self.out_of_turn()),
         }
     }
 
-    fn failure(&self, reply: Reply) -> Error {
-        match reply {
-            Reply::Unreachable { store, detail } => Error::Unreachable { store, detail },
-            Reply::Config(m) => Error::Config(m),
-            Reply::Failed(m) => Error::Store(m),
-            Reply::Kvs(_) | Reply::Txn(_) => Error::Store(format!(
-                "{}: the store relay answered out of turn",
-                self.name
-            )),
-        }
+    /// An answer of the wrong kind (errors never reach here: they send the
+    /// call straight to etcd, whose errors come back as errors).
+    fn out_of_turn(&self) -> Error {
+        Error::Store(format!(
+            "{}: the store relay answered out of turn",
+            self.name
+        ))
     }
 }
 
@@ -388,7 +385,7 @@ impl Store for Relayed {
     fn txn(&mut self, txn: Txn) -> Result<TxnOutcome, Error> {
         match self.call(Call::Txn(txn))? {
             Reply::Txn(out) => Ok(out),
-            other => Err(self.failure(other)),
+            _ => Err(self.out_of_turn()),
         }
     }
 
