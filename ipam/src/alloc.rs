@@ -144,9 +144,7 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8], key: &str) -> Result<T, Erro
 
 /// A stable start point per node, so nodes claim blocks far apart.
 fn spread(node: &str) -> u64 {
-    node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::fnv1a(&[node.as_bytes()])
 }
 
 /// The `n`-th of a node's further start points.

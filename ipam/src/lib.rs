@@ -16,6 +16,17 @@ pub use block::{HandleId, HandleRecord};
 pub use pool::{Family, Pool};
 pub use store::{etcd::EtcdStore, local::LocalStore, Store};
 
+/// FNV-1a, 64 bits, over `parts` one after the other: a stable hash for
+/// names and a checksum for files, not for anything an attacker chooses.
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
 /// Plugin-specific CNI error codes (the spec leaves 100 and up to plugins).
 pub mod code {
     /// No free address of a family in the pool.

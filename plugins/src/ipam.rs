@@ -22,7 +22,9 @@ use cni::result::IpConfig;
 use cni::{code, CniResult, Error};
 use ipam::config::{IpamConf, StoreConf};
 use ipam::store::relay::Relayed;
-use ipam::{Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, Pool, Store};
+use ipam::{
+    fnv1a, Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, Pool, Store,
+};
 use ipnetwork::IpNetwork;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -186,7 +188,7 @@ impl Node {
 
     fn cache_path(&self, store: &str) -> PathBuf {
         self.dir
-            .join(format!("cache-{:016x}.json", fnv1a(store.as_bytes())))
+            .join(format!("cache-{:016x}.json", fnv1a(&[store.as_bytes()])))
     }
 
     /// The allocator for this node, its cache loaded.
@@ -227,7 +229,7 @@ impl Node {
         let written = serde_json::to_vec(alloc.cache())
             .map_err(std::io::Error::other)
             .map(|body| {
-                let mut raw = format!("{:016x}\n", fnv1a(&body)).into_bytes();
+                let mut raw = format!("{:016x}\n", fnv1a(&[&body])).into_bytes();
                 raw.extend_from_slice(&body);
                 raw
             })
@@ -288,19 +290,12 @@ impl Node {
     }
 }
 
-/// FNV-1a, 64 bits.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The node cache file's body, when its checksum line matches it.
 fn cache_body(raw: &[u8]) -> Option<&[u8]> {
     let nl = raw.iter().position(|b| *b == b'\n')?;
     let sum = u64::from_str_radix(std::str::from_utf8(&raw[..nl]).ok()?, 16).ok()?;
     let body = &raw[nl + 1..];
-    (fnv1a(body) == sum).then_some(body)
+    (fnv1a(&[body]) == sum).then_some(body)
 }
 
 fn handle(req: &Request) -> HandleId {
@@ -522,12 +517,13 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use super::{cache_body, fnv1a};
+    use super::cache_body;
+    use ipam::fnv1a;
 
     #[test]
     fn the_node_cache_is_read_only_whole() {
         let body = br#"{"blocks":{"a":[7,{"w":[1,2]}]}}"#;
-        let mut raw = format!("{:016x}\n", fnv1a(body)).into_bytes();
+        let mut raw = format!("{:016x}\n", fnv1a(&[body])).into_bytes();
         raw.extend_from_slice(body);
         assert_eq!(cache_body(&raw), Some(&body[..]));
         // Cut short, spliced with an older one, or without its checksum.

@@ -54,15 +54,7 @@ impl Conf {
 
 /// Host-side name: `plx` and 12 hex digits of a hash of container id and ifname.
 pub fn host_name(container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id
-        .bytes()
-        .chain(std::iter::once(b'/'))
-        .chain(ifname.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = ipam::fnv1a(&[container_id.as_bytes(), b"/", ifname.as_bytes()]);
     format!("plx{:012x}", h & 0xffff_ffff_ffff)
 }
 

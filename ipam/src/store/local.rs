@@ -28,7 +28,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::{Kv, Op, Store, Txn, TxnOutcome};
-use crate::Error;
+use crate::{fnv1a, Error};
 
 pub struct LocalStore {
     dir: PathBuf,
@@ -87,15 +87,6 @@ const MAGIC: &[u8; 8] = b"PXIPAM01";
 /// Magic, generation, revision, body length, checksum.
 const HEADER: usize = 40;
 
-/// FNV-1a, 64 bits: tells a whole snapshot from one cut short.
-fn checksum(parts: &[&[u8]]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in parts.iter().flat_map(|p| p.iter()) {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 fn u64_at(raw: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&raw[at..at + 8]);
@@ -128,7 +119,7 @@ impl State {
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&self.revision.to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        let sum = checksum(&[&out[8..32], &body]);
+        let sum = fnv1a(&[&out[8..32], &body]);
         out.extend_from_slice(&sum.to_le_bytes());
         out.extend_from_slice(&body);
         out
@@ -139,7 +130,7 @@ impl State {
         header_generation(raw)?;
         let len = usize::try_from(u64_at(raw, 24)).ok()?;
         let body = raw.get(HEADER..HEADER.checked_add(len)?)?;
-        if checksum(&[&raw[8..32], body]) != u64_at(raw, 32) {
+        if fnv1a(&[&raw[8..32], body]) != u64_at(raw, 32) {
             return None;
         }
         let mut kvs = BTreeMap::new();
