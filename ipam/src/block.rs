@@ -188,6 +188,9 @@ pub struct HandleRecord {
 pub struct Block {
     words: Vec<u64>,
     next: u32,
+    /// The owner's reserve: used addresses no handle holds yet, kept for
+    /// the owner's next ADDs (a subset of `words`).
+    reserved: Vec<u64>,
 }
 
 impl Block {
@@ -207,22 +210,52 @@ impl Block {
     /// Clears `ordinal`; whether it was set.
     pub fn clear(&mut self, ordinal: u32) -> bool {
         let was = self.is_used(ordinal);
-        if let Some(word) = self.words.get_mut(ordinal as usize / 64) {
-            *word &= !(1u64 << (ordinal % 64));
-        }
-        while self.words.last() == Some(&0) {
-            self.words.pop();
-        }
+        unset(&mut self.words, ordinal);
+        unset(&mut self.reserved, ordinal);
         was
+    }
+
+    /// Takes `ordinal` as a dynamic pick for the owner's reserve: used, and
+    /// held by no handle until [`Block::assign_reserved`].
+    pub fn reserve(&mut self, ordinal: u32) {
+        self.take(ordinal);
+        let (w, b) = (ordinal as usize / 64, ordinal % 64);
+        if self.reserved.len() <= w {
+            self.reserved.resize(w + 1, 0);
+        }
+        self.reserved[w] |= 1 << b;
+    }
+
+    /// Whether `ordinal` is in the owner's reserve.
+    pub fn is_reserved(&self, ordinal: u32) -> bool {
+        let (w, b) = (ordinal as usize / 64, ordinal % 64);
+        self.reserved
+            .get(w)
+            .is_some_and(|word| word & (1 << b) != 0)
+    }
+
+    /// A reserved address is now a handle's: still used, no longer reserved.
+    pub fn assign_reserved(&mut self, ordinal: u32) {
+        unset(&mut self.reserved, ordinal);
+    }
+
+    /// The owner's reserve, as ordinals.
+    pub fn reserved(&self) -> impl Iterator<Item = u32> + '_ {
+        ordinals(&self.reserved)
+    }
+
+    /// Frees every reserved address (the owner is gone); how many.
+    pub fn drop_reserve(&mut self) -> usize {
+        let all: Vec<u32> = self.reserved().collect();
+        for o in &all {
+            self.clear(*o);
+        }
+        all.len()
     }
 
     /// The ordinals in use.
     pub fn used(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words.iter().enumerate().flat_map(|(w, word)| {
-            (0..64u32)
-                .filter(move |b| word & (1u64 << b) != 0)
-                .map(move |b| w as u32 * 64 + b)
-        })
+        ordinals(&self.words)
     }
 
     /// Whether no address is in use.
@@ -267,12 +300,49 @@ impl Block {
     }
 }
 
+/// Clears bit `ordinal` of `words`, dropping trailing zero words.
+fn unset(words: &mut Vec<u64>, ordinal: u32) {
+    if let Some(word) = words.get_mut(ordinal as usize / 64) {
+        *word &= !(1u64 << (ordinal % 64));
+    }
+    while words.last() == Some(&0) {
+        words.pop();
+    }
+}
+
+/// The set bits of `words`, as ordinals.
+fn ordinals(words: &[u64]) -> impl Iterator<Item = u32> + '_ {
+    words.iter().enumerate().flat_map(|(w, word)| {
+        (0..64u32)
+            .filter(move |b| word & (1u64 << b) != 0)
+            .map(move |b| w as u32 * 64 + b)
+    })
+}
+
+fn hex_words(words: &[u64]) -> String {
+    words.iter().map(|w| format!("{w:016x}")).collect()
+}
+
+fn parse_words<E: serde::de::Error>(raw: &str, field: &str) -> Result<Vec<u64>, E> {
+    if !raw.len().is_multiple_of(16) || !raw.is_ascii() {
+        return Err(E::custom(format!(
+            "{field:?} is not whole 64-bit hex words"
+        )));
+    }
+    (0..raw.len() / 16)
+        .map(|i| u64::from_str_radix(&raw[i * 16..i * 16 + 16], 16))
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(E::custom)
+}
+
 #[derive(Serialize, Deserialize)]
 struct BlockWire {
     #[serde(default)]
     used: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     next: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    reserved: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -281,10 +351,10 @@ fn is_zero(n: &u32) -> bool {
 
 impl Serialize for Block {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let used: String = self.words.iter().map(|w| format!("{w:016x}")).collect();
         BlockWire {
-            used,
+            used: hex_words(&self.words),
             next: self.next,
+            reserved: hex_words(&self.reserved),
         }
         .serialize(s)
     }
@@ -293,18 +363,19 @@ impl Serialize for Block {
 impl<'de> Deserialize<'de> for Block {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Block, D::Error> {
         let wire = BlockWire::deserialize(d)?;
-        if wire.used.len() % 16 != 0 || !wire.used.is_ascii() {
-            return Err(serde::de::Error::custom(
-                "\"used\" is not whole 64-bit hex words",
-            ));
+        let words = parse_words(&wire.used, "used")?;
+        let mut reserved: Vec<u64> = parse_words(&wire.reserved, "reserved")?;
+        // Only used addresses are reserved.
+        for (i, r) in reserved.iter_mut().enumerate() {
+            *r &= words.get(i).copied().unwrap_or(0);
         }
-        let words = (0..wire.used.len() / 16)
-            .map(|i| u64::from_str_radix(&wire.used[i * 16..i * 16 + 16], 16))
-            .collect::<Result<Vec<u64>, _>>()
-            .map_err(serde::de::Error::custom)?;
+        while reserved.last() == Some(&0) {
+            reserved.pop();
+        }
         Ok(Block {
             words,
             next: wire.next,
+            reserved,
         })
     }
 }
