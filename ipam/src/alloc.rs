@@ -7,11 +7,11 @@
 //! case an assignment is exactly one round trip; a stale cache costs one
 //! failed comparison, whose answer refreshes it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::block::{
     block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, unix_now, Assigned, Block,
@@ -34,6 +34,12 @@ const PROBE_WINDOW: usize = 32;
 /// borrow).
 const PROBES: usize = 4;
 
+/// Addresses per family a node keeps reserved in its own blocks on etcd
+/// unless its config says otherwise (`reserve`): marked used in the store
+/// ahead of need, so that an ADD is answered from them without a store
+/// round trip (see [`Allocator::take_reserved`]).
+pub const RESERVE: usize = 2;
+
 /// What this node knows of one pool.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PoolCache {
@@ -51,6 +57,12 @@ pub struct PoolCache {
     /// This node's blocks: key → (revision, addresses in use).
     #[serde(default)]
     pub blocks: BTreeMap<String, (i64, Block)>,
+    /// Assignments handed out from the reserve whose handles the store does
+    /// not hold yet, by handle id ([`HandleId::id`]). Unlike the rest of
+    /// the cache this is not known to the store: the plugin replaces the
+    /// file holding it whole, never in place.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unpublished: BTreeMap<String, HandleRecord>,
 }
 
 /// The node's cache of every pool, kept by the plugin between runs.
@@ -132,6 +144,8 @@ pub struct Allocator<S: Store> {
     node: String,
     cache: NodeCache,
     stats: Stats,
+    /// Addresses per family kept in the node's reserve.
+    reserve: usize,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
@@ -140,6 +154,21 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
 
 fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8], key: &str) -> Result<T, Error> {
     serde_json::from_slice(raw).map_err(|e| Error::Store(format!("{key} is corrupt: {e}")))
+}
+
+/// Reserved addresses of `family` in a pool's cached blocks, handed out or not.
+fn reserved(cache: &PoolCache, family: Family) -> usize {
+    cache
+        .blocks
+        .iter()
+        .filter(|(k, _)| cidr_of(k).is_some_and(|c| c.family() == family))
+        .map(|(_, (_, b))| b.reserved().count())
+        .sum::<usize>()
+}
+
+/// The block of a block key (`blocks/<pool>/<node>/<block>`).
+fn cidr_of(key: &str) -> Option<BlockCidr> {
+    key.rsplit('/').next().and_then(BlockCidr::parse_key)
 }
 
 /// A stable start point per node, so nodes claim blocks far apart.
@@ -153,7 +182,7 @@ fn respread(node: &str, n: usize) -> u64 {
 }
 
 /// The bytes a transaction's writes carry.
-fn written(txn: &Txn) -> u64 {
+fn written_bytes(txn: &Txn) -> u64 {
     txn.success
         .iter()
         .map(|op| match op {
@@ -170,7 +199,15 @@ impl<S: Store> Allocator<S> {
             node: node.to_string(),
             cache: NodeCache::new(),
             stats: Stats::default(),
+            reserve: 0,
         }
+    }
+
+    /// Keeps `n` addresses per family in the node's reserve (0, the
+    /// default: none, and every assignment goes through the store).
+    pub fn with_reserve(mut self, n: usize) -> Self {
+        self.reserve = n;
+        self
     }
 
     /// Starts from a cache saved by an earlier run.
@@ -309,12 +346,25 @@ impl<S: Store> Allocator<S> {
             pool = name,
             "pool definition changed in the store; reading it again"
         );
-        self.cache.remove(name);
-        self.pool(name)
+        // What was handed out and not yet published stays: the store does
+        // not know it.
+        let unpublished = self
+            .cache
+            .remove(name)
+            .map(|c| c.unpublished)
+            .unwrap_or_default();
+        let pool = self.pool(name);
+        if !unpublished.is_empty() {
+            self.cache.entry(name.to_string()).or_default().unpublished = unpublished;
+        }
+        pool
     }
 
     /// The record of `handle`, if it holds addresses.
     pub fn lookup(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
+        if let Some(record) = self.unpublished(handle) {
+            return Ok(Some(record));
+        }
         let key = handle.key();
         self.store
             .get(&key)?
@@ -344,7 +394,12 @@ impl<S: Store> Allocator<S> {
                 continue;
             };
             let block: Block = decode(&kv.value, &kv.key)?;
-            out.extend(block.used().map(|ord| cidr.nth(u128::from(ord))));
+            out.extend(
+                block
+                    .used()
+                    .filter(|o| !block.is_reserved(*o))
+                    .map(|ord| cidr.nth(u128::from(ord))),
+            );
         }
         Ok(out)
     }
@@ -423,7 +478,7 @@ impl<S: Store> Allocator<S> {
                     .or_read(&p.key);
             }
             txn = txn.put(&hkey, encode(&record)?);
-            let bytes = written(&txn);
+            let bytes = written_bytes(&txn);
             let out = self.store.txn(txn)?;
             self.stats.txns += 1;
             if out.succeeded {
@@ -460,6 +515,19 @@ impl<S: Store> Allocator<S> {
     /// Frees what `handle` holds; `None` when it holds nothing.
     pub fn release(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
         let hkey = handle.key();
+        if let Some(record) = self.unpublished(handle) {
+            // Not in the store, unless a publisher wrote it and stopped before
+            // its cache was saved: the store says which.
+            let stored = self.store.get(&hkey)?;
+            if let Some(c) = self.cache.get_mut(&record.pool) {
+                c.unpublished.remove(&handle.id());
+            }
+            if stored.is_none() {
+                // Its addresses are still reserved in the store: the
+                // reserve has them back.
+                return Ok(Some(record));
+            }
+        }
         for _ in 0..MAX_ATTEMPTS {
             let Some(hkv) = self.store.get(&hkey)? else {
                 return Ok(None);
@@ -529,7 +597,7 @@ impl<S: Store> Allocator<S> {
                     _ => txn = txn.put(key, encode(block)?),
                 }
             }
-            let bytes = written(&txn);
+            let bytes = written_bytes(&txn);
             let out = self.store.txn(txn)?;
             self.stats.txns += 1;
             if out.succeeded {
@@ -575,7 +643,19 @@ impl<S: Store> Allocator<S> {
         keep: impl Fn(&HandleId) -> bool,
     ) -> Result<Vec<HandleId>, Error> {
         let mut released = Vec::new();
-        for (id, record) in self.handles(network)? {
+        let mut all = self.handles(network)?;
+        let prefix = HandleId::network_prefix(network);
+        for c in self.cache.values() {
+            for (id, record) in &c.unpublished {
+                let Some(h) = HandleId::from_key(&format!("handles/{id}")) else {
+                    continue;
+                };
+                if h.key().starts_with(&prefix) && !all.iter().any(|(o, _)| *o == h) {
+                    all.push((h, record.clone()));
+                }
+            }
+        }
+        for (id, record) in all {
             if record.node == self.node && !keep(&id) && self.release(&id)?.is_some() {
                 released.push(id);
             }
@@ -607,9 +687,21 @@ impl<S: Store> Allocator<S> {
             .collect();
         for pool in pools {
             for kv in self.store.range(&node_blocks_prefix(&pool, node))? {
-                let block: Block = decode(&kv.value, &kv.key)?;
-                let cidr = kv.key.rsplit('/').next().and_then(BlockCidr::parse_key);
+                let mut block: Block = decode(&kv.value, &kv.key)?;
+                let cidr = cidr_of(&kv.key);
+                // Its reserve was for its own ADDs, which are no more.
+                let dropped = block.drop_reserve() > 0;
                 let (Some(cidr), true) = (cidr, block.is_empty()) else {
+                    if dropped {
+                        let txn = Txn::default()
+                            .when(&kv.key, kv.mod_rev)
+                            .put(&kv.key, encode(&block)?);
+                        let out = self.store.txn(txn)?;
+                        self.stats.txns += 1;
+                        if !out.succeeded {
+                            self.stats.conflicts += 1;
+                        }
+                    }
                     done.kept.push(kv.key);
                     continue;
                 };
@@ -633,6 +725,338 @@ impl<S: Store> Allocator<S> {
             }
         }
         Ok(done)
+    }
+
+    /// The assignment of `handle` handed out from the reserve and not yet
+    /// published, if any.
+    fn unpublished(&self, handle: &HandleId) -> Option<HandleRecord> {
+        let id = handle.id();
+        self.cache
+            .values()
+            .find_map(|c| c.unpublished.get(&id).cloned())
+    }
+
+    /// ADD without a store round trip: one address of each of the pool's
+    /// families from this node's reserve (addresses its blocks already mark
+    /// used in the store, so no other node can take them), kept as
+    /// unpublished until [`Allocator::publish`] writes the handle. `None`
+    /// when the reserve cannot serve it (the caller assigns through the
+    /// store).
+    pub fn take_reserved(&mut self, pool: &Pool, handle: &HandleId) -> Option<HandleRecord> {
+        let id = handle.id();
+        let node = self.node.clone();
+        let cache = self.cache.get_mut(&pool.name)?;
+        if let Some(record) = cache.unpublished.get(&id) {
+            return Some(record.clone());
+        }
+        if self.reserve == 0 || cache.def.as_ref() != Some(pool) || !cache.loaded {
+            return None;
+        }
+        let taken: HashSet<IpAddr> = cache
+            .unpublished
+            .values()
+            .flat_map(|r| r.addresses.iter().map(|a| a.ip))
+            .collect();
+        let mut addresses = Vec::new();
+        for family in pool.families() {
+            let found = cache.blocks.iter().find_map(|(key, (_, block))| {
+                let cidr = cidr_of(key).filter(|c| c.family() == family)?;
+                block
+                    .reserved()
+                    .map(|o| cidr.nth(u128::from(o)))
+                    .find(|ip| !taken.contains(ip) && pool.usable(*ip))
+                    .map(|ip| Assigned {
+                        ip,
+                        block: key.clone(),
+                    })
+            })?;
+            addresses.push(found);
+        }
+        let record = HandleRecord {
+            pool: pool.name.clone(),
+            node,
+            addresses,
+        };
+        cache.unpublished.insert(id, record.clone());
+        Some(record)
+    }
+
+    /// Whether anything waits for [`Allocator::publish`]: an unpublished
+    /// handle, or (with `reserve`) a reserve to top up (from blocks with
+    /// room) or to trim.
+    pub fn to_publish(&self, reserve: bool) -> bool {
+        self.cache.values().any(|c| {
+            if !c.unpublished.is_empty() {
+                return true;
+            }
+            if !reserve {
+                return false;
+            }
+            let Some(def) = c.def.as_ref().filter(|_| c.loaded) else {
+                return false;
+            };
+            def.families().iter().any(|f| {
+                let have = reserved(c, *f);
+                let room = || {
+                    c.blocks.iter().any(|(k, (_, b))| {
+                        cidr_of(k)
+                            .is_some_and(|cidr| cidr.family() == *f && b.free(def, cidr).is_some())
+                    })
+                };
+                have > self.reserve || (have < self.reserve && room())
+            })
+        })
+    }
+
+    /// Writes the handles handed out from the reserve, and brings each
+    /// pool's reserve to what the node keeps ([`Allocator::with_reserve`])
+    /// per family: topped up from this node's blocks (when they have room),
+    /// or its surplus given back. One transaction per pool. Returns how many
+    /// handles were written.
+    pub fn publish(&mut self) -> Result<usize, Error> {
+        let names: Vec<String> = self.cache.keys().cloned().collect();
+        let mut written = 0;
+        for name in names {
+            written += self.publish_pool(&name)?;
+        }
+        Ok(written)
+    }
+
+    fn publish_pool(&mut self, name: &str) -> Result<usize, Error> {
+        let mut written = 0;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(cache) = self.cache.get(name) else {
+                return Ok(written);
+            };
+            // An address this node's block no longer reserves (its pool
+            // changed or deleted, or the node reclaimed) was handed out
+            // from a stale reserve: assigned again, by name, if it can be.
+            let stale: Vec<(String, HandleRecord)> = cache
+                .unpublished
+                .iter()
+                .filter(|(_, r)| {
+                    r.addresses.iter().any(|a| {
+                        let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+                        let usable = cache.def.as_ref().is_some_and(|d| d.usable(a.ip));
+                        !usable
+                            || !matches!((cache.blocks.get(&a.block), ord),
+                                (Some((_, b)), Some(o)) if b.is_reserved(o))
+                    })
+                })
+                .map(|(id, r)| (id.clone(), r.clone()))
+                .collect();
+            if !stale.is_empty() {
+                for (id, record) in stale {
+                    if let Some(c) = self.cache.get_mut(name) {
+                        c.unpublished.remove(&id);
+                    }
+                    written += usize::from(self.assign_again(name, &id, &record)?);
+                }
+                continue;
+            }
+            let pending: Vec<(String, HandleRecord)> = cache
+                .unpublished
+                .iter()
+                .map(|(id, r)| (id.clone(), r.clone()))
+                .collect();
+            let def = cache.def.clone().filter(|_| cache.loaded);
+            let def_rev = cache.def_rev;
+            let mut blocks = cache.blocks.clone();
+            let mut changed: BTreeSet<String> = BTreeSet::new();
+            // A published address leaves the reserve: its handle holds it.
+            for a in pending.iter().flat_map(|(_, r)| &r.addresses) {
+                let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+                if let (Some((_, b)), Some(ord)) = (blocks.get_mut(&a.block), ord) {
+                    b.assign_reserved(ord);
+                    changed.insert(a.block.clone());
+                }
+            }
+            let handed: HashSet<IpAddr> = pending
+                .iter()
+                .flat_map(|(_, r)| r.addresses.iter().map(|a| a.ip))
+                .collect();
+            if let Some(def) = &def {
+                // Reserved where the pool (changed since) has no address.
+                for (key, (_, b)) in blocks.iter_mut() {
+                    let Some(cidr) = cidr_of(key) else { continue };
+                    let gone: Vec<u32> = b
+                        .reserved()
+                        .filter(|o| !def.usable(cidr.nth(u128::from(*o))))
+                        .collect();
+                    for o in &gone {
+                        b.clear(*o);
+                    }
+                    if !gone.is_empty() {
+                        changed.insert(key.clone());
+                    }
+                }
+                for family in def.families() {
+                    let have: usize = blocks
+                        .iter()
+                        .filter(|(k, _)| cidr_of(k).is_some_and(|c| c.family() == family))
+                        .map(|(_, (_, b))| b.reserved().count())
+                        .sum();
+                    // More than kept now: the surplus goes back to the pool.
+                    for _ in self.reserve..have {
+                        let surplus = blocks.iter().find_map(|(k, (_, b))| {
+                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
+                            let ord = b
+                                .reserved()
+                                .find(|o| !handed.contains(&cidr.nth(u128::from(*o))))?;
+                            Some((k.clone(), ord))
+                        });
+                        let Some((key, ord)) = surplus else { break };
+                        if let Some((_, b)) = blocks.get_mut(&key) {
+                            b.clear(ord);
+                        }
+                        changed.insert(key);
+                    }
+                    for _ in have..self.reserve {
+                        let pick = blocks.iter().find_map(|(k, (_, b))| {
+                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
+                            Some((k.clone(), b.fresh(def, cidr)?.0))
+                        });
+                        let pick = pick.or_else(|| {
+                            blocks.iter().find_map(|(k, (_, b))| {
+                                let cidr = cidr_of(k).filter(|c| c.family() == family)?;
+                                Some((k.clone(), b.free(def, cidr)?.0))
+                            })
+                        });
+                        let Some((key, ord)) = pick else {
+                            // Full: the next ADD claims a block through the store.
+                            break;
+                        };
+                        if let Some((_, b)) = blocks.get_mut(&key) {
+                            b.reserve(ord);
+                        }
+                        changed.insert(key);
+                    }
+                }
+            }
+            if pending.is_empty() && changed.is_empty() {
+                return Ok(written);
+            }
+            let pkey = pool_key(name);
+            let mut txn = Txn::default();
+            if let Some(rev) = def_rev {
+                txn = txn.when(&pkey, rev).or_read(&pkey);
+            }
+            for (id, record) in &pending {
+                let hkey = format!("handles/{id}");
+                txn = txn
+                    .when(&hkey, 0)
+                    .put(&hkey, encode(record)?)
+                    .or_read(&hkey);
+            }
+            for key in &changed {
+                if let Some((rev, block)) = blocks.get(key) {
+                    txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
+                }
+            }
+            let bytes = written_bytes(&txn);
+            let out = self.store.txn(txn)?;
+            self.stats.txns += 1;
+            if out.succeeded {
+                self.stats.written += bytes;
+                for key in changed {
+                    if let Some((_, block)) = blocks.remove(&key) {
+                        self.remember_in(name, key, out.revision, block);
+                    }
+                }
+                if let Some(c) = self.cache.get_mut(name) {
+                    for (id, _) in &pending {
+                        c.unpublished.remove(id);
+                    }
+                }
+                return Ok(written + pending.len());
+            }
+            self.stats.conflicts += 1;
+            for (id, record) in &pending {
+                let hkey = format!("handles/{id}");
+                let Some(kv) = out.read(&hkey) else { continue };
+                // Written already (by a publisher that stopped before saving
+                // the cache), or held by another assignment of the same
+                // handle, which stands: these addresses stay reserved.
+                let stored: HandleRecord = decode(&kv.value, &hkey)?;
+                if stored != *record {
+                    warn!(handle = %id, "the store holds another assignment of this handle; \
+                        the one handed out from the reserve goes back to it");
+                }
+                if let Some(c) = self.cache.get_mut(name) {
+                    c.unpublished.remove(id);
+                }
+            }
+            if def_rev.is_some() && out.read(&pkey).map(|kv| kv.mod_rev) != def_rev {
+                match self.reread(name) {
+                    Ok(_) => continue,
+                    Err(Error::PoolUnknown { .. }) => {
+                        let dropped = self.cache.remove(name).map(|c| c.unpublished);
+                        for id in dropped.iter().flat_map(|u| u.keys()) {
+                            warn!(handle = %id, pool = name, "the pool is gone: an address \
+                                handed out from this node's reserve cannot be published");
+                        }
+                        return Ok(written);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for key in &changed {
+                match out.read(key) {
+                    Some(kv) => {
+                        let block = decode(&kv.value, &kv.key)?;
+                        self.remember_in(name, key.clone(), kv.mod_rev, block);
+                    }
+                    None => {
+                        if let Some(c) = self.cache.get_mut(name) {
+                            c.blocks.remove(key);
+                        }
+                    }
+                }
+            }
+            debug!(pool = name, "a block changed under publishing; again");
+        }
+        Err(Error::Contended {
+            what: format!("publishing the reserve's assignments in pool {name}"),
+        })
+    }
+
+    /// Assigns the addresses of `record`, handed out from a reserve that
+    /// was no longer this node's, again by name; whether that held. When it
+    /// cannot be, the pod keeps addresses IPAM does not hold: said loudly.
+    fn assign_again(&mut self, name: &str, id: &str, record: &HandleRecord) -> Result<bool, Error> {
+        let Some(handle) = HandleId::from_key(&format!("handles/{id}")) else {
+            return Ok(false);
+        };
+        let pool = match self.pool(name) {
+            Ok(p) => p,
+            Err(Error::PoolUnknown { .. }) => {
+                warn!(
+                    handle = id,
+                    pool = name,
+                    "the pool is gone: an address \
+                    handed out from this node's reserve cannot be published"
+                );
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let ips: Vec<IpAddr> = record.addresses.iter().map(|a| a.ip).collect();
+        match self.assign(&pool, &handle, &ips) {
+            Ok(_) => Ok(true),
+            Err(e @ (Error::Unavailable { .. } | Error::Exhausted { .. })) => {
+                warn!(handle = id, error = %e, "an address handed out from this node's \
+                    reserve is no longer the node's (its pool changed, or the node was \
+                    reclaimed), and another holds it: the pod keeps an address IPAM does not");
+                Ok(false)
+            }
+            Err(e) => {
+                // Kept for the next publisher.
+                if let Some(c) = self.cache.get_mut(name) {
+                    c.unpublished.insert(id.to_string(), record.clone());
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Whether this node's block `key` (`cidr`) of `pool`, empty now, goes
@@ -872,7 +1296,7 @@ impl<S: Store> Allocator<S> {
             .or_read(&ckey)
             .put(&ckey, self.node.as_bytes().to_vec())
             .put(&bkey, encode(&Block::default())?);
-        let bytes = written(&txn);
+        let bytes = written_bytes(&txn);
         let out = self.store.txn(txn)?;
         self.stats.txns += 1;
         if !out.succeeded && out.read(&pkey).map_or(0, |kv| kv.mod_rev) != pool_rev {
@@ -985,7 +1409,17 @@ impl<S: Store> Allocator<S> {
                 )));
             };
             let mut block: Block = decode(&kv.value, &key)?;
-            if block.is_used(ord) {
+            // In this node's reserve, and not handed out: it is free to ask for.
+            let reserve = owner == self.node
+                && block.is_reserved(ord)
+                && !self.cache.get(&pool.name).is_some_and(|c| {
+                    c.unpublished
+                        .values()
+                        .any(|r| r.addresses.iter().any(|a| a.ip == ip))
+                });
+            if reserve {
+                block.assign_reserved(ord);
+            } else if block.is_used(ord) {
                 // Ours only if this handle already holds it (a repeated ADD).
                 let mine = self
                     .lookup(handle)?
@@ -1053,6 +1487,89 @@ mod tests {
         .expect("pool")
         .validated()
         .expect("valid")
+    }
+
+    /// The addresses node `node` holds in its reserve, read from the store.
+    fn reserve_of(store: &mut LocalStore, node: &str) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for kv in store
+            .range(&format!("blocks/pods/{node}/"))
+            .expect("blocks")
+        {
+            let cidr = cidr_of(&kv.key).expect("a block key");
+            let block: Block = serde_json::from_slice(&kv.value).expect("a block");
+            out.extend(block.reserved().map(|o| cidr.nth(u128::from(o))));
+        }
+        out
+    }
+
+    #[test]
+    fn the_reserve_answers_adds_and_a_stale_one_is_assigned_again_by_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pods = pool("10.0.0.0/24", "fd00::/120");
+        let open = || LocalStore::open(dir.path()).expect("store");
+        let h = |n: &str| HandleId::new("pods", n, "eth0");
+        let ips = |r: &HandleRecord| -> Vec<IpAddr> { r.addresses.iter().map(|a| a.ip).collect() };
+        let mut a = Allocator::new(open(), "node-a").with_reserve(RESERVE);
+        a.define_pool(&pods).expect("define");
+        assert!(
+            a.take_reserved(&pods, &h("x")).is_none(),
+            "nothing reserved yet"
+        );
+        a.assign(&pods, &h("a0"), &[]).expect("assign");
+        assert!(a.to_publish(true));
+        assert_eq!(a.publish().expect("publish"), 0);
+        assert!(!a.to_publish(true));
+        // Two per family: used in the store, held by no handle, not allocated.
+        let reserve = reserve_of(&mut open(), "node-a");
+        assert_eq!(reserve.len(), 2 * RESERVE, "{reserve:?}");
+        assert_eq!(a.allocated(&pods).expect("allocated").len(), 2);
+
+        // Handed out without the store; the same again for the same handle.
+        let a1 = a.take_reserved(&pods, &h("a1")).expect("from the reserve");
+        assert!(ips(&a1).iter().all(|ip| reserve.contains(ip)), "{a1:?}");
+        assert_eq!(a.take_reserved(&pods, &h("a1")), Some(a1.clone()));
+        assert_eq!(a.lookup(&h("a1")).expect("lookup"), Some(a1.clone()));
+        let mut reader = Allocator::new(open(), "reader");
+        assert_eq!(
+            reader.lookup(&h("a1")).expect("lookup"),
+            None,
+            "not published yet"
+        );
+        assert_eq!(a.publish().expect("publish"), 1);
+        assert_eq!(reader.lookup(&h("a1")).expect("lookup"), Some(a1.clone()));
+        let reserve = reserve_of(&mut open(), "node-a");
+        assert_eq!(reserve.len(), 2 * RESERVE, "topped up: {reserve:?}");
+        assert!(ips(&a1).iter().all(|ip| !reserve.contains(ip)));
+
+        // Kept smaller from now on: the surplus goes back to the pool.
+        let mut a = Allocator::new(open(), "node-a")
+            .with_cache(a.cache().clone())
+            .with_reserve(1);
+        assert!(a.to_publish(true));
+        assert_eq!(a.publish().expect("trim"), 0);
+        assert_eq!(reserve_of(&mut open(), "node-a").len(), 2, "one per family");
+
+        // Released before it is published: back to the reserve, the store
+        // untouched; the next ADD gets the same addresses.
+        let a2 = a.take_reserved(&pods, &h("a2")).expect("from the reserve");
+        assert_eq!(a.release(&h("a2")).expect("release"), Some(a2.clone()));
+        assert!(!a.to_publish(true));
+        let a3 = a.take_reserved(&pods, &h("a3")).expect("from the reserve");
+        assert_eq!(ips(&a3), ips(&a2));
+
+        // Node-a reclaimed while it still runs, a3 not yet published: its
+        // publisher assigns a3's addresses again, by name, in a block
+        // claimed anew.
+        let mut admin = Allocator::new(open(), "plexusd");
+        let done = admin.reclaim("node-a").expect("reclaim");
+        assert!(done.kept.is_empty(), "{done:?}");
+        assert!(reserve_of(&mut open(), "node-a").is_empty());
+        assert_eq!(a.publish().expect("publish"), 1);
+        let stored = reader.lookup(&h("a3")).expect("lookup").expect("published");
+        assert_eq!(ips(&stored), ips(&a3));
+        let held = reader.allocated(&pods).expect("allocated");
+        assert!(ips(&a3).iter().all(|ip| held.contains(ip)), "{held:?}");
     }
 
     #[test]

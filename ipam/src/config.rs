@@ -84,7 +84,16 @@ pub struct EtcdConf {
     /// etcd otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<PathBuf>,
+    /// Addresses per family this node keeps marked used in its blocks
+    /// ahead of need, so that ADD answers without waiting for an etcd
+    /// commit (default [`crate::alloc::RESERVE`], at most [`MAX_RESERVE`]);
+    /// 0: every ADD commits its assignment before answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve: Option<usize>,
 }
+
+/// The largest `reserve` taken.
+pub const MAX_RESERVE: usize = 64;
 
 fn default_prefix() -> String {
     DEFAULT_PREFIX.into()
@@ -102,7 +111,13 @@ impl EtcdConf {
             password: None,
             timeout_seconds: None,
             relay: None,
+            reserve: None,
         }
+    }
+
+    /// Addresses per family kept reserved (see `reserve`).
+    pub fn reserve(&self) -> usize {
+        self.reserve.unwrap_or(crate::alloc::RESERVE)
     }
 
     /// What a connection is made with (endpoints and credentials), whatever
@@ -137,7 +152,17 @@ fn cidr_or_ip(s: &str) -> Option<IpNetwork> {
 impl IpamConf {
     /// The `ipam` section of a network config.
     pub fn from_section(section: &Value) -> Result<IpamConf, Error> {
-        serde_json::from_value(section.clone()).map_err(|e| Error::Config(format!("\"ipam\": {e}")))
+        let conf: IpamConf = serde_json::from_value(section.clone())
+            .map_err(|e| Error::Config(format!("\"ipam\": {e}")))?;
+        if let Some(StoreConf::Etcd(etcd)) = &conf.store {
+            if etcd.reserve() > MAX_RESERVE {
+                return Err(Error::Config(format!(
+                    "\"ipam\": store \"reserve\" {} is over {MAX_RESERVE}",
+                    etcd.reserve()
+                )));
+            }
+        }
+        Ok(conf)
     }
 
     pub fn state_dir(&self) -> PathBuf {

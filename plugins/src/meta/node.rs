@@ -115,6 +115,7 @@ impl RawApi {
             password: self.password,
             timeout_seconds: self.timeout_seconds,
             relay: None,
+            reserve: None,
         })
     }
 }

@@ -172,6 +172,7 @@ pub fn ipam_etcd(flags: &super::store::EtcdFlags) -> EtcdConf {
         password: None,
         timeout_seconds: None,
         relay: None,
+        reserve: None,
     }
 }
 
