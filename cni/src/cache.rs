@@ -95,41 +95,14 @@ impl Cache {
             .join(format!("{network}-{container_id}-{ifname}"))
     }
 
-    /// Writes an entry, replacing any previous one atomically: written to
-    /// a hidden file beside it (which [`Cache::list`] skips), then swapped
-    /// with the previous entry, which is removed after. Renaming over the
-    /// previous entry would be as atomic, but ext4 then allocates the new
-    /// file's blocks at once and frees the old one's (a synchronous discard
-    /// on a disk mounted with `discard`): a quarter of a millisecond here,
-    /// where a swap costs nothing of the kind.
+    /// Writes an entry, replacing any previous one atomically ([`replace`]:
+    /// its hidden file beside it is one [`Cache::list`] skips).
     pub fn put(&self, entry: &CacheEntry) -> Result<(), Error> {
         let dir = self.results();
         fs::create_dir_all(&dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
         let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
         let bytes = serde_json::to_vec(entry).unwrap_or_default();
-        let written = fs::write(&tmp, bytes)
-            .map_err(|e| io_err(format!("write {}", tmp.display()), e))
-            .and_then(|()| {
-                let swapped = renameat2(None, &tmp, None, &path, RenameFlags::RENAME_EXCHANGE);
-                if swapped.is_ok() {
-                    // The previous entry, now at `tmp`.
-                    let _ = fs::remove_file(&tmp);
-                    return Ok(());
-                }
-                // No previous entry (or a filesystem that cannot swap).
-                fs::rename(&tmp, &path)
-                    .map_err(|e| io_err(format!("rename to {}", path.display()), e))
-            });
-        if written.is_err() {
-            // A full or failing disk leaves no half-written file behind.
-            let _ = fs::remove_file(&tmp);
-        }
-        written
+        replace(&path, &bytes).map_err(|e| io_err(format!("write {}", path.display()), e))
     }
 
     /// Reads an entry; missing or unreadable is `None`.
@@ -163,6 +136,36 @@ impl Cache {
         entries.sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
         entries
     }
+}
+
+/// Replaces the file at `path` whole with `bytes`: a reader (or a process
+/// killed half-way) sees the old content or the new, never a mix. The new
+/// file is written beside it, hidden (`.{name}.tmp{pid}`), and swapped in
+/// (`RENAME_EXCHANGE`); the old one is then removed. Renaming over the old
+/// file instead would make ext4 allocate the new one's blocks at once and
+/// free the old one's (a synchronous discard on a disk mounted with
+/// `discard`): a quarter of a millisecond here, where a swap costs nothing
+/// of the kind. Nothing is synced.
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    let written = fs::write(&tmp, bytes).and_then(|()| {
+        if renameat2(None, &tmp, None, path, RenameFlags::RENAME_EXCHANGE).is_ok() {
+            // The previous content, now at `tmp`.
+            let _ = fs::remove_file(&tmp);
+            return Ok(());
+        }
+        // Nothing there yet (or a filesystem that cannot swap).
+        fs::rename(&tmp, path)
+    });
+    if written.is_err() {
+        // A full or failing disk leaves no half-written file behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn read(path: &Path) -> Option<CacheEntry> {
