@@ -9,9 +9,12 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +34,21 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 pub struct PlexusIpam;
+
+/// Whether this process's ADDs are of attachments the meta-plugin has
+/// recorded its intent for (see [`adding_recorded_attachments`]).
+static RECORDED: AtomicBool = AtomicBool::new(false);
+
+/// Called by the meta-plugin once it has recorded its intent to add an
+/// attachment and before it runs the delegates, in process. An earlier ADD
+/// of the same attachment would have left a record it answers from (or
+/// refuses on), so no handle of it can be in the store yet: IPAM may answer
+/// from the node's reserve without asking. A runtime calling `plexus-ipam`
+/// (or a plugin using it) itself may repeat an ADD, which must get the
+/// addresses it got before: the store is asked.
+pub fn adding_recorded_attachments() {
+    RECORDED.store(true, Ordering::Relaxed);
+}
 
 /// How long a call on the local store waits for the node lock; on etcd the
 /// store's timeout bounds the wait and the call together.
@@ -66,9 +84,16 @@ struct Counts {
     relayed: AtomicBool,
 }
 
-/// A store that counts what is asked of it into [`Counts`].
+/// Opens a store when it is first asked something.
+type Opener = Box<dyn FnMut() -> Result<Box<dyn Store>, ipam::Error> + Send>;
+
+/// A store that counts what is asked of it into [`Counts`]. An etcd store
+/// is opened (connected, or its relay asked) at its first call: an ADD
+/// answered from the node's reserve never opens it.
 struct Counted {
-    inner: Box<dyn Store>,
+    inner: Option<Box<dyn Store>>,
+    open: Opener,
+    name: String,
     counts: Arc<Counts>,
 }
 
@@ -79,7 +104,11 @@ impl Counted {
         call: impl FnOnce(&mut dyn Store) -> Result<T, ipam::Error>,
     ) -> Result<T, ipam::Error> {
         let started = Instant::now();
-        let out = call(self.inner.as_mut());
+        let inner = match &mut self.inner {
+            Some(inner) => inner,
+            None => self.inner.insert((self.open)()?),
+        };
+        let out = call(inner.as_mut());
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.counts.round_trips.fetch_add(1, Ordering::Relaxed);
         self.counts.micros.fetch_add(us, Ordering::Relaxed);
@@ -105,7 +134,7 @@ impl Store for Counted {
         out
     }
     fn describe(&self) -> String {
-        self.inner.describe()
+        self.name.clone()
     }
 }
 
@@ -118,14 +147,17 @@ struct Node {
     counts: Arc<Counts>,
 }
 
+/// The call's `ipam` section.
+fn section(req: &Request) -> Result<&serde_json::Value, Error> {
+    req.conf
+        .ipam
+        .as_ref()
+        .ok_or_else(|| invalid("plexus-ipam needs an \"ipam\" section"))
+}
+
 impl Node {
-    fn open(req: &Request) -> Result<Node, Error> {
+    fn open(section: &serde_json::Value) -> Result<Node, Error> {
         let started = Instant::now();
-        let section = req
-            .conf
-            .ipam
-            .as_ref()
-            .ok_or_else(|| invalid("plexus-ipam needs an \"ipam\" section"))?;
         let conf = IpamConf::from_section(section)?;
         let dir = conf.state_dir();
         fs::create_dir_all(dir.join("journal")).map_err(|e| io("create", &dir, e))?;
@@ -164,26 +196,54 @@ impl Node {
         })
     }
 
-    fn store(&self) -> Result<Box<dyn Store>, ipam::Error> {
-        Ok(match &self.conf.store {
+    /// The call's store, counted; an etcd one opened at its first call.
+    fn store(&self) -> Result<Counted, ipam::Error> {
+        let counts = self.counts.clone();
+        let local = |store: LocalStore| {
+            let name = store.describe();
+            let mut inner: Option<Box<dyn Store>> = Some(Box::new(store));
+            let open: Opener = Box::new(move || {
+                inner
+                    .take()
+                    .ok_or_else(|| ipam::Error::Store("the local store is open already".into()))
+            });
+            Ok(Counted {
+                inner: None,
+                open,
+                name,
+                counts: counts.clone(),
+            })
+        };
+        match &self.conf.store {
             Some(StoreConf::Etcd(etcd)) => {
                 let deadline = self.started + etcd.timeout();
-                match &etcd.relay {
-                    Some(socket) => {
-                        let store = Relayed::open(socket, etcd, deadline);
-                        self.counts
-                            .relayed
-                            .store(store.through_relay(), Ordering::Relaxed);
-                        Box::new(store)
-                    }
-                    None => Box::new(EtcdStore::connect_shared(etcd)?.with_deadline(deadline)),
-                }
+                let name = ipam::store::etcd::describe(&etcd.endpoints, &etcd.prefix);
+                let etcd = etcd.clone();
+                let relayed = self.counts.clone();
+                let open: Opener = Box::new(move || {
+                    Ok(match &etcd.relay {
+                        Some(socket) => {
+                            let store = Relayed::open(socket, &etcd, deadline);
+                            relayed
+                                .relayed
+                                .store(store.through_relay(), Ordering::Relaxed);
+                            Box::new(store)
+                        }
+                        None => Box::new(EtcdStore::connect_shared(&etcd)?.with_deadline(deadline)),
+                    })
+                });
+                Ok(Counted {
+                    inner: None,
+                    open,
+                    name,
+                    counts,
+                })
             }
-            Some(StoreConf::Local { path: Some(p) }) => Box::new(LocalStore::open(p)?),
+            Some(StoreConf::Local { path: Some(p) }) => local(LocalStore::open(p)?),
             Some(StoreConf::Local { path: None }) | None => {
-                Box::new(LocalStore::open(&self.dir.join("store"))?)
+                local(LocalStore::open(&self.dir.join("store"))?)
             }
-        })
+        }
     }
 
     fn cache_path(&self, store: &str) -> PathBuf {
@@ -198,34 +258,38 @@ impl Node {
 
     fn try_allocator(&self) -> Result<Allocator<Box<dyn Store>>, ipam::Error> {
         let node = self.conf.node()?;
-        let store: Box<dyn Store> = Box::new(Counted {
-            inner: self.store()?,
-            counts: self.counts.clone(),
-        });
+        let store: Box<dyn Store> = Box::new(self.store()?);
         // A local store is read from memory: no cache to keep beside it.
-        if !self.on_etcd() {
-            return Ok(Allocator::new(store, &node));
-        }
+        let reserve = match &self.conf.store {
+            Some(StoreConf::Etcd(etcd)) => etcd.reserve(),
+            _ => return Ok(Allocator::new(store, &node)),
+        };
         let cache: NodeCache = fs::read(self.cache_path(&store.describe()))
             .ok()
             .and_then(|raw| cache_body(&raw).and_then(|b| serde_json::from_slice(b).ok()))
             .unwrap_or_default();
-        Ok(Allocator::new(store, &node).with_cache(cache))
+        Ok(Allocator::new(store, &node)
+            .with_cache(cache)
+            .with_reserve(reserve))
     }
 
     fn on_etcd(&self) -> bool {
         matches!(self.conf.store, Some(StoreConf::Etcd(_)))
     }
 
-    fn save(&self, alloc: &mut Allocator<Box<dyn Store>>) {
+    /// Saves the node's cache. Most of it is only a cache of the store,
+    /// written over in place behind its checksum: one cut short (or spliced
+    /// with the one before) is not read, and the store is read instead
+    /// (replacing it by rename costs the filesystem more). Assignments
+    /// handed out from the reserve and not yet published are known only
+    /// here: a cache holding any is replaced whole, and not saving it is an
+    /// error.
+    fn save(&self, alloc: &mut Allocator<Box<dyn Store>>) -> std::io::Result<()> {
         if !self.on_etcd() {
-            return;
+            return Ok(());
         }
         let path = self.cache_path(&alloc.store().describe());
-        // Written over in place, behind its checksum: one cut short (or
-        // spliced with the one before) is not read, and the store is read
-        // instead. Replacing it by rename would make the filesystem allocate
-        // the new file's blocks at once and free the old one's.
+        let whole = alloc.cache().values().any(|c| !c.unpublished.is_empty());
         let written = serde_json::to_vec(alloc.cache())
             .map_err(std::io::Error::other)
             .map(|body| {
@@ -234,6 +298,9 @@ impl Node {
                 raw
             })
             .and_then(|raw| {
+                if whole {
+                    return cni::cache::replace(&path, &raw);
+                }
                 let f = OpenOptions::new()
                     .create(true)
                     .truncate(false)
@@ -242,10 +309,10 @@ impl Node {
                 f.write_all_at(&raw, 0)?;
                 f.set_len(raw.len() as u64)
             });
-        if let Err(e) = written {
-            // Only a cache: the next run reads the store instead.
+        if let Err(e) = &written {
             warn!(error = %e, path = %path.display(), "IPAM cache not saved");
         }
+        written
     }
 
     fn journal_path(&self, h: &HandleId) -> PathBuf {
@@ -378,28 +445,58 @@ fn result(pool: &Pool, record: &HandleRecord) -> Result<CniResult, Error> {
 
 impl Plugin for PlexusIpam {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
-        let node = Node::open(req)?;
+        let section = section(req)?;
+        let node = Node::open(section)?;
         let requested = requested(req)?;
         let mut alloc = node.allocator()?;
-        node.replay(&mut alloc);
+        let h = handle(req);
         let pool = pool(&node.conf, &req.conf.name, &mut alloc)?;
-        let assigned = alloc.assign(&pool, &handle(req), &requested);
+        // On etcd, from the node's reserve when no earlier ADD of this
+        // attachment can hold addresses ([`adding_recorded_attachments`])
+        // and no release of it waits in the journal: no store round trip,
+        // and the handle is published once ADD has answered.
+        let fresh = RECORDED.load(Ordering::Relaxed) && !node.journal_path(&h).exists();
+        let reserved = match node.on_etcd() && requested.is_empty() && fresh {
+            true => alloc.take_reserved(&pool, &h),
+            false => None,
+        };
+        let from_reserve = reserved.is_some();
+        let assigned = match reserved {
+            Some(record) => Ok(record),
+            None => {
+                node.replay(&mut alloc);
+                alloc.assign(&pool, &h, &requested).map_err(Error::from)
+            }
+        };
         crate::crash::point("ipam.assigned");
-        node.save(&mut alloc);
+        let saved = node.save(&mut alloc);
         crate::crash::point("ipam.cache-saved");
-        node.report("ADD");
+        if from_reserve {
+            // Known nowhere else: not saved, not handed out.
+            saved.map_err(|e| io("save the IPAM cache in", &node.dir, e))?;
+        }
+        node.report("ADD", from_reserve);
+        // The reserve is kept for the meta-plugin's ADDs only.
+        if node.on_etcd() && alloc.to_publish(fresh) {
+            start_publisher(section);
+        }
         result(&pool, &assigned?)
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let node = Node::open(req)?;
+        let node = Node::open(section(req)?)?;
         let h = handle(req);
         let released = node.try_allocator().and_then(|mut alloc| {
             alloc.release(&h)?;
             crate::crash::point("ipam.released");
             node.replay(&mut alloc);
-            node.save(&mut alloc);
-            node.report("DEL");
+            let _ = node.save(&mut alloc);
+            node.report("DEL", false);
+            if node.on_etcd() && alloc.to_publish(false) {
+                if let Ok(section) = section(req) {
+                    start_publisher(section);
+                }
+            }
             Ok(())
         });
         match released {
@@ -411,7 +508,7 @@ impl Plugin for PlexusIpam {
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
-        let node = Node::open(req)?;
+        let node = Node::open(section(req)?)?;
         let mut alloc = node.allocator()?;
         let h = handle(req);
         let record = alloc
@@ -436,14 +533,19 @@ impl Plugin for PlexusIpam {
     }
 
     fn gc(&self, req: &Request) -> Result<(), Error> {
-        let node = Node::open(req)?;
+        let node = Node::open(section(req)?)?;
         let mut alloc = node.allocator()?;
         node.replay(&mut alloc);
         let valid = req.conf.valid_pairs();
         let released = alloc.gc(&req.conf.name, |h| {
             valid.contains(&(h.container.clone(), h.ifname.clone()))
         });
-        node.save(&mut alloc);
+        if released.is_ok() && node.on_etcd() && alloc.to_publish(false) {
+            if let Err(e) = alloc.publish() {
+                warn!(error = %e, "IPAM assignments from the reserve not published");
+            }
+        }
+        let _ = node.save(&mut alloc);
         released.map(|_| ()).map_err(Error::from)
     }
 
@@ -454,7 +556,7 @@ impl Plugin for PlexusIpam {
             code: code::PLUGIN_NOT_AVAILABLE,
             ..e
         };
-        let node = Node::open(req)?;
+        let node = Node::open(section(req)?)?;
         let mut alloc = node.allocator().map_err(unavailable)?;
         let pool = pool(&node.conf, &req.conf.name, &mut alloc).map_err(unavailable)?;
         alloc
@@ -462,6 +564,94 @@ impl Plugin for PlexusIpam {
             .get(&ipam::block::pool_key(&pool.name))
             .map(|_| ())
             .map_err(|e| unavailable(e.into()))
+    }
+}
+
+/// The argument that makes `plexus` the IPAM's publisher.
+pub const PUBLISH_ARG: &str = "publish-ipam";
+
+/// The publisher's niceness: it yields the CPU to CNI calls.
+const PUBLISHER_NICE: nix::libc::c_int = 10;
+
+/// What the publisher reads on stdin: the call's `ipam` section, and how the
+/// call logged.
+#[derive(Serialize, Deserialize)]
+struct PublishJob {
+    ipam: serde_json::Value,
+    #[serde(default)]
+    log: Option<crate::log::LogConf>,
+}
+
+/// Starts `plexus publish-ipam`, which writes the handles handed out from
+/// the reserve and tops the reserve up once this call has answered: the
+/// runtime does not wait for an etcd commit. It takes the node lock, so it
+/// runs after this call; what it cannot write waits for the next call that
+/// starts one.
+fn start_publisher(section: &serde_json::Value) {
+    let job = PublishJob {
+        ipam: section.clone(),
+        log: crate::log::current(),
+    };
+    let Ok(raw) = serde_json::to_vec(&job) else {
+        return;
+    };
+    let started = Command::new("/proc/self/exe")
+        .arg0("plexus")
+        .arg(PUBLISH_ARG)
+        .env_remove("CNI_COMMAND")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own group: a signal to the runtime's plugin group is not its.
+        .process_group(0)
+        .spawn();
+    match started {
+        // Not waited for: it outlives this call.
+        Ok(mut child) => {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(&raw);
+            }
+        }
+        Err(e) => warn!(error = %e,
+            "IPAM publisher not started: the next call that starts one publishes"),
+    }
+}
+
+/// `plexus publish-ipam`: publishes what the node's reserve handed out and
+/// tops the reserve up (see [`start_publisher`]).
+pub fn publish_main() -> ExitCode {
+    // SAFETY: setpriority(2) on this process; no memory is involved.
+    let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, PUBLISHER_NICE) };
+    let mut raw = Vec::new();
+    if std::io::stdin().lock().read_to_end(&mut raw).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let Ok(job) = serde_json::from_slice::<PublishJob>(&raw) else {
+        eprintln!(
+            "plexus {PUBLISH_ARG}: stdin is not a publishing job; only plexus-ipam starts this"
+        );
+        return ExitCode::from(2);
+    };
+    if let Some(log) = &job.log {
+        crate::log::init(log);
+    }
+    let span = tracing::info_span!("publish-ipam");
+    let _entered = span.enter();
+    let published = Node::open(&job.ipam).and_then(|node| {
+        let mut alloc = node.allocator()?;
+        node.replay(&mut alloc);
+        let published = alloc.publish();
+        let _ = node.save(&mut alloc);
+        node.report("publish", false);
+        published.map_err(Error::from)
+    });
+    match published {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            warn!(code = e.code, error = %e.msg,
+                "IPAM assignments from the reserve not published: the next publisher tries again");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -487,10 +677,11 @@ fn journal(node: &Node, h: &HandleId, e: Error) -> Result<(), Error> {
 impl Node {
     /// The call's one debug line: what it asked of the store, and its time
     /// (the bench's breakdown reads these fields).
-    fn report(&self, cmd: &str) {
+    fn report(&self, cmd: &str, from_reserve: bool) {
         let c = &self.counts;
         debug!(
             store = match (self.on_etcd(), c.relayed.load(Ordering::Relaxed)) {
+                _ if from_reserve => "the node's reserve",
                 (false, _) => "local",
                 (true, false) => "etcd",
                 (true, true) => "etcd via the relay",

@@ -55,8 +55,20 @@ pub fn ms_since(t: std::time::Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
 }
 
+/// The conf the subscriber was installed with, for processes this one
+/// starts to log alike.
+static CURRENT: std::sync::OnceLock<LogConf> = std::sync::OnceLock::new();
+
+/// What [`init`] installed, if it was called.
+pub fn current() -> Option<LogConf> {
+    CURRENT.get().cloned()
+}
+
 /// Installs the subscriber once per process; later calls do nothing.
 pub fn init(conf: &LogConf) {
+    if CURRENT.set(conf.clone()).is_err() {
+        return;
+    }
     let level = match conf.level.as_str() {
         "error" => LevelFilter::ERROR,
         "warn" => LevelFilter::WARN,

@@ -107,6 +107,9 @@ fn dispatch() -> ExitCode {
         "plexus" if std::env::args().nth(1).as_deref() == Some(meta::publisher::ARG) => {
             meta::publisher::main()
         }
+        "plexus" if std::env::args().nth(1).as_deref() == Some(ipam::PUBLISH_ARG) => {
+            ipam::publish_main()
+        }
         "plexus" if std::env::args().nth(1).as_deref() == Some("agent") => {
             meta::agent::main(std::env::args().nth(2).as_deref())
         }

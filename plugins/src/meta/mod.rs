@@ -527,6 +527,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
     };
     call.save(&mut entry, &record)?;
     crate::crash::point("plexus.intent-recorded");
+    crate::ipam::adding_recorded_attachments();
     // A network with groups whose table cannot be written attaches nothing.
     let filter = if delegates.iter().any(|d| !d.groups.is_empty()) {
         match call.start_filter(&delegates) {
