@@ -67,11 +67,13 @@ pub fn render(u: &Value) -> String {
     } else {
         nodes.render()
     };
-    let mut totals = Table::new(&["FAMILY", "IN USE", "FREE", "SIZE"]);
+    // Reserved: kept by nodes for their next ADDs, in use by no pod yet.
+    let mut totals = Table::new(&["FAMILY", "IN USE", "RESERVED", "FREE", "SIZE"]);
     for (f, name) in &fams {
         totals.push(vec![
             name.to_string(),
             count(u, &format!("/inUse/{f}")),
+            count(u, &format!("/reserved/{f}")),
             count(u, &format!("/free/{f}")),
             count(u, &format!("/size/{f}")),
         ]);
@@ -94,8 +96,9 @@ mod tests {
                 {"node": "n1", "blocks": ["10.1.0.0/26", "fd00:1::/122"], "inUse": {"ipv4": 3, "ipv6": 3}},
                 {"node": "node-2", "blocks": [], "inUse": {"ipv4": 0, "ipv6": 0}}],
             "inUse": {"ipv4": 3, "ipv6": 3},
+            "reserved": {"ipv4": 2, "ipv6": 2},
             "size": {"ipv4": "65534", "ipv6": "18446744073709551615"},
-            "free": {"ipv4": "65531", "ipv6": "18446744073709551612"}});
+            "free": {"ipv4": "65529", "ipv6": "18446744073709551610"}});
         assert_eq!(heading(&u), "Pool p1 (10.1.0.0/16, fd00:1::/64)\n");
         assert_eq!(
             render(&u),
@@ -104,9 +107,9 @@ mod tests {
              \x20        fd00:1::/122\n\
              node-2   <none>         0             0\n\
              \n\
-             FAMILY   IN USE   FREE                   SIZE\n\
-             IPv4     3        65531                  65534\n\
-             IPv6     3        18446744073709551612   18446744073709551615\n"
+             FAMILY   IN USE   RESERVED   FREE                   SIZE\n\
+             IPv4     3        2          65529                  65534\n\
+             IPv6     3        2          18446744073709551610   18446744073709551615\n"
         );
     }
 
@@ -116,7 +119,7 @@ mod tests {
             "inUse": {"ipv4": 0}, "size": {"ipv4": "254"}, "free": {"ipv4": "254"}});
         assert_eq!(
             render(&u),
-            "No blocks claimed.\n\nFAMILY   IN USE   FREE   SIZE\nIPv4     0        254    254\n"
+            "No blocks claimed.\n\nFAMILY   IN USE   RESERVED   FREE   SIZE\nIPv4     0        -          254    254\n"
         );
     }
 }

@@ -124,6 +124,7 @@ pub async fn render(app: &App) -> String {
     let mut blocks = String::new();
     let mut used = String::new();
     let mut free = String::new();
+    let mut kept = String::new();
     let mut size = String::new();
     for (key, _) in pools {
         let name = key.rsplit('/').next().unwrap_or("");
@@ -149,6 +150,11 @@ pub async fn render(app: &App) -> String {
                 let l = format!("pool=\"{p}\",node=\"{node}\",family=\"{fam}\"");
                 let _ = writeln!(used, "plexus_ipam_addresses_in_use{{{l}}} {}", n.in_use[f]);
                 let _ = writeln!(free, "plexus_ipam_addresses_free{{{l}}} {}", n.free[f]);
+                let _ = writeln!(
+                    kept,
+                    "plexus_ipam_addresses_reserved{{{l}}} {}",
+                    n.reserved[f]
+                );
             }
         }
     }
@@ -168,6 +174,11 @@ pub async fn render(app: &App) -> String {
             "plexus_ipam_addresses_free",
             "Free addresses in a node's blocks.",
             free,
+        ),
+        (
+            "plexus_ipam_addresses_reserved",
+            "Addresses a node keeps reserved for its next ADDs.",
+            kept,
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

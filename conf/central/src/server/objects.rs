@@ -350,8 +350,13 @@ pub async fn pool_addresses(app: &App, pool: &str) -> Result<(Vec<IpAddr>, usize
             continue;
         };
         blocks += 1;
+        // A node's reserve is held by no pod: it goes with the pool.
         if let Ok(b) = serde_json::from_slice::<Block>(&value) {
-            used.extend(b.used().map(|o| cidr.nth(u128::from(o))));
+            used.extend(
+                b.used()
+                    .filter(|o| !b.is_reserved(*o))
+                    .map(|o| cidr.nth(u128::from(o))),
+            );
         }
     }
     Ok((used, blocks))

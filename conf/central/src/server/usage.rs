@@ -18,7 +18,10 @@ use super::App;
 pub struct NodeUsage {
     pub blocks: Vec<BlockCidr>,
     pub in_use: [u64; 2],
-    /// Usable addresses in the node's blocks not in use.
+    /// Addresses the node keeps reserved for its next ADDs: held by no pod
+    /// yet, and not free to others.
+    pub reserved: [u64; 2],
+    /// Usable addresses in the node's blocks neither in use nor reserved.
     pub free: [u128; 2],
 }
 
@@ -29,6 +32,7 @@ pub struct Usage {
     pub nodes: BTreeMap<String, NodeUsage>,
     pub size: [u128; 2],
     pub in_use: [u64; 2],
+    pub reserved: [u64; 2],
 }
 
 fn fam(f: Family) -> usize {
@@ -76,6 +80,7 @@ pub async fn read(app: &App, name: &str) -> Result<Usage, ApiError> {
     let prefix = format!("{IPAM_PREFIX}{}", pool_blocks_prefix(name));
     let mut nodes: BTreeMap<String, NodeUsage> = BTreeMap::new();
     let mut in_use = [0u64; 2];
+    let mut reserved = [0u64; 2];
     for (k, v) in app.store.raw(&prefix).await? {
         let mut parts = k[prefix.len()..].splitn(2, '/');
         let (Some(node), Some(block)) = (parts.next(), parts.next()) else {
@@ -84,21 +89,24 @@ pub async fn read(app: &App, name: &str) -> Result<Usage, ApiError> {
         let Some(cidr) = BlockCidr::parse_key(block) else {
             continue;
         };
-        let used = serde_json::from_slice::<Block>(&v)
-            .map(|b| b.used().count() as u64)
-            .unwrap_or(0);
+        let (used, kept) = serde_json::from_slice::<Block>(&v)
+            .map(|b| (b.used().count() as u64, b.reserved().count() as u64))
+            .unwrap_or((0, 0));
         let f = fam(cidr.family());
         let n = nodes.entry(node.to_string()).or_default();
         n.blocks.push(cidr);
-        n.in_use[f] += used;
+        n.in_use[f] += used - kept;
+        n.reserved[f] += kept;
         n.free[f] += usable_in(&pool, cidr).saturating_sub(u128::from(used));
-        in_use[f] += used;
+        in_use[f] += used - kept;
+        reserved[f] += kept;
     }
     Ok(Usage {
         size: pool_size(&pool),
         pool,
         nodes,
         in_use,
+        reserved,
     })
 }
 
@@ -107,17 +115,16 @@ impl Usage {
     pub fn to_json(&self) -> Value {
         let pair = |a: [u64; 2]| json!({"ipv4": a[0], "ipv6": a[1]});
         let big = |a: [u128; 2]| json!({"ipv4": a[0].to_string(), "ipv6": a[1].to_string()});
-        let free = [
-            self.size[0].saturating_sub(u128::from(self.in_use[0])),
-            self.size[1].saturating_sub(u128::from(self.in_use[1])),
-        ];
+        let free = [0, 1]
+            .map(|f| self.size[f].saturating_sub(u128::from(self.in_use[f] + self.reserved[f])));
         let nodes: Vec<Value> = self
             .nodes
             .iter()
             .map(|(node, u)| {
                 json!({"node": node,
                        "blocks": u.blocks.iter().map(|b| b.0.to_string()).collect::<Vec<_>>(),
-                       "inUse": pair(u.in_use), "free": big(u.free)})
+                       "inUse": pair(u.in_use), "reserved": pair(u.reserved),
+                       "free": big(u.free)})
             })
             .collect();
         json!({
@@ -127,6 +134,7 @@ impl Usage {
             "cidrs": self.pool.ranges.iter().map(|r| r.subnet.to_string()).collect::<Vec<_>>(),
             "nodes": nodes,
             "inUse": pair(self.in_use),
+            "reserved": pair(self.reserved),
             "size": big(self.size),
             "free": big(free),
         })
