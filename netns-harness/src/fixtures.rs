@@ -102,3 +102,30 @@ pub fn family_addrs(ns: &str, dev: &str, v6: bool) -> Vec<String> {
         .filter(|a| a.contains(':') == v6)
         .collect()
 }
+
+/// Waits until `plexus-ipam`'s publisher has written to the store every
+/// assignment the node's reserve handed out under `state_dir` (no IPAM
+/// cache there holds an unpublished one), as a reader of the store that
+/// follows an ADD must; panics after 10 s.
+pub fn ipam_published(state_dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: Vec<String> = std::fs::read_dir(state_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("cache-"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter(|text| text.contains("\"unpublished\""))
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "IPAM assignments still unpublished after 10 s under {}: {waiting:?}",
+            state_dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

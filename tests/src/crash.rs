@@ -6,8 +6,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use cni::NetConfList;
+use ipam::config::EtcdConf;
 use ipam::store::Store;
-use netns_harness::fixtures::nad;
+use ipam::EtcdStore;
+use netns_harness::etcd::EtcdCluster;
+use netns_harness::fixtures::{ipam_published, nad, plexus_ipam_on_etcd};
 use netns_harness::node::{Node, UPLINK};
 use netns_harness::{kernel, Netns, Pod, Runtime};
 use serde_json::json;
@@ -28,6 +31,8 @@ pub const CLEANUPS: [Cleanup; 3] = [
 pub struct Setup {
     /// The VM's SR-IOV NIC lent to the node (dropped before the node).
     pub nic: Option<crate::sriov::SriovNic>,
+    /// The etcd of [`Stack::PlexusEtcd`]'s cluster network, in the node's netns.
+    pub etcd: Option<EtcdCluster>,
     pub node: Node,
     pub list: NetConfList,
     pub ipam_dirs: Vec<PathBuf>,
@@ -67,6 +72,9 @@ pub fn kernel_state(ns: &str) -> BTreeSet<String> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Stack {
     Plexus,
+    /// `plexus` with the cluster network's `plexus-ipam` on etcd: ADD is
+    /// answered from the node's reserve, its handle published after.
+    PlexusEtcd,
     Veth,
     Macvlan,
     /// In the VM: the host kernel has no ipvlan.
@@ -87,9 +95,16 @@ pub fn setup(stack: Stack) -> Setup {
         json!({"type": "plexus-ipam", "ranges": ranges, "stateDir": state, "nodeName": "node-1"})
     };
     let (pods_dir, data_dir) = (dir("ipam-pods"), dir("ipam-data"));
+    let etcd =
+        (stack == Stack::PlexusEtcd).then(|| EtcdCluster::start_in(1, &node.netns).expect("etcd"));
+    let pods_subnets = ["10.77.0.0/24", "fd00:77::/120"];
+    let pods_ipam = match &etcd {
+        Some(etcd) => plexus_ipam_on_etcd(&pods_subnets, &etcd.endpoints(), "node-1", &pods_dir),
+        None => ipam(&pods_subnets, &pods_dir),
+    };
     let cluster = json!({
         "cniVersion": "1.1.0", "name": "pods", "type": "plexus-veth",
-        "ipam": ipam(&["10.77.0.0/24", "fd00:77::/120"], &pods_dir),
+        "ipam": pods_ipam,
     });
     node.define(
         "data.yaml",
@@ -106,7 +121,7 @@ pub fn setup(stack: Stack) -> Setup {
         NetConfList::parse_value(&conf).expect("conflist")
     };
     let list = match stack {
-        Stack::Plexus => node.plexus_list("1.1.0", cluster),
+        Stack::Plexus | Stack::PlexusEtcd => node.plexus_list("1.1.0", cluster),
         Stack::Veth => alone(cluster),
         Stack::Macvlan => alone(json!({"cniVersion": "1.1.0", "type": "plexus-macvlan",
             "master": UPLINK, "mode": "bridge", "ipam": ipam(&["10.78.0.0/24"], &data_dir)})),
@@ -130,6 +145,7 @@ pub fn setup(stack: Stack) -> Setup {
     let baseline = kernel_state(node.ns());
     Setup {
         nic,
+        etcd,
         node,
         list,
         ipam_dirs: vec![pods_dir, data_dir],
@@ -211,6 +227,9 @@ impl Setup {
                 ));
             }
         }
+        if let Some(etcd) = &self.etcd {
+            out.extend(etcd_leaks(etcd, &self.node.netns, &self.ipam_dirs[0]));
+        }
         out.extend(
             files_naming(&self.node.plexus_cache(), &pod.container_id)
                 .into_iter()
@@ -249,6 +268,53 @@ impl Setup {
     }
 }
 
+/// What etcd holds of the cluster network beyond the node's reserve, once
+/// the node's publisher has written what the reserve handed out and topped
+/// the reserve up again: no handle, no address in use, a full reserve.
+fn etcd_leaks(etcd: &EtcdCluster, netns: &Netns, state: &Path) -> Vec<String> {
+    ipam_published(state);
+    let endpoints = etcd.endpoints();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut out = Vec::new();
+        let mut reserved = 0;
+        let read = netns
+            .run(|| -> Result<(), ipam::Error> {
+                let conf = EtcdConf::new(endpoints.clone(), ipam::config::DEFAULT_PREFIX);
+                let mut store = EtcdStore::connect(&conf)?;
+                for kv in store.range("handles/")? {
+                    out.push(format!("IPAM handle {} in etcd", kv.key));
+                }
+                for kv in store.range("blocks/")? {
+                    let block: ipam::block::Block = serde_json::from_slice(&kv.value)
+                        .map_err(|e| ipam::Error::Store(e.to_string()))?;
+                    let kept = block.reserved().count();
+                    reserved += kept;
+                    if block.used().count() > kept {
+                        out.push(format!("IPAM addresses in use in {} in etcd", kv.key));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = read {
+            return vec![format!("etcd not read: {e}")];
+        }
+        // Two families: a full reserve of each.
+        let full = 2 * ipam::alloc::RESERVE;
+        if !out.is_empty() || reserved == full {
+            return out;
+        }
+        if std::time::Instant::now() > deadline {
+            return vec![format!(
+                "the node's reserve holds {reserved} addresses, not {full}"
+            )];
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn files_naming(dir: &Path, id: &str) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -272,6 +338,7 @@ pub fn files_naming(dir: &Path, id: &str) -> Vec<String> {
 pub fn matrix(s: &Setup, rows: &mut Vec<(String, Vec<usize>)>, all: &mut Vec<String>) {
     let name = match s.stack {
         Stack::Plexus => "plexus",
+        Stack::PlexusEtcd => "plexus (IPAM on etcd)",
         Stack::Veth => "plexus-veth",
         Stack::Macvlan => "plexus-macvlan",
         Stack::Ipvlan => "plexus-ipvlan",
@@ -328,7 +395,7 @@ pub fn matrix(s: &Setup, rows: &mut Vec<(String, Vec<usize>)>, all: &mut Vec<Str
         .add(&s.list, &pod)
         .expect("ADD after the kills");
     let want = match s.stack {
-        Stack::Plexus => 3,
+        Stack::Plexus | Stack::PlexusEtcd => 3,
         Stack::Veth => 2,
         Stack::Macvlan | Stack::Ipvlan | Stack::Sriov => 1,
         Stack::Ipam => 2,

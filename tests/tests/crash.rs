@@ -2,11 +2,14 @@
 //! a traced run of ADD and of DEL names them (`PLEXUS_CRASH_TRACE`, debug
 //! builds), and each is then killed in turn (`PLEXUS_CRASH_AT`, SIGKILL)
 //! under `plexus` with the cluster network `plexus-veth` and a secondary
-//! `plexus-macvlan`, both on `plexus-ipam`. After each kill the runtime
+//! `plexus-macvlan`, both on `plexus-ipam`, and again with the cluster
+//! network's `plexus-ipam` on etcd (ADD answered from the node's reserve,
+//! its handle published once it has answered). After each kill the runtime
 //! cleans up one of three ways — DEL with the netns, DEL once the netns is
 //! gone, or only GC once it is gone — and then nothing may be left: no link,
 //! address, route or permanent neighbour on the node or in the pod, no IPAM
-//! handle, address or journal entry, no Plexus record. The test prints the
+//! handle, address or journal entry (on etcd: once published, and with the
+//! node's reserve full again), no Plexus record. The test prints the
 //! matrix (`plexus-ipvlan`'s is in the VM's tests).
 
 use std::path::{Path, PathBuf};
@@ -19,7 +22,13 @@ use serde_json::json;
 fn killed_at_every_step_of_add_and_del_nothing_is_left() {
     let mut rows = Vec::new();
     let mut all = Vec::new();
-    for stack in [Stack::Plexus, Stack::Veth, Stack::Macvlan, Stack::Ipam] {
+    for stack in [
+        Stack::Plexus,
+        Stack::PlexusEtcd,
+        Stack::Veth,
+        Stack::Macvlan,
+        Stack::Ipam,
+    ] {
         matrix(&setup(stack), &mut rows, &mut all);
     }
     eprintln!("\n{}", table(&rows));
@@ -91,6 +100,7 @@ fn a_read_only_or_full_cache_filesystem_fails_add_cleanly_and_del_finishes_later
     let list = node.plexus_list("1.1.0", cluster);
     let s = Setup {
         nic: None,
+        etcd: None,
         baseline: kernel_state(node.ns()),
         list,
         ipam_dirs: vec![state.clone()],
@@ -178,6 +188,9 @@ fn etcd_down_for_add_for_del_and_between_leaves_nothing() {
         &state,
     );
     ipam["store"]["timeoutSeconds"] = json!(1);
+    // No reserve: every ADD asks etcd, so an ADD with etcd down fails. One
+    // answered from the reserve with etcd down is in tests/ipam.rs.
+    ipam["store"]["reserve"] = json!(0);
     let cluster = json!({"cniVersion": "1.1.0", "name": "pods", "type": "plexus-veth",
                          "ipam": ipam});
     let list = node.plexus_list("1.1.0", cluster);

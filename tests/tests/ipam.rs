@@ -416,7 +416,7 @@ fn etcd_leader_stopped_mid_run_loses_nothing() {
 
 use cni::plugin::Command;
 use cni::NetConfList;
-use netns_harness::fixtures::addr_ip;
+use netns_harness::fixtures::{addr_ip, ipam_published};
 use netns_harness::node::Node;
 use netns_harness::relay::StoreRelay;
 use netns_harness::{kernel, probe};
@@ -467,6 +467,7 @@ fn ips_of(result: &[u8]) -> Vec<String> {
 /// Containers holding addresses of `network`, and addresses held in its
 /// pool, read from etcd inside the node's netns (where etcd runs).
 fn audit(node: &Node, etcd: &EtcdCluster, network: &str) -> (Vec<String>, usize) {
+    ipam_published(&node.scratch.join("ipam-state"));
     let endpoints = etcd.endpoints();
     node.netns
         .run(|| {
@@ -908,6 +909,9 @@ fn relayed_list(
 ) -> NetConfList {
     let mut store = etcd_store(&etcd.endpoints());
     store["relay"] = serde_json::json!(socket);
+    // No reserve: every ADD asks the store, and the way it takes there is
+    // what these tests follow.
+    store["reserve"] = serde_json::json!(0);
     let cluster = serde_json::json!({
         "cniVersion": "1.0.0", "name": name, "type": "plexus-veth",
         "ipam": ipam_section(node, store, serde_json::json!([[{"subnet": subnet}]])),
@@ -1072,4 +1076,203 @@ fn the_store_relay_sends_calls_to_the_etcd_leader_and_follows_a_new_one() {
         node.runtime.del(&list, pod).expect("DEL");
     }
     assert_eq!(audit(&node, &etcd, "led"), (vec![], 0));
+}
+
+/// Node-1's blocks of `pool` in etcd: key → block.
+fn node_blocks(node: &Node, etcd: &EtcdCluster, pool: &str) -> Vec<(String, ipam::block::Block)> {
+    let endpoints = etcd.endpoints();
+    let pool = pool.to_string();
+    node.netns
+        .run(move || {
+            let mut store =
+                EtcdStore::connect(&EtcdConf::new(endpoints, "/plexus/ipam/")).expect("connect");
+            store
+                .range(&format!("blocks/{pool}/node-1/"))
+                .expect("blocks")
+                .into_iter()
+                .map(|kv| (kv.key, serde_json::from_slice(&kv.value).expect("a block")))
+                .collect()
+        })
+        .expect("run in the node netns")
+}
+
+/// The addresses node-1 holds in its reserve, read from etcd.
+fn reserve_in_etcd(node: &Node, etcd: &EtcdCluster, pool: &str) -> Vec<IpAddr> {
+    node_blocks(node, etcd, pool)
+        .into_iter()
+        .flat_map(|(key, block)| {
+            let cidr = key
+                .rsplit('/')
+                .next()
+                .and_then(ipam::pool::BlockCidr::parse_key)
+                .expect("a block key");
+            block
+                .reserved()
+                .map(|o| cidr.nth(u128::from(o)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Node-1's reserve once the publisher has topped it up to `n` (it runs
+/// after ADD answers); panics after 10 s.
+fn reserve_filled(node: &Node, etcd: &EtcdCluster, pool: &str, n: usize) -> Vec<IpAddr> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reserve = reserve_in_etcd(node, etcd, pool);
+        if reserve.len() == n {
+            return reserve;
+        }
+        assert!(std::time::Instant::now() < deadline, "{reserve:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `store="…"` and `round_trips=…` of the last "IPAM ADD done" line.
+fn last_ipam_add(node: &Node) -> (String, String) {
+    let text = std::fs::read_to_string(node.log_file()).unwrap_or_default();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("IPAM ADD done"))
+        .unwrap_or_default()
+        .to_string();
+    let field = |name: &str| {
+        line.split(&format!("{name}="))
+            .nth(1)
+            .map(|rest| match rest.strip_prefix('"') {
+                Some(quoted) => quoted.split('"').next().unwrap_or_default().to_string(),
+                None => rest.split(' ').next().unwrap_or_default().to_string(),
+            })
+            .unwrap_or_default()
+    };
+    (field("store"), field("round_trips"))
+}
+
+#[test]
+fn plexus_on_etcd_answers_add_from_the_nodes_reserve_and_publishes_after() {
+    let node = Node::new("ipam-reserve");
+    let mut etcd = EtcdCluster::start_in(1, &node.netns).expect("etcd");
+    let cluster = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "resv", "type": "plexus-veth",
+        "ipam": ipam_section(&node, etcd_store(&etcd.endpoints()),
+            serde_json::json!([[{"subnet": "10.69.0.0/24"}]])),
+    });
+    let mut list = node.plexus_list("1.0.0", cluster);
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), serde_json::json!("debug"));
+    }
+    let ip_of = |ns: &netns_harness::Netns| -> IpAddr {
+        let addrs = kernel::addrs(ns.name(), "eth0").expect("addrs");
+        assert_eq!(addrs.len(), 1, "{addrs:?}");
+        addr_ip(&addrs[0])
+    };
+
+    // The node's first ADD asks etcd (nothing reserved yet); its publisher
+    // then reserves the node's next two addresses in its block.
+    let (ns_a, pod_a) = node.pod("default");
+    node.runtime.add(&list, &pod_a).expect("ADD a");
+    let (store, round_trips) = last_ipam_add(&node);
+    assert_eq!(store, "etcd");
+    assert_ne!(round_trips, "0");
+    let reserve = reserve_filled(&node, &etcd, "resv", 2);
+    let a = ip_of(&ns_a);
+    assert!(!reserve.contains(&a), "{a} is pod a's, not reserved");
+
+    // The next ADD is answered from the reserve, with no round trip; its
+    // handle is in etcd once the publisher ran, and the reserve is full again.
+    let (ns_b, pod_b) = node.pod("default");
+    node.runtime.add(&list, &pod_b).expect("ADD b");
+    assert_eq!(
+        last_ipam_add(&node),
+        ("the node's reserve".into(), "0".into())
+    );
+    let b = ip_of(&ns_b);
+    assert!(reserve.contains(&b), "{b} not from the reserve {reserve:?}");
+    let mut held = vec![pod_a.container_id.clone(), pod_b.container_id.clone()];
+    held.sort();
+    assert_eq!(audit(&node, &etcd, "resv"), (held.clone(), 2));
+    let reserve = reserve_filled(&node, &etcd, "resv", 2);
+    assert!(
+        !reserve.contains(&a) && !reserve.contains(&b),
+        "{reserve:?}"
+    );
+
+    // Another node takes every address left, borrowing from node-1's block
+    // once the pool has no block to claim: never one node-1 reserved.
+    let endpoints = etcd.endpoints();
+    let taken: Vec<IpAddr> = node
+        .netns
+        .run(move || {
+            let conf = EtcdConf::new(endpoints, "/plexus/ipam/");
+            let mut other = Allocator::new(EtcdStore::connect(&conf).expect("connect"), "node-2");
+            let pool = other.pool("resv").expect("pool");
+            let mut got = Vec::new();
+            for i in 0.. {
+                match other.assign(
+                    &pool,
+                    &HandleId::new("resv", &format!("other-{i}"), "eth0"),
+                    &[],
+                ) {
+                    Ok(r) => got.extend(r.addresses.iter().map(|a| a.ip)),
+                    Err(Error::Exhausted { .. }) => break,
+                    Err(e) => panic!("node-2: {e}"),
+                }
+            }
+            let borrowed = other.stats().borrows;
+            assert!(borrowed > 0, "node-2 never borrowed from node-1's block");
+            for i in 0..got.len() {
+                other
+                    .release(&HandleId::new("resv", &format!("other-{i}"), "eth0"))
+                    .expect("node-2 releases");
+            }
+            got
+        })
+        .expect("run in the node netns");
+    for ip in reserve.iter().chain([&a, &b]) {
+        assert!(!taken.contains(ip), "node-2 got {ip}, node-1's");
+    }
+
+    // etcd down: ADD still answers from the reserve; DEL succeeds too and
+    // gives the address back to the reserve once etcd says the handle
+    // never got there.
+    etcd.stop_member(0).expect("stop etcd");
+    let (ns_c, pod_c) = node.pod("default");
+    node.runtime
+        .add(&list, &pod_c)
+        .expect("ADD c with etcd down");
+    let c = ip_of(&ns_c);
+    assert!(reserve.contains(&c), "{c} not from the reserve {reserve:?}");
+    node.runtime
+        .del(&list, &pod_c)
+        .expect("DEL c with etcd down");
+    etcd.restart_member(0).expect("etcd again");
+    etcd.wait_healthy(0, Duration::from_secs(10))
+        .expect("healthy");
+    node.runtime.del(&list, &pod_b).expect("DEL b");
+    assert_eq!(
+        audit(&node, &etcd, "resv").0,
+        vec![pod_a.container_id.clone()]
+    );
+    let after = reserve_in_etcd(&node, &etcd, "resv");
+    assert!(after.contains(&c), "{c} is back in the reserve: {after:?}");
+
+    // Node-1 gone for good: reclaiming it gives its reserve back with it.
+    node.runtime.del(&list, &pod_a).expect("DEL a");
+    let endpoints = etcd.endpoints();
+    node.netns
+        .run(move || {
+            let conf = EtcdConf::new(endpoints, "/plexus/ipam/");
+            let mut admin = Allocator::new(EtcdStore::connect(&conf).expect("connect"), "admin");
+            let pool = admin.pool("resv").expect("pool");
+            let done = admin.reclaim("node-1").expect("reclaim");
+            assert!(done.kept.is_empty(), "{done:?}");
+            assert!(!done.blocks.is_empty(), "{done:?}");
+            assert_eq!(
+                admin.allocated(&pool).expect("allocated"),
+                Vec::<IpAddr>::new()
+            );
+        })
+        .expect("run in the node netns");
+    assert!(node_blocks(&node, &etcd, "resv").is_empty());
 }
