@@ -63,6 +63,12 @@ pub struct PoolCache {
     /// file holding it whole, never in place.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unpublished: BTreeMap<String, HandleRecord>,
+    /// The reserve this cache made (its own publications reserved them in
+    /// the store), handed out or not. Only these are ever handed out or
+    /// given back: a reserve bit in the store that no cache of this node
+    /// knows (its cache lost) stays used, never handed out twice.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reserve: BTreeSet<IpAddr>,
 }
 
 /// The node's cache of every pool, kept by the plugin between runs.
@@ -156,14 +162,65 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8], key: &str) -> Result<T, Erro
     serde_json::from_slice(raw).map_err(|e| Error::Store(format!("{key} is corrupt: {e}")))
 }
 
-/// Reserved addresses of `family` in a pool's cached blocks, handed out or not.
-fn reserved(cache: &PoolCache, family: Family) -> usize {
+/// The addresses a pool's cache has handed out and not published.
+fn handed_out(cache: &PoolCache) -> HashSet<IpAddr> {
     cache
-        .blocks
-        .iter()
-        .filter(|(k, _)| cidr_of(k).is_some_and(|c| c.family() == family))
-        .map(|(_, (_, b))| b.reserved().count())
-        .sum::<usize>()
+        .unpublished
+        .values()
+        .flat_map(|r| r.addresses.iter().map(|a| a.ip))
+        .collect()
+}
+
+/// Whether `ip`, of the block `key`, is reserved in the cached block.
+fn reserved_in(blocks: &BTreeMap<String, (i64, Block)>, key: &str, ip: IpAddr) -> bool {
+    let ord = cidr_of(key).and_then(|c| c.ordinal(ip));
+    matches!((blocks.get(key), ord), (Some((_, b)), Some(o)) if b.is_reserved(o))
+}
+
+/// The block key of `ip` among a pool's cached blocks.
+fn block_holding(blocks: &BTreeMap<String, (i64, Block)>, ip: IpAddr) -> Option<String> {
+    blocks
+        .keys()
+        .find(|k| cidr_of(k).and_then(|c| c.ordinal(ip)).is_some())
+        .cloned()
+}
+
+/// Takes `ip` out of the reserve: freed in its block (to be written).
+fn out_of_reserve(
+    ip: IpAddr,
+    reserve: &mut BTreeSet<IpAddr>,
+    blocks: &mut BTreeMap<String, (i64, Block)>,
+    changed: &mut BTreeSet<String>,
+    out: &mut Vec<IpAddr>,
+) {
+    out.push(ip);
+    let key = block_holding(blocks, ip);
+    let ord = key.as_deref().and_then(cidr_of).and_then(|c| c.ordinal(ip));
+    if let (Some(key), Some(ord)) = (key, ord) {
+        if let Some((_, b)) = blocks.get_mut(&key) {
+            b.clear(ord);
+        }
+        changed.insert(key);
+    }
+    reserve.remove(&ip);
+}
+
+/// One pool's transaction of [`Allocator::publish`], made while the node
+/// is locked, sent while it is not, and applied when it is again.
+#[derive(Debug)]
+pub struct Publication {
+    pool: String,
+    /// Handles written: id and record.
+    pending: Vec<(String, HandleRecord)>,
+    /// Blocks written: key → (revision compared, the block written).
+    blocks: BTreeMap<String, (i64, Block)>,
+    /// Addresses reserved anew.
+    added: Vec<IpAddr>,
+    /// Addresses taken out of the reserve (freed by the transaction): back
+    /// in it if the transaction does not land.
+    out: Vec<IpAddr>,
+    /// The pool definition's revision compared, if known.
+    def_rev: Option<i64>,
 }
 
 /// The block of a block key (`blocks/<pool>/<node>/<block>`).
@@ -346,16 +403,17 @@ impl<S: Store> Allocator<S> {
             pool = name,
             "pool definition changed in the store; reading it again"
         );
-        // What was handed out and not yet published stays: the store does
-        // not know it.
-        let unpublished = self
+        // What was handed out and not yet published stays, and the reserve
+        // the node made: the store does not know them as such.
+        let kept = self
             .cache
             .remove(name)
-            .map(|c| c.unpublished)
+            .map(|c| (c.unpublished, c.reserve))
             .unwrap_or_default();
         let pool = self.pool(name);
-        if !unpublished.is_empty() {
-            self.cache.entry(name.to_string()).or_default().unpublished = unpublished;
+        if !kept.0.is_empty() || !kept.1.is_empty() {
+            let entry = self.cache.entry(name.to_string()).or_default();
+            (entry.unpublished, entry.reserve) = kept;
         }
         pool
     }
@@ -516,15 +574,7 @@ impl<S: Store> Allocator<S> {
     pub fn release(&mut self, handle: &HandleId) -> Result<Option<HandleRecord>, Error> {
         let hkey = handle.key();
         if let Some(record) = self.unpublished(handle) {
-            // Not in the store, unless a publisher wrote it and stopped before
-            // its cache was saved: the store says which.
-            let stored = self.store.get(&hkey)?;
-            if let Some(c) = self.cache.get_mut(&record.pool) {
-                c.unpublished.remove(&handle.id());
-            }
-            if stored.is_none() {
-                // Its addresses are still reserved in the store: the
-                // reserve has them back.
+            if self.release_unpublished(handle, &record)? {
                 return Ok(Some(record));
             }
         }
@@ -736,6 +786,17 @@ impl<S: Store> Allocator<S> {
             .find_map(|c| c.unpublished.get(&id).cloned())
     }
 
+    /// Whether this node keeps a reserve here (its cache made one).
+    pub fn keeps_reserve(&self) -> bool {
+        self.cache.values().any(|c| !c.reserve.is_empty())
+    }
+
+    /// Whether an assignment handed out from the reserve waits to be
+    /// published.
+    pub fn has_unpublished(&self) -> bool {
+        self.cache.values().any(|c| !c.unpublished.is_empty())
+    }
+
     /// ADD without a store round trip: one address of each of the pool's
     /// families from this node's reserve (addresses its blocks already mark
     /// used in the store, so no other node can take them), kept as
@@ -745,30 +806,23 @@ impl<S: Store> Allocator<S> {
     pub fn take_reserved(&mut self, pool: &Pool, handle: &HandleId) -> Option<HandleRecord> {
         let id = handle.id();
         let node = self.node.clone();
+        let keep = self.reserve;
         let cache = self.cache.get_mut(&pool.name)?;
         if let Some(record) = cache.unpublished.get(&id) {
             return Some(record.clone());
         }
-        if self.reserve == 0 || cache.def.as_ref() != Some(pool) || !cache.loaded {
+        if keep == 0 || cache.def.as_ref() != Some(pool) || !cache.loaded {
             return None;
         }
-        let taken: HashSet<IpAddr> = cache
-            .unpublished
-            .values()
-            .flat_map(|r| r.addresses.iter().map(|a| a.ip))
-            .collect();
+        let taken = handed_out(cache);
         let mut addresses = Vec::new();
         for family in pool.families() {
-            let found = cache.blocks.iter().find_map(|(key, (_, block))| {
-                let cidr = cidr_of(key).filter(|c| c.family() == family)?;
-                block
-                    .reserved()
-                    .map(|o| cidr.nth(u128::from(o)))
-                    .find(|ip| !taken.contains(ip) && pool.usable(*ip))
-                    .map(|ip| Assigned {
-                        ip,
-                        block: key.clone(),
-                    })
+            let found = cache.reserve.iter().find_map(|ip| {
+                if Family::of(*ip) != family || taken.contains(ip) || !pool.usable(*ip) {
+                    return None;
+                }
+                let block = block_holding(&cache.blocks, *ip)?;
+                reserved_in(&cache.blocks, &block, *ip).then_some(Assigned { ip: *ip, block })
             })?;
             addresses.push(found);
         }
@@ -779,6 +833,112 @@ impl<S: Store> Allocator<S> {
         };
         cache.unpublished.insert(id, record.clone());
         Some(record)
+    }
+
+    /// DEL of an assignment not yet published: one transaction that finds
+    /// no handle in the store and writes its blocks with its addresses
+    /// free (their revisions change, so a publisher's transaction sent
+    /// before cannot land after). `false` when the store holds the handle
+    /// after all (a publisher wrote it and stopped before its cache was
+    /// saved): it is released as any other then.
+    fn release_unpublished(
+        &mut self,
+        handle: &HandleId,
+        record: &HandleRecord,
+    ) -> Result<bool, Error> {
+        let (hkey, id, name) = (handle.key(), handle.id(), record.pool.clone());
+        let forget = |c: &mut PoolCache| {
+            c.unpublished.remove(&id);
+            for a in &record.addresses {
+                c.reserve.remove(&a.ip);
+            }
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let mut blocks: BTreeMap<String, (i64, Block)> = BTreeMap::new();
+            for a in &record.addresses {
+                if !blocks.contains_key(&a.block) {
+                    let cached = self
+                        .cache
+                        .get(&name)
+                        .and_then(|c| c.blocks.get(&a.block).cloned());
+                    let current = match cached {
+                        Some(c) => Some(c),
+                        None => match self.store.get(&a.block)? {
+                            Some(kv) => Some((kv.mod_rev, decode(&kv.value, &kv.key)?)),
+                            None => None,
+                        },
+                    };
+                    if let Some(c) = current {
+                        blocks.insert(a.block.clone(), c);
+                    }
+                }
+                let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+                if let (Some((_, b)), Some(o)) = (blocks.get_mut(&a.block), ord) {
+                    // Only while reserved: one the store gave another since
+                    // is not this assignment's to free.
+                    if b.is_reserved(o) {
+                        b.clear(o);
+                    }
+                }
+            }
+            let mut txn = Txn::default().when(&hkey, 0).or_read(&hkey);
+            for (key, (rev, block)) in &blocks {
+                txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
+            }
+            let out = self.store.txn(txn)?;
+            self.stats.txns += 1;
+            if out.succeeded {
+                if let Some(c) = self.cache.get_mut(&name) {
+                    forget(c);
+                }
+                for (key, (_, block)) in blocks {
+                    self.remember_in(&name, key, out.revision, block);
+                }
+                return Ok(true);
+            }
+            self.stats.conflicts += 1;
+            if out.read(&hkey).is_some() {
+                if let Some(c) = self.cache.get_mut(&name) {
+                    forget(c);
+                }
+                return Ok(false);
+            }
+            self.refresh(&name, blocks.keys(), &out)?;
+        }
+        Err(Error::Contended {
+            what: format!("releasing {handle}"),
+        })
+    }
+
+    /// The cached blocks `keys` of pool `name` as a failed transaction read
+    /// them (a block it did not find is forgotten), unless the cache holds
+    /// a newer revision.
+    fn refresh<'k>(
+        &mut self,
+        name: &str,
+        keys: impl Iterator<Item = &'k String>,
+        out: &crate::store::TxnOutcome,
+    ) -> Result<(), Error> {
+        for key in keys {
+            let cached = self
+                .cache
+                .get(name)
+                .and_then(|c| c.blocks.get(key))
+                .map(|(rev, _)| *rev);
+            match out.read(key) {
+                Some(kv) if cached.is_none_or(|r| r <= kv.mod_rev) => {
+                    let block = decode(&kv.value, &kv.key)?;
+                    self.remember_in(name, key.clone(), kv.mod_rev, block);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = self.cache.get_mut(name) {
+                        c.blocks.remove(key);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether anything waits for [`Allocator::publish`]: an unpublished
@@ -796,7 +956,7 @@ impl<S: Store> Allocator<S> {
                 return false;
             };
             def.families().iter().any(|f| {
-                let have = reserved(c, *f);
+                let have = c.reserve.iter().filter(|ip| Family::of(**ip) == *f).count();
                 let room = || {
                     c.blocks.iter().any(|(k, (_, b))| {
                         cidr_of(k)
@@ -812,241 +972,351 @@ impl<S: Store> Allocator<S> {
     /// pool's reserve to what the node keeps ([`Allocator::with_reserve`])
     /// per family: topped up from this node's blocks (when they have room),
     /// or its surplus given back. One transaction per pool. Returns how many
-    /// handles were written.
+    /// handles its transactions wrote (not those assigned again by name).
+    /// (A caller that must not hold its lock while
+    /// the store commits runs [`Allocator::prepare_publish`],
+    /// [`Allocator::send`] and [`Allocator::apply_publication`] itself.)
     pub fn publish(&mut self) -> Result<usize, Error> {
-        let names: Vec<String> = self.cache.keys().cloned().collect();
-        let mut written = 0;
-        for name in names {
-            written += self.publish_pool(&name)?;
-        }
-        Ok(written)
-    }
-
-    fn publish_pool(&mut self, name: &str) -> Result<usize, Error> {
         let mut written = 0;
         for _ in 0..MAX_ATTEMPTS {
-            let Some(cache) = self.cache.get(name) else {
-                return Ok(written);
-            };
-            // An address this node's block no longer reserves (its pool
-            // changed or deleted, or the node reclaimed) was handed out
-            // from a stale reserve: assigned again, by name, if it can be.
-            let stale: Vec<(String, HandleRecord)> = cache
-                .unpublished
-                .iter()
-                .filter(|(_, r)| {
-                    r.addresses.iter().any(|a| {
-                        let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
-                        let usable = cache.def.as_ref().is_some_and(|d| d.usable(a.ip));
-                        !usable
-                            || !matches!((cache.blocks.get(&a.block), ord),
-                                (Some((_, b)), Some(o)) if b.is_reserved(o))
-                    })
-                })
-                .map(|(id, r)| (id.clone(), r.clone()))
-                .collect();
-            if !stale.is_empty() {
-                for (id, record) in stale {
-                    if let Some(c) = self.cache.get_mut(name) {
-                        c.unpublished.remove(&id);
-                    }
-                    written += usize::from(self.assign_again(name, &id, &record)?);
-                }
-                continue;
-            }
-            let pending: Vec<(String, HandleRecord)> = cache
-                .unpublished
-                .iter()
-                .map(|(id, r)| (id.clone(), r.clone()))
-                .collect();
-            let def = cache.def.clone().filter(|_| cache.loaded);
-            let def_rev = cache.def_rev;
-            let mut blocks = cache.blocks.clone();
-            let mut changed: BTreeSet<String> = BTreeSet::new();
-            // A published address leaves the reserve: its handle holds it.
-            for a in pending.iter().flat_map(|(_, r)| &r.addresses) {
-                let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
-                if let (Some((_, b)), Some(ord)) = (blocks.get_mut(&a.block), ord) {
-                    b.assign_reserved(ord);
-                    changed.insert(a.block.clone());
-                }
-            }
-            let handed: HashSet<IpAddr> = pending
-                .iter()
-                .flat_map(|(_, r)| r.addresses.iter().map(|a| a.ip))
-                .collect();
-            if let Some(def) = &def {
-                // Reserved where the pool (changed since) has no address.
-                for (key, (_, b)) in blocks.iter_mut() {
-                    let Some(cidr) = cidr_of(key) else { continue };
-                    let gone: Vec<u32> = b
-                        .reserved()
-                        .filter(|o| !def.usable(cidr.nth(u128::from(*o))))
-                        .collect();
-                    for o in &gone {
-                        b.clear(*o);
-                    }
-                    if !gone.is_empty() {
-                        changed.insert(key.clone());
-                    }
-                }
-                for family in def.families() {
-                    let have: usize = blocks
-                        .iter()
-                        .filter(|(k, _)| cidr_of(k).is_some_and(|c| c.family() == family))
-                        .map(|(_, (_, b))| b.reserved().count())
-                        .sum();
-                    // More than kept now: the surplus goes back to the pool.
-                    for _ in self.reserve..have {
-                        let surplus = blocks.iter().find_map(|(k, (_, b))| {
-                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
-                            let ord = b
-                                .reserved()
-                                .find(|o| !handed.contains(&cidr.nth(u128::from(*o))))?;
-                            Some((k.clone(), ord))
-                        });
-                        let Some((key, ord)) = surplus else { break };
-                        if let Some((_, b)) = blocks.get_mut(&key) {
-                            b.clear(ord);
-                        }
-                        changed.insert(key);
-                    }
-                    for _ in have..self.reserve {
-                        let pick = blocks.iter().find_map(|(k, (_, b))| {
-                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
-                            Some((k.clone(), b.fresh(def, cidr)?.0))
-                        });
-                        let pick = pick.or_else(|| {
-                            blocks.iter().find_map(|(k, (_, b))| {
-                                let cidr = cidr_of(k).filter(|c| c.family() == family)?;
-                                Some((k.clone(), b.free(def, cidr)?.0))
-                            })
-                        });
-                        let Some((key, ord)) = pick else {
-                            // Full: the next ADD claims a block through the store.
-                            break;
-                        };
-                        if let Some((_, b)) = blocks.get_mut(&key) {
-                            b.reserve(ord);
-                        }
-                        changed.insert(key);
-                    }
-                }
-            }
-            if pending.is_empty() && changed.is_empty() {
+            let publications = self.prepare_publish()?;
+            if publications.is_empty() {
                 return Ok(written);
             }
-            let pkey = pool_key(name);
-            let mut txn = Txn::default();
-            if let Some(rev) = def_rev {
-                txn = txn.when(&pkey, rev).or_read(&pkey);
+            let mut landed = true;
+            for p in publications {
+                let out = self.send(&p);
+                let (n, ok) = self.apply_publication(p, out.as_ref().ok())?;
+                out?;
+                written += n;
+                landed &= ok;
             }
-            for (id, record) in &pending {
-                let hkey = format!("handles/{id}");
-                txn = txn
-                    .when(&hkey, 0)
-                    .put(&hkey, encode(record)?)
-                    .or_read(&hkey);
+            if landed {
+                return Ok(written);
             }
-            for key in &changed {
-                if let Some((rev, block)) = blocks.get(key) {
-                    txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
-                }
-            }
-            let bytes = written_bytes(&txn);
-            let out = self.store.txn(txn)?;
-            self.stats.txns += 1;
-            if out.succeeded {
-                self.stats.written += bytes;
-                for key in changed {
-                    if let Some((_, block)) = blocks.remove(&key) {
-                        self.remember_in(name, key, out.revision, block);
-                    }
-                }
-                if let Some(c) = self.cache.get_mut(name) {
-                    for (id, _) in &pending {
-                        c.unpublished.remove(id);
-                    }
-                }
-                return Ok(written + pending.len());
-            }
-            self.stats.conflicts += 1;
-            for (id, record) in &pending {
-                let hkey = format!("handles/{id}");
-                let Some(kv) = out.read(&hkey) else { continue };
-                // Written already (by a publisher that stopped before saving
-                // the cache), or held by another assignment of the same
-                // handle, which stands: these addresses stay reserved.
-                let stored: HandleRecord = decode(&kv.value, &hkey)?;
-                if stored != *record {
-                    warn!(handle = %id, "the store holds another assignment of this handle; \
-                        the one handed out from the reserve goes back to it");
-                }
-                if let Some(c) = self.cache.get_mut(name) {
-                    c.unpublished.remove(id);
-                }
-            }
-            if def_rev.is_some() && out.read(&pkey).map(|kv| kv.mod_rev) != def_rev {
-                match self.reread(name) {
-                    Ok(_) => continue,
-                    Err(Error::PoolUnknown { .. }) => {
-                        let dropped = self.cache.remove(name).map(|c| c.unpublished);
-                        for id in dropped.iter().flat_map(|u| u.keys()) {
-                            warn!(handle = %id, pool = name, "the pool is gone: an address \
-                                handed out from this node's reserve cannot be published");
-                        }
-                        return Ok(written);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            for key in &changed {
-                match out.read(key) {
-                    Some(kv) => {
-                        let block = decode(&kv.value, &kv.key)?;
-                        self.remember_in(name, key.clone(), kv.mod_rev, block);
-                    }
-                    None => {
-                        if let Some(c) = self.cache.get_mut(name) {
-                            c.blocks.remove(key);
-                        }
-                    }
-                }
-            }
-            debug!(pool = name, "a block changed under publishing; again");
         }
         Err(Error::Contended {
-            what: format!("publishing the reserve's assignments in pool {name}"),
+            what: "publishing the reserve's assignments".into(),
         })
     }
 
-    /// Assigns the addresses of `record`, handed out from a reserve that
-    /// was no longer this node's, again by name; whether that held. When it
-    /// cannot be, the pod keeps addresses IPAM does not hold: said loudly.
+    /// What [`Allocator::publish`] would write, as one [`Publication`] per
+    /// pool. What it takes out of the reserve (a surplus, or addresses the
+    /// pool no longer has) leaves the cache now, before the store is
+    /// asked: a cache saved meanwhile never offers an address the store may
+    /// have freed. Assignments from a reserve no longer the node's (its pool
+    /// changed or deleted, or the node reclaimed) are made again by name
+    /// here.
+    pub fn prepare_publish(&mut self) -> Result<Vec<Publication>, Error> {
+        let names: Vec<String> = self.cache.keys().cloned().collect();
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(p) = self.prepare_pool(&name)? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    fn prepare_pool(&mut self, name: &str) -> Result<Option<Publication>, Error> {
+        let Some(cache) = self.cache.get(name) else {
+            return Ok(None);
+        };
+        if !cache.unpublished.is_empty() && cache.def.is_none() {
+            // The definition first: what was handed out is judged by it.
+            match self.pool(name) {
+                Ok(_) => {}
+                Err(Error::PoolUnknown { .. }) => {
+                    self.pool_gone(name);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(cache) = self.cache.get(name) else {
+            return Ok(None);
+        };
+        let stale: Vec<(String, HandleRecord)> = cache
+            .unpublished
+            .iter()
+            .filter(|(_, r)| {
+                r.addresses.iter().any(|a| {
+                    !cache.reserve.contains(&a.ip)
+                        || !cache.def.as_ref().is_some_and(|d| d.usable(a.ip))
+                        || !reserved_in(&cache.blocks, &a.block, a.ip)
+                })
+            })
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        for (id, record) in stale {
+            self.assign_again(name, &id, &record)?;
+        }
+        let Some(cache) = self.cache.get_mut(name) else {
+            return Ok(None);
+        };
+        let pending: Vec<(String, HandleRecord)> = cache
+            .unpublished
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        let handed = handed_out(cache);
+        let def = cache.def.clone().filter(|_| cache.loaded);
+        let mut blocks = cache.blocks.clone();
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        // A published address leaves the reserve: its handle holds it.
+        for a in pending.iter().flat_map(|(_, r)| &r.addresses) {
+            let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+            if let (Some((_, b)), Some(ord)) = (blocks.get_mut(&a.block), ord) {
+                b.assign_reserved(ord);
+                changed.insert(a.block.clone());
+            }
+        }
+        // Addresses of the reserve the store no longer reserves are not
+        // this node's any more.
+        let lost: Vec<IpAddr> = cache
+            .reserve
+            .iter()
+            .filter(|ip| {
+                !handed.contains(ip)
+                    && !block_holding(&blocks, **ip).is_some_and(|k| reserved_in(&blocks, &k, **ip))
+            })
+            .copied()
+            .collect();
+        for ip in &lost {
+            cache.reserve.remove(ip);
+        }
+        let mut added = Vec::new();
+        let mut taken = Vec::new();
+        if let Some(def) = &def {
+            // Reserved where the pool (changed since) has no address.
+            let unusable: Vec<IpAddr> = cache
+                .reserve
+                .iter()
+                .filter(|ip| !handed.contains(ip) && !def.usable(**ip))
+                .copied()
+                .collect();
+            for ip in unusable {
+                out_of_reserve(
+                    ip,
+                    &mut cache.reserve,
+                    &mut blocks,
+                    &mut changed,
+                    &mut taken,
+                );
+            }
+            for family in def.families() {
+                let free: Vec<IpAddr> = cache
+                    .reserve
+                    .iter()
+                    .filter(|ip| Family::of(**ip) == family && !handed.contains(ip))
+                    .copied()
+                    .collect();
+                // More than kept now: the surplus goes back to the pool.
+                for ip in free.iter().skip(self.reserve) {
+                    out_of_reserve(
+                        *ip,
+                        &mut cache.reserve,
+                        &mut blocks,
+                        &mut changed,
+                        &mut taken,
+                    );
+                }
+                for _ in free.len()..self.reserve {
+                    let pick = |fresh: bool| {
+                        blocks.iter().find_map(|(k, (_, b))| {
+                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
+                            let found = if fresh {
+                                b.fresh(def, cidr)
+                            } else {
+                                b.free(def, cidr)
+                            };
+                            found.map(|(ord, ip)| (k.clone(), ord, ip))
+                        })
+                    };
+                    let Some((key, ord, ip)) = pick(true).or_else(|| pick(false)) else {
+                        // Full: the next ADD claims a block through the store.
+                        break;
+                    };
+                    if let Some((_, b)) = blocks.get_mut(&key) {
+                        b.reserve(ord);
+                    }
+                    changed.insert(key);
+                    added.push(ip);
+                }
+            }
+        }
+        if pending.is_empty() && changed.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Publication {
+            pool: name.to_string(),
+            pending,
+            blocks: changed
+                .into_iter()
+                .filter_map(|k| blocks.remove(&k).map(|b| (k, b)))
+                .collect(),
+            added,
+            out: taken,
+            def_rev: cache.def_rev,
+        }))
+    }
+
+    /// Sends `p`'s transaction; no cache is changed.
+    pub fn send(&mut self, p: &Publication) -> Result<crate::store::TxnOutcome, Error> {
+        let pkey = pool_key(&p.pool);
+        let mut txn = Txn::default();
+        if let Some(rev) = p.def_rev {
+            txn = txn.when(&pkey, rev).or_read(&pkey);
+        }
+        for (id, record) in &p.pending {
+            let hkey = format!("handles/{id}");
+            txn = txn
+                .when(&hkey, 0)
+                .put(&hkey, encode(record)?)
+                .or_read(&hkey);
+        }
+        for (key, (rev, block)) in &p.blocks {
+            txn = txn.when(key, *rev).put(key, encode(block)?).or_read(key);
+        }
+        let bytes = written_bytes(&txn);
+        let out = self.store.txn(txn)?;
+        self.stats.txns += 1;
+        if out.succeeded {
+            self.stats.written += bytes;
+        } else {
+            self.stats.conflicts += 1;
+        }
+        Ok(out)
+    }
+
+    /// Applies what the store answered to `p` (`None`: it was not sent) to
+    /// this cache, which may have been saved and read again since `p` was
+    /// prepared. Returns the handles now in the store, and whether `p`
+    /// landed.
+    pub fn apply_publication(
+        &mut self,
+        p: Publication,
+        out: Option<&crate::store::TxnOutcome>,
+    ) -> Result<(usize, bool), Error> {
+        let name = p.pool.clone();
+        let Some(out) = out else {
+            if let Some(c) = self.cache.get_mut(&name) {
+                c.reserve.extend(p.out.iter().copied());
+            }
+            return Ok((0, false));
+        };
+        if out.succeeded {
+            if let Some(c) = self.cache.get_mut(&name) {
+                for (id, record) in &p.pending {
+                    c.unpublished.remove(id);
+                    for a in &record.addresses {
+                        c.reserve.remove(&a.ip);
+                    }
+                }
+                c.reserve.extend(p.added.iter().copied());
+            }
+            for (key, (_, block)) in p.blocks {
+                let newer = self
+                    .cache
+                    .get(&name)
+                    .and_then(|c| c.blocks.get(&key))
+                    .is_some_and(|(rev, _)| *rev > out.revision);
+                if !newer {
+                    self.remember_in(&name, key, out.revision, block);
+                }
+            }
+            return Ok((p.pending.len(), true));
+        }
+        let mut written = 0;
+        for (id, record) in &p.pending {
+            let hkey = format!("handles/{id}");
+            let Some(kv) = out.read(&hkey) else { continue };
+            let stored: HandleRecord = decode(&kv.value, &hkey)?;
+            if stored == *record {
+                // Written by a publisher that stopped before its cache was saved.
+                written += 1;
+            } else {
+                // Another assignment of the same handle stands; the pod was
+                // given these addresses all the same: they stay used, and
+                // leave the reserve (never handed out twice).
+                tracing::error!(handle = %id, stored = ?stored.addresses, handed = ?record.addresses,
+                    "the store holds another assignment of a handle the reserve answered: \
+                     its addresses stay used, held by no handle");
+            }
+            if let Some(c) = self.cache.get_mut(&name) {
+                c.unpublished.remove(id);
+                for a in &record.addresses {
+                    c.reserve.remove(&a.ip);
+                }
+            }
+        }
+        let pkey = pool_key(&name);
+        if p.def_rev.is_some() && out.read(&pkey).map(|kv| kv.mod_rev) != p.def_rev {
+            match self.reread(&name) {
+                Ok(_) => {}
+                Err(Error::PoolUnknown { .. }) => self.pool_gone(&name),
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.refresh(&name, p.blocks.keys(), out)?;
+        }
+        // Not freed after all: still the reserve's while the store says so.
+        if let Some(c) = self.cache.get_mut(&name) {
+            for ip in &p.out {
+                if block_holding(&c.blocks, *ip).is_some_and(|k| reserved_in(&c.blocks, &k, *ip)) {
+                    c.reserve.insert(*ip);
+                }
+            }
+        }
+        Ok((written, false))
+    }
+
+    /// The pool `name` is gone from the store: what its cache handed out
+    /// cannot be published (said loudly), and nothing of it is kept.
+    fn pool_gone(&mut self, name: &str) {
+        let dropped = self.cache.remove(name).map(|c| c.unpublished);
+        for id in dropped.iter().flat_map(|u| u.keys()) {
+            warn!(handle = %id, pool = name,
+                "the pool is gone: an address handed out from this node's reserve cannot be published");
+        }
+    }
+
+    /// Assigns the addresses of `record`, handed out from a reserve that is
+    /// no longer this node's, again by name, and drops it from what waits
+    /// to be published; whether that held. When it cannot be, the pod keeps
+    /// addresses IPAM does not hold: said loudly. A failure to reach the
+    /// store keeps it for the next publisher.
     fn assign_again(&mut self, name: &str, id: &str, record: &HandleRecord) -> Result<bool, Error> {
+        let drop_it = |a: &mut Self| {
+            if let Some(c) = a.cache.get_mut(name) {
+                c.unpublished.remove(id);
+                for x in &record.addresses {
+                    c.reserve.remove(&x.ip);
+                }
+            }
+        };
         let Some(handle) = HandleId::from_key(&format!("handles/{id}")) else {
+            drop_it(self);
             return Ok(false);
         };
         let pool = match self.pool(name) {
             Ok(p) => p,
             Err(Error::PoolUnknown { .. }) => {
-                warn!(
-                    handle = id,
-                    pool = name,
-                    "the pool is gone: an address \
-                    handed out from this node's reserve cannot be published"
-                );
+                self.pool_gone(name);
                 return Ok(false);
             }
             Err(e) => return Err(e),
         };
+        // Asked for by name, as a static request: not from the reserve.
+        drop_it(self);
         let ips: Vec<IpAddr> = record.addresses.iter().map(|a| a.ip).collect();
         match self.assign(&pool, &handle, &ips) {
             Ok(_) => Ok(true),
             Err(e @ (Error::Unavailable { .. } | Error::Exhausted { .. })) => {
-                warn!(handle = id, error = %e, "an address handed out from this node's \
-                    reserve is no longer the node's (its pool changed, or the node was \
-                    reclaimed), and another holds it: the pod keeps an address IPAM does not");
+                tracing::error!(handle = id, error = %e,
+                    "an address handed out from this node's reserve is no longer the node's \
+                     (its pool changed, or the node was reclaimed), and another holds it: \
+                     the pod keeps an address IPAM does not");
                 Ok(false)
             }
             Err(e) => {
@@ -1412,11 +1682,10 @@ impl<S: Store> Allocator<S> {
             // In this node's reserve, and not handed out: it is free to ask for.
             let reserve = owner == self.node
                 && block.is_reserved(ord)
-                && !self.cache.get(&pool.name).is_some_and(|c| {
-                    c.unpublished
-                        .values()
-                        .any(|r| r.addresses.iter().any(|a| a.ip == ip))
-                });
+                && self
+                    .cache
+                    .get(&pool.name)
+                    .is_some_and(|c| c.reserve.contains(&ip) && !handed_out(c).contains(&ip));
             if reserve {
                 block.assign_reserved(ord);
             } else if block.is_used(ord) {
@@ -1550,13 +1819,23 @@ mod tests {
         assert_eq!(a.publish().expect("trim"), 0);
         assert_eq!(reserve_of(&mut open(), "node-a").len(), 2, "one per family");
 
-        // Released before it is published: back to the reserve, the store
-        // untouched; the next ADD gets the same addresses.
+        // Released before it is published: no handle is written, and its
+        // addresses go back to the pool (not to the next ADD: a block hands
+        // its addresses out in turn); the reserve is topped up anew.
         let a2 = a.take_reserved(&pods, &h("a2")).expect("from the reserve");
         assert_eq!(a.release(&h("a2")).expect("release"), Some(a2.clone()));
-        assert!(!a.to_publish(true));
+        assert!(
+            a.take_reserved(&pods, &h("a3")).is_none(),
+            "the reserve is spent"
+        );
+        assert!(reserve_of(&mut open(), "node-a").is_empty());
+        assert_eq!(reader.lookup(&h("a2")).expect("lookup"), None);
+        let held = reader.allocated(&pods).expect("allocated");
+        assert!(ips(&a2).iter().all(|ip| !held.contains(ip)), "{held:?}");
+        assert!(a.to_publish(true));
+        a.publish().expect("top up");
         let a3 = a.take_reserved(&pods, &h("a3")).expect("from the reserve");
-        assert_eq!(ips(&a3), ips(&a2));
+        assert!(ips(&a3).iter().all(|ip| !ips(&a2).contains(ip)), "{a3:?}");
 
         // Node-a reclaimed while it still runs, a3 not yet published: its
         // publisher assigns a3's addresses again, by name, in a block
@@ -1565,7 +1844,8 @@ mod tests {
         let done = admin.reclaim("node-a").expect("reclaim");
         assert!(done.kept.is_empty(), "{done:?}");
         assert!(reserve_of(&mut open(), "node-a").is_empty());
-        assert_eq!(a.publish().expect("publish"), 1);
+        a.publish().expect("publish");
+        assert!(!a.has_unpublished());
         let stored = reader.lookup(&h("a3")).expect("lookup").expect("published");
         assert_eq!(ips(&stored), ips(&a3));
         let held = reader.allocated(&pods).expect("allocated");
