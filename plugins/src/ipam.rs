@@ -23,7 +23,7 @@ use cni::args::CniArgs;
 use cni::plugin::{Plugin, Request};
 use cni::result::IpConfig;
 use cni::{code, CniResult, Error};
-use ipam::config::{IpamConf, StoreConf};
+use ipam::config::{IpamConf, StoreConf, MAX_RESERVE};
 use ipam::store::relay::Relayed;
 use ipam::{
     fnv1a, Allocator, EtcdStore, HandleId, HandleRecord, LocalStore, NodeCache, Pool, Store,
@@ -270,7 +270,7 @@ impl Node {
             .unwrap_or_default();
         Ok(Allocator::new(store, &node)
             .with_cache(cache)
-            .with_reserve(reserve))
+            .with_reserve(reserve.min(MAX_RESERVE)))
     }
 
     fn on_etcd(&self) -> bool {
@@ -447,6 +447,14 @@ impl Plugin for PlexusIpam {
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         let section = section(req)?;
         let node = Node::open(section)?;
+        if let Some(StoreConf::Etcd(etcd)) = &node.conf.store {
+            if etcd.reserve() > MAX_RESERVE {
+                return Err(invalid(format!(
+                    "\"ipam\": store \"reserve\" {} is over {MAX_RESERVE}",
+                    etcd.reserve()
+                )));
+            }
+        }
         let requested = requested(req)?;
         let mut alloc = node.allocator()?;
         let h = handle(req);
@@ -487,12 +495,22 @@ impl Plugin for PlexusIpam {
         let node = Node::open(section(req)?)?;
         let h = handle(req);
         let released = node.try_allocator().and_then(|mut alloc| {
+            let had = alloc.has_unpublished();
             alloc.release(&h)?;
             crate::crash::point("ipam.released");
             node.replay(&mut alloc);
-            let _ = node.save(&mut alloc);
+            // What waits to be published is known only here: a cache that
+            // cannot say what DEL did fails it (the runtime tries again).
+            if let Err(e) = node.save(&mut alloc) {
+                if had || alloc.has_unpublished() {
+                    return Err(ipam::Error::Store(format!(
+                        "IPAM cache in {} not saved: {e}",
+                        node.dir.display()
+                    )));
+                }
+            }
             node.report("DEL", false);
-            if node.on_etcd() && alloc.to_publish(false) {
+            if node.on_etcd() && alloc.to_publish(alloc.keeps_reserve()) {
                 if let Ok(section) = section(req) {
                     start_publisher(section);
                 }
@@ -618,7 +636,10 @@ fn start_publisher(section: &serde_json::Value) {
 }
 
 /// `plexus publish-ipam`: publishes what the node's reserve handed out and
-/// tops the reserve up (see [`start_publisher`]).
+/// tops the reserve up (see [`start_publisher`]). One publisher works per
+/// node at a time (`stateDir/publishing`, locked); one started while
+/// another works leaves it the work, which it looks for again after it lets
+/// go of that lock.
 pub fn publish_main() -> ExitCode {
     // SAFETY: setpriority(2) on this process; no memory is involved.
     let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, PUBLISHER_NICE) };
@@ -637,21 +658,98 @@ pub fn publish_main() -> ExitCode {
     }
     let span = tracing::info_span!("publish-ipam");
     let _entered = span.enter();
-    let published = Node::open(&job.ipam).and_then(|node| {
-        let mut alloc = node.allocator()?;
-        node.replay(&mut alloc);
-        let published = alloc.publish();
-        let _ = node.save(&mut alloc);
-        node.report("publish", false);
-        published.map_err(Error::from)
-    });
-    match published {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
+    let Ok(conf) = IpamConf::from_section(&job.ipam) else {
+        return ExitCode::from(2);
+    };
+    let path = conf.state_dir().join("publishing");
+    for _ in 0..PUBLISH_ROUNDS {
+        let Ok(file) = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        else {
+            return ExitCode::FAILURE;
+        };
+        let Ok(mine) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            // Another publisher works, and looks again once done.
+            return ExitCode::SUCCESS;
+        };
+        let mut failed = None;
+        for _ in 0..PUBLISH_ROUNDS {
+            match publish_round(&job.ipam) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(mine);
+        if let Some(e) = failed {
             warn!(code = e.code, error = %e.msg,
                 "IPAM assignments from the reserve not published: the next publisher tries again");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+        // Handed out while this one held the lock, by a call whose own
+        // publisher left the work to it.
+        let waiting = Node::open(&job.ipam)
+            .and_then(|node| Ok(node.allocator()?.has_unpublished()))
+            .unwrap_or(false);
+        if !waiting {
+            return ExitCode::SUCCESS;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Rounds of publishing one publisher makes at most.
+const PUBLISH_ROUNDS: usize = 8;
+
+/// One round: what to write is prepared under the node lock (and saved),
+/// the store is asked with the lock let go (calls on the node do not wait
+/// for an etcd commit, nor for etcd's timeout when it is down), and its
+/// answer applied under the lock again. Whether another round is wanted.
+fn publish_round(section: &serde_json::Value) -> Result<bool, Error> {
+    let node = Node::open(section)?;
+    let mut alloc = node.allocator()?;
+    node.replay(&mut alloc);
+    let publications = alloc.prepare_publish()?;
+    node.save(&mut alloc)
+        .map_err(|e| io("save the IPAM cache in", &node.dir, e))?;
+    if publications.is_empty() {
+        return Ok(false);
+    }
+    drop(node);
+    let mut answers = Vec::new();
+    let mut failed = None;
+    for p in &publications {
+        match failed {
+            // Not sent: the store is not reached.
+            Some(_) => answers.push(None),
+            None => match alloc.send(p) {
+                Ok(out) => answers.push(Some(out)),
+                Err(e) => {
+                    answers.push(None);
+                    failed = Some(e);
+                }
+            },
+        }
+    }
+    let node = Node::open(section)?;
+    let mut fresh = node.allocator()?;
+    let mut again = false;
+    for (p, out) in publications.into_iter().zip(answers) {
+        let (_, landed) = fresh.apply_publication(p, out.as_ref())?;
+        again |= !landed;
+    }
+    let saved = node.save(&mut fresh);
+    node.report("publish", false);
+    saved.map_err(|e| io("save the IPAM cache in", &node.dir, e))?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(again || fresh.has_unpublished()),
     }
 }
 
