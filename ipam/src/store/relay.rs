@@ -26,6 +26,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -129,8 +130,8 @@ impl Leaders {
 /// The longest line the relay reads: a call is a few keys or one
 /// transaction.
 const MAX_LINE: u64 = 1 << 20;
-/// How long a client waits for the relay to take its connection (it serves
-/// one at a time) before it goes straight to etcd.
+/// How long a client waits for the relay to take its connection (a relay
+/// serving as many clients as it takes) before it goes straight to etcd.
 const HELLO_WAIT: Duration = Duration::from_millis(100);
 /// The relay's answer to a client's config line: it is serving this client.
 const READY: &str = "\"ready\"";
@@ -161,7 +162,7 @@ fn write_line(writer: &mut impl Write, value: &impl Serialize) -> io::Result<()>
 /// stays silent or unread for `idle`. Each call goes to the leader when one
 /// is known, to any member otherwise; once the client is gone the leader is
 /// learned again when what `leaders` holds is stale.
-pub fn serve(stream: UnixStream, idle: Duration, leaders: &mut Leaders) -> io::Result<()> {
+pub fn serve(stream: UnixStream, idle: Duration, leaders: &Mutex<Leaders>) -> io::Result<()> {
     stream.set_read_timeout(Some(idle))?;
     stream.set_write_timeout(Some(idle))?;
     let mut writer = stream.try_clone()?;
@@ -177,7 +178,10 @@ pub fn serve(stream: UnixStream, idle: Duration, leaders: &mut Leaders) -> io::R
         any = EtcdStore::connect_shared(&conf).ok();
     }
     if let Some(s) = &mut any {
-        leaders.refresh(&conf, s);
+        leaders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refresh(&conf, s);
     }
     served
 }
@@ -187,18 +191,20 @@ fn serve_calls(
     writer: &mut impl Write,
     conf: &EtcdConf,
     any: &mut Option<EtcdStore>,
-    leaders: &mut Leaders,
+    leaders: &Mutex<Leaders>,
 ) -> io::Result<()> {
+    let leaders = || leaders.lock().unwrap_or_else(PoisonError::into_inner);
     while let Some(line) = read_line(reader)? {
         let req: Request = serde_json::from_str(&line).map_err(io::Error::other)?;
         let deadline = Instant::now() + Duration::from_millis(req.ms);
-        let on_leader = match leaders.store(conf) {
+        let leader = leaders().store(conf);
+        let on_leader = match leader {
             Some(Ok(mut leader)) => {
                 leader.set_deadline(deadline.min(Instant::now() + LEADER_TRY));
                 match try_answer(&mut leader, req.call.clone()) {
                     Err(Error::Unreachable { detail, .. }) => {
                         debug!(detail, "etcd leader unreachable: asking any member");
-                        leaders.forget(conf);
+                        leaders().forget(conf);
                         None
                     }
                     done => Some(done.unwrap_or_else(Reply::of_error)),
@@ -206,7 +212,7 @@ fn serve_calls(
             }
             Some(Err(e)) => {
                 debug!(error = %e, "no connection to the etcd leader: asking any member");
-                leaders.forget(conf);
+                leaders().forget(conf);
                 None
             }
             None => None,

@@ -1,13 +1,16 @@
 //! `plexus store-relay <socket>`: the node's store relay (see
 //! `ipam::store::relay`). It listens on a Unix socket only root can use and
-//! answers one client at a time: the node's IPAM calls already take turns on
-//! the node lock, and each is one or two store calls.
+//! answers each client on a thread of its own (at most [`CLIENTS`] at once:
+//! one more is hung up on, and goes straight to etcd): the node's CNI calls
+//! take turns on the node lock, but the IPAM's publisher runs beside them.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipam::store::relay::Leaders;
@@ -17,6 +20,9 @@ use tracing::{debug, info, warn};
 
 /// How long a client may stay silent before the relay hangs up on it.
 const IDLE: Duration = Duration::from_secs(10);
+
+/// Clients served at once.
+const CLIENTS: usize = 32;
 
 pub fn main(socket: Option<&str>) -> ExitCode {
     let Some(socket) = socket else {
@@ -35,11 +41,29 @@ pub fn main(socket: Option<&str>) -> ExitCode {
         }
     };
     info!(socket, "store relay listening");
-    let mut leaders = Leaders::default();
+    let leaders: Arc<Mutex<Leaders>> = Arc::default();
+    let serving = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        match stream {
-            Ok(s) => serve(s, &mut leaders),
-            Err(e) => warn!(error = %e, "accept"),
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accept");
+                continue;
+            }
+        };
+        if serving.fetch_add(1, Ordering::SeqCst) >= CLIENTS {
+            serving.fetch_sub(1, Ordering::SeqCst);
+            debug!("store relay busy: client hung up on");
+            continue;
+        }
+        let (leaders, done) = (leaders.clone(), serving.clone());
+        let spawned = std::thread::Builder::new().spawn(move || {
+            serve(stream, &leaders);
+            done.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            serving.fetch_sub(1, Ordering::SeqCst);
+            warn!(error = %e, "no thread for a store relay client");
         }
     }
     ExitCode::SUCCESS
@@ -76,7 +100,7 @@ fn listen(socket: &Path) -> std::io::Result<(UnixListener, Flock<File>)> {
     Ok((listener, lock))
 }
 
-fn serve(stream: UnixStream, leaders: &mut Leaders) {
+fn serve(stream: UnixStream, leaders: &Mutex<Leaders>) {
     match ipam::store::relay::serve(stream, IDLE, leaders) {
         Ok(()) => debug!("store relay client done"),
         Err(e) => debug!(error = %e, "store relay client dropped"),
