@@ -105,6 +105,32 @@ impl Cache {
         replace(&path, &bytes).map_err(|e| io_err(format!("write {}", path.display()), e))
     }
 
+    /// Writes an entry where there is none, straight into place (nothing
+    /// to swap with); one already there is replaced as [`Cache::put`] does.
+    /// A process killed half-way leaves an entry that does not read, as
+    /// one whose writer did nothing else yet.
+    pub fn create(&self, entry: &CacheEntry) -> Result<(), Error> {
+        let dir = self.results();
+        fs::create_dir_all(&dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
+        let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
+        let bytes = serde_json::to_vec(entry).unwrap_or_default();
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path);
+        let mut file = match created {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return self.put(entry),
+            Err(e) => return Err(io_err(format!("write {}", path.display()), e)),
+        };
+        use std::io::Write;
+        file.write_all(&bytes).map_err(|e| {
+            // A full or failing disk leaves no half-written entry behind.
+            let _ = fs::remove_file(&path);
+            io_err(format!("write {}", path.display()), e)
+        })
+    }
+
     /// Reads an entry; missing or unreadable is `None`.
     pub fn get(&self, network: &str, container_id: &str, ifname: &str) -> Option<CacheEntry> {
         read(&self.path(network, container_id, ifname))
@@ -212,7 +238,12 @@ mod tests {
             .unwrap();
         let cache = Cache::new(dir.path());
         let mut e = CacheEntry::new("net", "c1", "eth0", b"{}");
-        cache.put(&e).unwrap();
+        // Made in place; made again over an entry, it replaces it.
+        cache.create(&e).unwrap();
+        assert_eq!(cache.get("net", "c1", "eth0").unwrap(), e);
+        e.extra.insert("plexus".into(), serde_json::json!({"step": 1}));
+        cache.create(&e).unwrap();
+        assert_eq!(cache.get("net", "c1", "eth0").unwrap(), e);
         e.extra
             .insert("plexus".into(), serde_json::json!({"step": 2}));
         cache.put(&e).unwrap();

@@ -328,10 +328,25 @@ impl<'a> Call<'a> {
     }
 
     fn save(&self, entry: &mut CacheEntry, record: &Record) -> Result<(), Error> {
+        self.write(entry, record, false)
+    }
+
+    /// The first record of an attachment (its intent): written straight
+    /// into place, as nothing is there to replace. One cut short by a kill
+    /// does not read, and DEL then detaches from the config (nothing was
+    /// attached yet).
+    fn save_first(&self, entry: &mut CacheEntry, record: &Record) -> Result<(), Error> {
+        self.write(entry, record, true)
+    }
+
+    fn write(&self, entry: &mut CacheEntry, record: &Record, first: bool) -> Result<(), Error> {
         let v = serde_json::to_value(record).unwrap_or(Value::Null);
         entry.extra.insert(RECORD_KEY.into(), v);
         let started = std::time::Instant::now();
-        let saved = self.cache.put(entry);
+        let saved = match first {
+            true => self.cache.create(entry),
+            false => self.cache.put(entry),
+        };
         debug!(record = %self.cache.path(&entry.network_name, &entry.container_id, &entry.ifname).display(),
             delegates = record.delegates.len(),
             attached = record.delegates.iter().filter(|d| d.result.is_some()).count(),
@@ -525,7 +540,7 @@ fn add_once(call: &mut Call<'_>, req: &Request) -> Result<Attempt, Error> {
         attachments: call.attachment_keys(&delegates),
         filter: None,
     };
-    call.save(&mut entry, &record)?;
+    call.save_first(&mut entry, &record)?;
     crate::crash::point("plexus.intent-recorded");
     crate::ipam::adding_recorded_attachments();
     // A network with groups whose table cannot be written attaches nothing.
