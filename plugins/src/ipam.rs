@@ -658,7 +658,8 @@ pub fn publish_main() -> ExitCode {
     }
     let span = tracing::info_span!("publish-ipam");
     let _entered = span.enter();
-    let Ok(conf) = IpamConf::from_section(&job.ipam) else {
+    let section = job.ipam;
+    let Ok(conf) = IpamConf::from_section(&section) else {
         return ExitCode::from(2);
     };
     let path = conf.state_dir().join("publishing");
@@ -677,7 +678,7 @@ pub fn publish_main() -> ExitCode {
         };
         let mut failed = None;
         for _ in 0..PUBLISH_ROUNDS {
-            match publish_round(&job.ipam) {
+            match publish_round(&section) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -694,7 +695,7 @@ pub fn publish_main() -> ExitCode {
         }
         // Handed out while this one held the lock, by a call whose own
         // publisher left the work to it.
-        let waiting = Node::open(&job.ipam)
+        let waiting = Node::open(&section)
             .and_then(|node| Ok(node.allocator()?.has_unpublished()))
             .unwrap_or(false);
         if !waiting {
