@@ -241,7 +241,8 @@ mod tests {
         // Made in place; made again over an entry, it replaces it.
         cache.create(&e).unwrap();
         assert_eq!(cache.get("net", "c1", "eth0").unwrap(), e);
-        e.extra.insert("plexus".into(), serde_json::json!({"step": 1}));
+        e.extra
+            .insert("plexus".into(), serde_json::json!({"step": 1}));
         cache.create(&e).unwrap();
         assert_eq!(cache.get("net", "c1", "eth0").unwrap(), e);
         e.extra

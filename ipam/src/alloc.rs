@@ -586,19 +586,7 @@ impl<S: Store> Allocator<S> {
             let mut blocks: BTreeMap<String, (i64, Block)> = BTreeMap::new();
             for a in &record.addresses {
                 if !blocks.contains_key(&a.block) {
-                    let cached = self
-                        .cache
-                        .get(&record.pool)
-                        .filter(|c| c.loaded)
-                        .and_then(|c| c.blocks.get(&a.block).cloned());
-                    let current = match cached {
-                        Some(c) => Some(c),
-                        None => match self.store.get(&a.block)? {
-                            Some(kv) => Some((kv.mod_rev, decode(&kv.value, &kv.key)?)),
-                            None => None,
-                        },
-                    };
-                    let Some(current) = current else {
+                    let Some(current) = self.current_block(&record.pool, &a.block)? else {
                         continue;
                     };
                     blocks.insert(a.block.clone(), current);
@@ -857,18 +845,7 @@ impl<S: Store> Allocator<S> {
             let mut blocks: BTreeMap<String, (i64, Block)> = BTreeMap::new();
             for a in &record.addresses {
                 if !blocks.contains_key(&a.block) {
-                    let cached = self
-                        .cache
-                        .get(&name)
-                        .and_then(|c| c.blocks.get(&a.block).cloned());
-                    let current = match cached {
-                        Some(c) => Some(c),
-                        None => match self.store.get(&a.block)? {
-                            Some(kv) => Some((kv.mod_rev, decode(&kv.value, &kv.key)?)),
-                            None => None,
-                        },
-                    };
-                    if let Some(c) = current {
+                    if let Some(c) = self.current_block(&name, &a.block)? {
                         blocks.insert(a.block.clone(), c);
                     }
                 }
@@ -908,6 +885,23 @@ impl<S: Store> Allocator<S> {
         Err(Error::Contended {
             what: format!("releasing {handle}"),
         })
+    }
+
+    /// Block `key` of pool `pool` with its revision: as cached (once the
+    /// node's blocks were read), else as the store holds it.
+    fn current_block(&mut self, pool: &str, key: &str) -> Result<Option<(i64, Block)>, Error> {
+        let cached = self
+            .cache
+            .get(pool)
+            .filter(|c| c.loaded)
+            .and_then(|c| c.blocks.get(key).cloned());
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        match self.store.get(key)? {
+            Some(kv) => Ok(Some((kv.mod_rev, decode(&kv.value, &kv.key)?))),
+            None => Ok(None),
+        }
     }
 
     /// The cached blocks `keys` of pool `name` as a failed transaction read
