@@ -28,7 +28,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 pub(crate) struct Variant {
     pub(crate) label: &'static str,
-    list: NetConfList,
+    pub(crate) list: NetConfList,
     /// The pod's `k8s.v1.cni.cncf.io/networks` annotation, if any.
     networks: Option<&'static str>,
     /// The binary the runtime execs, for the RSS measurement.
@@ -59,7 +59,7 @@ impl Variant {
     }
 
     /// A new pod netns and the pod as this variant's runtime describes it.
-    fn pod(&self, node: &Node) -> Result<(crate::Netns, crate::Pod), String> {
+    pub(crate) fn pod(&self, node: &Node) -> Result<(crate::Netns, crate::Pod), String> {
         let (ns, pod) = node
             .try_pod("default")
             .map_err(|e| format!("pod netns: {e}"))?;

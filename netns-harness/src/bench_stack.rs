@@ -117,6 +117,16 @@ pub fn run(cycles: usize) -> Result<(), String> {
             false,
         );
     }
+    // The IPAM's publisher, started by each ADD on etcd, is one too.
+    for variant in [&v[3], &v[4]] {
+        let kb = publisher_rss_kb(&node, variant)?;
+        verdict(
+            &format!("peak RSS (MiB), its publisher ({})", variant.label),
+            kb as f64 / 1024.0,
+            RSS_MIB,
+            false,
+        );
+    }
     // The relay is a Plexus process of these runs too (it lives on).
     let relay_mib = relay.peak_rss_kb().unwrap_or(u64::MAX) as f64 / 1024.0;
     verdict("peak RSS (MiB), the store relay", relay_mib, RSS_MIB, false);
@@ -127,6 +137,54 @@ pub fn run(cycles: usize) -> Result<(), String> {
         return Err(format!("leases left after the bench: {:?}", node.leases()));
     }
     Ok(())
+}
+
+/// The peak RSS (KiB) of the `plexus publish-ipam` an ADD of `v` starts:
+/// its own high-water mark, from its debug line (it is not exec'd by the
+/// runtime, so GNU time does not see it).
+fn publisher_rss_kb(node: &Node, v: &Variant) -> Result<u64, String> {
+    let log = node
+        .scratch
+        .join(format!("{}.log", crate::scratch::unique("publisher")));
+    let mut list = v.list.clone();
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), json!("debug"));
+        p.insert("logFile".into(), json!(log));
+    }
+    let (_ns, pod) = v.pod(node)?;
+    node.runtime
+        .add(&list, &pod)
+        .map_err(|e| format!("{} ADD (publisher): {e}", v.label))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let peak = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let peak = text
+            .lines()
+            .filter(|l| l.contains("IPAM publisher done"))
+            .filter_map(|l| l.split("peak_rss_kb=").nth(1))
+            .filter_map(|r| {
+                r.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        if let Some(kb) = peak {
+            break kb;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{}: no publisher's line in {}",
+                v.label,
+                log.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    node.runtime
+        .del(&list, &pod)
+        .map_err(|e| format!("{} DEL (publisher): {e}", v.label))?;
+    Ok(peak)
 }
 
 /// `plexus-ipam` (local store) and `host-local`, each exec'd by the runtime

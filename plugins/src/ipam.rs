@@ -659,7 +659,27 @@ pub fn publish_main() -> ExitCode {
     let span = tracing::info_span!("publish-ipam");
     let _entered = span.enter();
     let section = job.ipam;
-    let Ok(conf) = IpamConf::from_section(&section) else {
+    let status = publish(&section);
+    // Its own high-water mark, for the bench (a Plexus process of its runs).
+    debug!(peak_rss_kb = peak_rss_kb(), "IPAM publisher done");
+    status
+}
+
+/// This process's peak RSS (VmHWM), in KiB.
+fn peak_rss_kb() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The publisher's work (see [`publish_main`]).
+fn publish(section: &serde_json::Value) -> ExitCode {
+    let Ok(conf) = IpamConf::from_section(section) else {
         return ExitCode::from(2);
     };
     let path = conf.state_dir().join("publishing");
@@ -678,7 +698,7 @@ pub fn publish_main() -> ExitCode {
         };
         let mut failed = None;
         for _ in 0..PUBLISH_ROUNDS {
-            match publish_round(&section) {
+            match publish_round(section) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -695,7 +715,7 @@ pub fn publish_main() -> ExitCode {
         }
         // Handed out while this one held the lock, by a call whose own
         // publisher left the work to it.
-        let waiting = Node::open(&section)
+        let waiting = Node::open(section)
             .and_then(|node| Ok(node.allocator()?.has_unpublished()))
             .unwrap_or(false);
         if !waiting {
