@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::block::{
-    block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, unix_now, Assigned, Block,
-    HandleId, HandleRecord, Holder,
+    block_cidr, block_key, claim_key, claim_prefix, node_blocks_prefix, pool_key, unix_now,
+    Assigned, Block, HandleId, HandleRecord, Holder,
 };
 use crate::pool::{overlaps, BlockCidr, Family, Pool};
 use crate::store::{Store, Txn};
@@ -69,6 +69,40 @@ pub struct PoolCache {
     /// knows (its cache lost) stays used, never handed out twice.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub reserve: BTreeSet<IpAddr>,
+}
+
+impl PoolCache {
+    /// An assignment handed out from the reserve is done with (published,
+    /// freed, or dropped): it waits no more, and its addresses leave the
+    /// reserve.
+    fn settle(&mut self, id: &str, record: &HandleRecord) {
+        self.unpublished.remove(id);
+        for a in &record.addresses {
+            self.reserve.remove(&a.ip);
+        }
+    }
+}
+
+/// A free address of `family` in `blocks` under `pool`'s rules: one not
+/// handed out since its block was last gone through, from any block that
+/// has one, before one released since (see [`Block`]). Its block's key,
+/// ordinal and address.
+fn free_in(
+    blocks: &BTreeMap<String, (i64, Block)>,
+    pool: &Pool,
+    family: Family,
+) -> Option<(String, u32, IpAddr)> {
+    let own = || {
+        blocks.iter().filter_map(|(key, (_, block))| {
+            let cidr = block_cidr(key).filter(|c| c.family() == family)?;
+            Some((key, block, cidr))
+        })
+    };
+    let found = |(key, (ord, ip)): (&String, (u32, IpAddr))| (key.clone(), ord, ip);
+    own()
+        .find_map(|(k, b, c)| Some((k, b.fresh(pool, c)?)))
+        .or_else(|| own().find_map(|(k, b, c)| Some((k, b.free(pool, c)?))))
+        .map(found)
 }
 
 /// The node's cache of every pool, kept by the plugin between runs.
@@ -173,7 +207,7 @@ fn handed_out(cache: &PoolCache) -> HashSet<IpAddr> {
 
 /// Whether `ip`, of the block `key`, is reserved in the cached block.
 fn reserved_in(blocks: &BTreeMap<String, (i64, Block)>, key: &str, ip: IpAddr) -> bool {
-    let ord = cidr_of(key).and_then(|c| c.ordinal(ip));
+    let ord = block_cidr(key).and_then(|c| c.ordinal(ip));
     matches!((blocks.get(key), ord), (Some((_, b)), Some(o)) if b.is_reserved(o))
 }
 
@@ -181,7 +215,7 @@ fn reserved_in(blocks: &BTreeMap<String, (i64, Block)>, key: &str, ip: IpAddr) -
 fn block_holding(blocks: &BTreeMap<String, (i64, Block)>, ip: IpAddr) -> Option<String> {
     blocks
         .keys()
-        .find(|k| cidr_of(k).and_then(|c| c.ordinal(ip)).is_some())
+        .find(|k| block_cidr(k).and_then(|c| c.ordinal(ip)).is_some())
         .cloned()
 }
 
@@ -195,7 +229,10 @@ fn out_of_reserve(
 ) {
     out.push(ip);
     let key = block_holding(blocks, ip);
-    let ord = key.as_deref().and_then(cidr_of).and_then(|c| c.ordinal(ip));
+    let ord = key
+        .as_deref()
+        .and_then(block_cidr)
+        .and_then(|c| c.ordinal(ip));
     if let (Some(key), Some(ord)) = (key, ord) {
         if let Some((_, b)) = blocks.get_mut(&key) {
             b.clear(ord);
@@ -221,11 +258,6 @@ pub struct Publication {
     out: Vec<IpAddr>,
     /// The pool definition's revision compared, if known.
     def_rev: Option<i64>,
-}
-
-/// The block of a block key (`blocks/<pool>/<node>/<block>`).
-fn cidr_of(key: &str) -> Option<BlockCidr> {
-    key.rsplit('/').next().and_then(BlockCidr::parse_key)
 }
 
 /// A stable start point per node, so nodes claim blocks far apart.
@@ -448,7 +480,7 @@ impl<S: Store> Allocator<S> {
             .store
             .range(&crate::block::pool_blocks_prefix(&pool.name))?
         {
-            let Some(cidr) = kv.key.rsplit('/').next().and_then(BlockCidr::parse_key) else {
+            let Some(cidr) = block_cidr(&kv.key) else {
                 continue;
             };
             let block: Block = decode(&kv.value, &kv.key)?;
@@ -592,7 +624,7 @@ impl<S: Store> Allocator<S> {
                     blocks.insert(a.block.clone(), current);
                 }
                 if let Some((_, block)) = blocks.get_mut(&a.block) {
-                    let cidr = a.block.rsplit('/').next().and_then(BlockCidr::parse_key);
+                    let cidr = block_cidr(&a.block);
                     if let Some(ord) = cidr.and_then(|c| c.ordinal(a.ip)) {
                         block.clear(ord);
                     }
@@ -619,7 +651,7 @@ impl<S: Store> Allocator<S> {
             let mut given_back = Vec::new();
             for (key, (rev, block)) in &blocks {
                 txn = txn.when(key, *rev).or_read(key);
-                let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key);
+                let cidr = block_cidr(key);
                 match cidr {
                     Some(cidr)
                         if key.starts_with(&own)
@@ -726,7 +758,7 @@ impl<S: Store> Allocator<S> {
         for pool in pools {
             for kv in self.store.range(&node_blocks_prefix(&pool, node))? {
                 let mut block: Block = decode(&kv.value, &kv.key)?;
-                let cidr = cidr_of(&kv.key);
+                let cidr = block_cidr(&kv.key);
                 // Its reserve was for its own ADDs, which are no more.
                 let dropped = block.drop_reserve() > 0;
                 let (Some(cidr), true) = (cidr, block.is_empty()) else {
@@ -835,12 +867,6 @@ impl<S: Store> Allocator<S> {
         record: &HandleRecord,
     ) -> Result<bool, Error> {
         let (hkey, id, name) = (handle.key(), handle.id(), record.pool.clone());
-        let forget = |c: &mut PoolCache| {
-            c.unpublished.remove(&id);
-            for a in &record.addresses {
-                c.reserve.remove(&a.ip);
-            }
-        };
         for _ in 0..MAX_ATTEMPTS {
             let mut blocks: BTreeMap<String, (i64, Block)> = BTreeMap::new();
             for a in &record.addresses {
@@ -849,7 +875,7 @@ impl<S: Store> Allocator<S> {
                         blocks.insert(a.block.clone(), c);
                     }
                 }
-                let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+                let ord = block_cidr(&a.block).and_then(|c| c.ordinal(a.ip));
                 if let (Some((_, b)), Some(o)) = (blocks.get_mut(&a.block), ord) {
                     // Only while reserved: one the store gave another since
                     // is not this assignment's to free.
@@ -866,7 +892,7 @@ impl<S: Store> Allocator<S> {
             self.stats.txns += 1;
             if out.succeeded {
                 if let Some(c) = self.cache.get_mut(&name) {
-                    forget(c);
+                    c.settle(&id, record);
                 }
                 for (key, (_, block)) in blocks {
                     self.remember_in(&name, key, out.revision, block);
@@ -876,7 +902,7 @@ impl<S: Store> Allocator<S> {
             self.stats.conflicts += 1;
             if out.read(&hkey).is_some() {
                 if let Some(c) = self.cache.get_mut(&name) {
-                    forget(c);
+                    c.settle(&id, record);
                 }
                 return Ok(false);
             }
@@ -951,13 +977,8 @@ impl<S: Store> Allocator<S> {
             };
             def.families().iter().any(|f| {
                 let have = c.reserve.iter().filter(|ip| Family::of(**ip) == *f).count();
-                let room = || {
-                    c.blocks.iter().any(|(k, (_, b))| {
-                        cidr_of(k)
-                            .is_some_and(|cidr| cidr.family() == *f && b.free(def, cidr).is_some())
-                    })
-                };
-                have > self.reserve || (have < self.reserve && room())
+                have > self.reserve
+                    || (have < self.reserve && free_in(&c.blocks, def, *f).is_some())
             })
         })
     }
@@ -1059,7 +1080,7 @@ impl<S: Store> Allocator<S> {
         let mut changed: BTreeSet<String> = BTreeSet::new();
         // A published address leaves the reserve: its handle holds it.
         for a in pending.iter().flat_map(|(_, r)| &r.addresses) {
-            let ord = cidr_of(&a.block).and_then(|c| c.ordinal(a.ip));
+            let ord = block_cidr(&a.block).and_then(|c| c.ordinal(a.ip));
             if let (Some((_, b)), Some(ord)) = (blocks.get_mut(&a.block), ord) {
                 b.assign_reserved(ord);
                 changed.insert(a.block.clone());
@@ -1116,18 +1137,7 @@ impl<S: Store> Allocator<S> {
                     );
                 }
                 for _ in free.len()..self.reserve {
-                    let pick = |fresh: bool| {
-                        blocks.iter().find_map(|(k, (_, b))| {
-                            let cidr = cidr_of(k).filter(|c| c.family() == family)?;
-                            let found = if fresh {
-                                b.fresh(def, cidr)
-                            } else {
-                                b.free(def, cidr)
-                            };
-                            found.map(|(ord, ip)| (k.clone(), ord, ip))
-                        })
-                    };
-                    let Some((key, ord, ip)) = pick(true).or_else(|| pick(false)) else {
+                    let Some((key, ord, ip)) = free_in(&blocks, def, family) else {
                         // Full: the next ADD claims a block through the store.
                         break;
                     };
@@ -1202,10 +1212,7 @@ impl<S: Store> Allocator<S> {
         if out.succeeded {
             if let Some(c) = self.cache.get_mut(&name) {
                 for (id, record) in &p.pending {
-                    c.unpublished.remove(id);
-                    for a in &record.addresses {
-                        c.reserve.remove(&a.ip);
-                    }
+                    c.settle(id, record);
                 }
                 c.reserve.extend(p.added.iter().copied());
             }
@@ -1238,10 +1245,7 @@ impl<S: Store> Allocator<S> {
                      its addresses stay used, held by no handle");
             }
             if let Some(c) = self.cache.get_mut(&name) {
-                c.unpublished.remove(id);
-                for a in &record.addresses {
-                    c.reserve.remove(&a.ip);
-                }
+                c.settle(id, record);
             }
         }
         let pkey = pool_key(&name);
@@ -1283,10 +1287,7 @@ impl<S: Store> Allocator<S> {
     fn assign_again(&mut self, name: &str, id: &str, record: &HandleRecord) -> Result<bool, Error> {
         let drop_it = |a: &mut Self| {
             if let Some(c) = a.cache.get_mut(name) {
-                c.unpublished.remove(id);
-                for x in &record.addresses {
-                    c.reserve.remove(&x.ip);
-                }
+                c.settle(id, record);
             }
         };
         let Some(handle) = HandleId::from_key(&format!("handles/{id}")) else {
@@ -1337,9 +1338,7 @@ impl<S: Store> Allocator<S> {
         };
         cache.blocks.iter().any(|(k, (_, b))| {
             k != key
-                && k.rsplit('/')
-                    .next()
-                    .and_then(BlockCidr::parse_key)
+                && block_cidr(k)
                     .is_some_and(|o| o.family() == cidr.family() && b.free(def, o).is_some())
         })
     }
@@ -1380,24 +1379,15 @@ impl<S: Store> Allocator<S> {
         Ok(())
     }
 
-    /// A free address of `family` in one of this node's blocks: one not
-    /// handed out since its block was last gone through, from any block that
-    /// has one, before one released since (see [`Block`]).
+    /// A free address of `family` in one of this node's blocks ([`free_in`]),
+    /// taken in a copy of its block.
     fn free_in_own(&self, pool: &Pool, family: Family) -> Option<Pick> {
         let cache = self.cache.get(&pool.name)?;
-        let own = || {
-            cache.blocks.iter().filter_map(|(key, (rev, block))| {
-                let cidr = key.rsplit('/').next().and_then(BlockCidr::parse_key)?;
-                (cidr.family() == family).then_some((key, *rev, block, cidr))
-            })
-        };
-        let (key, rev, block, (ord, ip)) = own()
-            .find_map(|(k, r, b, c)| Some((k, r, b, b.fresh(pool, c)?)))
-            .or_else(|| own().find_map(|(k, r, b, c)| Some((k, r, b, b.free(pool, c)?))))?;
-        let mut block = block.clone();
+        let (key, ord, ip) = free_in(&cache.blocks, pool, family)?;
+        let (rev, mut block) = cache.blocks.get(&key)?.clone();
         block.take(ord);
         Some(Pick {
-            key: key.clone(),
+            key,
             rev,
             block,
             ip,
@@ -1759,7 +1749,7 @@ mod tests {
             .range(&format!("blocks/pods/{node}/"))
             .expect("blocks")
         {
-            let cidr = cidr_of(&kv.key).expect("a block key");
+            let cidr = block_cidr(&kv.key).expect("a block key");
             let block: Block = serde_json::from_slice(&kv.value).expect("a block");
             out.extend(block.reserved().map(|o| cidr.nth(u128::from(o))));
         }

@@ -112,6 +112,11 @@ pub fn block_key(pool: &str, node: &str, block: BlockCidr) -> String {
     format!("blocks/{pool}/{node}/{}", block.key())
 }
 
+/// The block a block key names (`blocks/<pool>/<node>/<block>`).
+pub fn block_cidr(key: &str) -> Option<BlockCidr> {
+    key.rsplit('/').next().and_then(BlockCidr::parse_key)
+}
+
 pub fn pool_blocks_prefix(pool: &str) -> String {
     format!("blocks/{pool}/")
 }
@@ -195,16 +200,11 @@ pub struct Block {
 
 impl Block {
     pub fn is_used(&self, ordinal: u32) -> bool {
-        let (w, b) = (ordinal as usize / 64, ordinal % 64);
-        self.words.get(w).is_some_and(|word| word & (1 << b) != 0)
+        is_set(&self.words, ordinal)
     }
 
     pub fn set(&mut self, ordinal: u32) {
-        let (w, b) = (ordinal as usize / 64, ordinal % 64);
-        if self.words.len() <= w {
-            self.words.resize(w + 1, 0);
-        }
-        self.words[w] |= 1 << b;
+        set(&mut self.words, ordinal);
     }
 
     /// Clears `ordinal`; whether it was set.
@@ -219,19 +219,12 @@ impl Block {
     /// held by no handle until [`Block::assign_reserved`].
     pub fn reserve(&mut self, ordinal: u32) {
         self.take(ordinal);
-        let (w, b) = (ordinal as usize / 64, ordinal % 64);
-        if self.reserved.len() <= w {
-            self.reserved.resize(w + 1, 0);
-        }
-        self.reserved[w] |= 1 << b;
+        set(&mut self.reserved, ordinal);
     }
 
     /// Whether `ordinal` is in the owner's reserve.
     pub fn is_reserved(&self, ordinal: u32) -> bool {
-        let (w, b) = (ordinal as usize / 64, ordinal % 64);
-        self.reserved
-            .get(w)
-            .is_some_and(|word| word & (1 << b) != 0)
+        is_set(&self.reserved, ordinal)
     }
 
     /// A reserved address is now a handle's: still used, no longer reserved.
@@ -298,6 +291,21 @@ impl Block {
         self.set(ordinal);
         self.next = ordinal.saturating_add(1);
     }
+}
+
+/// Whether bit `ordinal` of `words` is set.
+fn is_set(words: &[u64], ordinal: u32) -> bool {
+    let (w, b) = (ordinal as usize / 64, ordinal % 64);
+    words.get(w).is_some_and(|word| word & (1 << b) != 0)
+}
+
+/// Sets bit `ordinal` of `words`, growing them as needed.
+fn set(words: &mut Vec<u64>, ordinal: u32) {
+    let (w, b) = (ordinal as usize / 64, ordinal % 64);
+    if words.len() <= w {
+        words.resize(w + 1, 0);
+    }
+    words[w] |= 1 << b;
 }
 
 /// Clears bit `ordinal` of `words`, dropping trailing zero words.

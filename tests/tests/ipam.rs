@@ -1101,11 +1101,7 @@ fn reserve_in_etcd(node: &Node, etcd: &EtcdCluster, pool: &str) -> Vec<IpAddr> {
     node_blocks(node, etcd, pool)
         .into_iter()
         .flat_map(|(key, block)| {
-            let cidr = key
-                .rsplit('/')
-                .next()
-                .and_then(ipam::pool::BlockCidr::parse_key)
-                .expect("a block key");
+            let cidr = ipam::block::block_cidr(&key).expect("a block key");
             block
                 .reserved()
                 .map(|o| cidr.nth(u128::from(o)))

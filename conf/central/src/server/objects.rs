@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use etcd_client::{Compare, CompareOp};
 use ipam::block::{pool_blocks_prefix, Block};
-use ipam::pool::{overlaps, BlockCidr};
+use ipam::pool::overlaps;
 use ipam::Pool;
 use serde_json::{json, Map, Value};
 
@@ -346,7 +346,7 @@ pub async fn pool_addresses(app: &App, pool: &str) -> Result<(Vec<IpAddr>, usize
     let mut used = Vec::new();
     let mut blocks = 0;
     for (key, value) in app.store.raw(&prefix).await? {
-        let Some(cidr) = key.rsplit('/').next().and_then(BlockCidr::parse_key) else {
+        let Some(cidr) = ipam::block::block_cidr(&key) else {
             continue;
         };
         blocks += 1;
