@@ -98,11 +98,7 @@ impl Cache {
     /// Writes an entry, replacing any previous one atomically ([`replace`]:
     /// its hidden file beside it is one [`Cache::list`] skips).
     pub fn put(&self, entry: &CacheEntry) -> Result<(), Error> {
-        let dir = self.results();
-        fs::create_dir_all(&dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
-        let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
-        let bytes = serde_json::to_vec(entry).unwrap_or_default();
-        replace(&path, &bytes).map_err(|e| io_err(format!("write {}", path.display()), e))
+        self.write(entry, false)
     }
 
     /// Writes an entry where there is none, straight into place (nothing
@@ -110,24 +106,34 @@ impl Cache {
     /// A process killed half-way leaves an entry that does not read, as
     /// one whose writer did nothing else yet.
     pub fn create(&self, entry: &CacheEntry) -> Result<(), Error> {
+        self.write(entry, true)
+    }
+
+    fn write(&self, entry: &CacheEntry, in_place: bool) -> Result<(), Error> {
         let dir = self.results();
         fs::create_dir_all(&dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
         let path = self.path(&entry.network_name, &entry.container_id, &entry.ifname);
         let bytes = serde_json::to_vec(entry).unwrap_or_default();
-        let created = fs::OpenOptions::new()
+        let failed = |e| io_err(format!("write {}", path.display()), e);
+        if !in_place {
+            return replace(&path, &bytes).map_err(failed);
+        }
+        let mut file = match fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&path);
-        let mut file = match created {
+            .open(&path)
+        {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return self.put(entry),
-            Err(e) => return Err(io_err(format!("write {}", path.display()), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return replace(&path, &bytes).map_err(failed)
+            }
+            Err(e) => return Err(failed(e)),
         };
         use std::io::Write;
         file.write_all(&bytes).map_err(|e| {
             // A full or failing disk leaves no half-written entry behind.
             let _ = fs::remove_file(&path);
-            io_err(format!("write {}", path.display()), e)
+            failed(e)
         })
     }
 

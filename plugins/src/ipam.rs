@@ -9,12 +9,11 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,18 +198,12 @@ impl Node {
     /// The call's store, counted; an etcd one opened at its first call.
     fn store(&self) -> Result<Counted, ipam::Error> {
         let counts = self.counts.clone();
+        // Open already: nothing is left to open.
         let local = |store: LocalStore| {
-            let name = store.describe();
-            let mut inner: Option<Box<dyn Store>> = Some(Box::new(store));
-            let open: Opener = Box::new(move || {
-                inner
-                    .take()
-                    .ok_or_else(|| ipam::Error::Store("the local store is open already".into()))
-            });
             Ok(Counted {
-                inner: None,
-                open,
-                name,
+                name: store.describe(),
+                inner: Some(Box::new(store)),
+                open: Box::new(|| Err(ipam::Error::Store("the local store is open".into()))),
                 counts: counts.clone(),
             })
         };
@@ -492,7 +485,8 @@ impl Plugin for PlexusIpam {
     }
 
     fn del(&self, req: &Request) -> Result<(), Error> {
-        let node = Node::open(section(req)?)?;
+        let section = section(req)?;
+        let node = Node::open(section)?;
         let h = handle(req);
         let released = node.try_allocator().and_then(|mut alloc| {
             let had = alloc.has_unpublished();
@@ -511,9 +505,7 @@ impl Plugin for PlexusIpam {
             }
             node.report("DEL", false);
             if node.on_etcd() && alloc.to_publish(alloc.keeps_reserve()) {
-                if let Ok(section) = section(req) {
-                    start_publisher(section);
-                }
+                start_publisher(section);
             }
             Ok(())
         });
@@ -588,9 +580,6 @@ impl Plugin for PlexusIpam {
 /// The argument that makes `plexus` the IPAM's publisher.
 pub const PUBLISH_ARG: &str = "publish-ipam";
 
-/// The publisher's niceness: it yields the CPU to CNI calls.
-const PUBLISHER_NICE: nix::libc::c_int = 10;
-
 /// What the publisher reads on stdin: the call's `ipam` section, and how the
 /// call logged.
 #[derive(Serialize, Deserialize)]
@@ -613,15 +602,8 @@ fn start_publisher(section: &serde_json::Value) {
     let Ok(raw) = serde_json::to_vec(&job) else {
         return;
     };
-    let started = Command::new("/proc/self/exe")
-        .arg0("plexus")
-        .arg(PUBLISH_ARG)
-        .env_remove("CNI_COMMAND")
+    let started = crate::detached::command(PUBLISH_ARG)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own group: a signal to the runtime's plugin group is not its.
-        .process_group(0)
         .spawn();
     match started {
         // Not waited for: it outlives this call.
@@ -641,17 +623,9 @@ fn start_publisher(section: &serde_json::Value) {
 /// another works leaves it the work, which it looks for again after it lets
 /// go of that lock.
 pub fn publish_main() -> ExitCode {
-    // SAFETY: setpriority(2) on this process; no memory is involved.
-    let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, PUBLISHER_NICE) };
-    let mut raw = Vec::new();
-    if std::io::stdin().lock().read_to_end(&mut raw).is_err() {
-        return ExitCode::FAILURE;
-    }
-    let Ok(job) = serde_json::from_slice::<PublishJob>(&raw) else {
-        eprintln!(
-            "plexus {PUBLISH_ARG}: stdin is not a publishing job; only plexus-ipam starts this"
-        );
-        return ExitCode::from(2);
+    let job: PublishJob = match crate::detached::job(PUBLISH_ARG, "plexus-ipam") {
+        Ok(job) => job,
+        Err(code) => return code,
     };
     if let Some(log) = &job.log {
         crate::log::init(log);

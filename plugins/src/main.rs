@@ -12,6 +12,7 @@
 
 mod crash;
 mod daemons;
+mod detached;
 mod ipam;
 mod ipam_call;
 mod ipvlan;

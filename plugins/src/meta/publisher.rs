@@ -13,12 +13,11 @@
 //! next call that reaches etcd, as any record etcd did not take.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use ipam::config::EtcdConf;
@@ -29,10 +28,6 @@ use tracing::warn;
 use super::api::Api;
 use super::journal::{self, Journal, Pending};
 use crate::log::LogConf;
-
-/// The publisher's niceness: it yields the CPU to CNI calls, and still gets
-/// a share of it on a busy node (a pod's DEL waits for it).
-const NICE: nix::libc::c_int = 10;
 
 /// The argument that makes `plexus` a publisher.
 pub const ARG: &str = "publish-attachments";
@@ -134,16 +129,8 @@ impl Handoff {
             .try_clone()
             .map_err(|e| e.to_string())
             .and_then(|stdin| {
-                Command::new("/proc/self/exe")
-                    .arg0("plexus")
-                    .arg(ARG)
-                    .env_remove("CNI_COMMAND")
+                crate::detached::command(ARG)
                     .stdin(Stdio::from(stdin))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    // Its own group: a signal to the runtime's plugin group
-                    // is not its.
-                    .process_group(0)
                     .spawn()
                     .map_err(|e| format!("start the publisher: {e}"))
             });
@@ -225,15 +212,9 @@ pub fn sweep(cache_dir: &Path, valid: &std::collections::BTreeSet<String>) -> us
 /// the records journaled for it go to etcd, or stay journaled.
 pub fn main() -> ExitCode {
     // Off the pods' path: the runtime's next calls go first.
-    // SAFETY: setpriority(2) on this process; no memory is involved.
-    let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
-    let mut raw = Vec::new();
-    if std::io::stdin().lock().read_to_end(&mut raw).is_err() {
-        return ExitCode::FAILURE;
-    }
-    let Ok(job) = serde_json::from_slice::<Job>(&raw) else {
-        eprintln!("plexus {ARG}: stdin is not a publishing job; only plexus ADD starts this");
-        return ExitCode::from(2);
+    let job: Job = match crate::detached::job(ARG, "plexus ADD") {
+        Ok(job) => job,
+        Err(code) => return code,
     };
     crate::log::init(&job.log);
     let span = tracing::info_span!("publish", container = %job.container_id, ifname = %job.ifname);
