@@ -219,6 +219,11 @@ fn block_holding(blocks: &BTreeMap<String, (i64, Block)>, ip: IpAddr) -> Option<
         .cloned()
 }
 
+/// The key of the cached block that holds `ip` in its reserve, if one does.
+fn reserving(blocks: &BTreeMap<String, (i64, Block)>, ip: IpAddr) -> Option<String> {
+    block_holding(blocks, ip).filter(|k| reserved_in(blocks, k, ip))
+}
+
 /// Takes `ip` out of the reserve: freed in its block (to be written).
 fn out_of_reserve(
     ip: IpAddr,
@@ -841,8 +846,8 @@ impl<S: Store> Allocator<S> {
                 if Family::of(*ip) != family || taken.contains(ip) || !pool.usable(*ip) {
                     return None;
                 }
-                let block = block_holding(&cache.blocks, *ip)?;
-                reserved_in(&cache.blocks, &block, *ip).then_some(Assigned { ip: *ip, block })
+                let block = reserving(&cache.blocks, *ip)?;
+                Some(Assigned { ip: *ip, block })
             })?;
             addresses.push(found);
         }
@@ -1091,10 +1096,7 @@ impl<S: Store> Allocator<S> {
         let lost: Vec<IpAddr> = cache
             .reserve
             .iter()
-            .filter(|ip| {
-                !handed.contains(ip)
-                    && !block_holding(&blocks, **ip).is_some_and(|k| reserved_in(&blocks, &k, **ip))
-            })
+            .filter(|ip| !handed.contains(ip) && reserving(&blocks, **ip).is_none())
             .copied()
             .collect();
         for ip in &lost {
@@ -1261,7 +1263,7 @@ impl<S: Store> Allocator<S> {
         // Not freed after all: still the reserve's while the store says so.
         if let Some(c) = self.cache.get_mut(&name) {
             for ip in &p.out {
-                if block_holding(&c.blocks, *ip).is_some_and(|k| reserved_in(&c.blocks, &k, *ip)) {
+                if reserving(&c.blocks, *ip).is_some() {
                     c.reserve.insert(*ip);
                 }
             }
