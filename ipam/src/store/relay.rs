@@ -15,9 +15,9 @@
 //! but the etcd connections and which member leads.
 //!
 //! [`Relayed`] never depends on the relay: with no relay listening, one
-//! busy with another client, one that goes away or answers with an error,
-//! it makes the call straight to etcd. Repeating a
-//! call the relay may already have made is safe: reads are reads, and a
+//! that does not take the connection in time, one that goes away or answers
+//! with an error, it makes the call straight to etcd. Repeating a call the
+//! relay may already have made is safe: reads are reads, and a
 //! transaction compares revisions, so one that committed fails the second
 //! time and the caller reads what it wrote.
 
@@ -97,23 +97,19 @@ impl Leaders {
         Some(EtcdStore::connect_shared(&alone))
     }
 
-    /// Learns the leader again when what was learned is older than
-    /// [`LEADER_TTL`] (only for more than one endpoint).
-    fn refresh(&mut self, conf: &EtcdConf, any: &mut EtcdStore) {
-        let key = conf.connection_key();
-        if conf.endpoints.len() < 2
-            || self
+    /// Whether the leader is to be learned again: what was learned is
+    /// older than [`LEADER_TTL`] (only for more than one endpoint).
+    fn stale(&self, conf: &EtcdConf) -> bool {
+        conf.endpoints.len() >= 2
+            && self
                 .0
-                .get(&key)
-                .is_some_and(|(_, at)| at.elapsed() < LEADER_TTL)
-        {
-            return;
-        }
-        any.set_deadline(Instant::now() + LEADER_TRY);
-        let leader = any.leader_endpoint().unwrap_or_else(|e| {
-            debug!(error = %e, "etcd leader not learned");
-            None
-        });
+                .get(&conf.connection_key())
+                .is_none_or(|(_, at)| at.elapsed() >= LEADER_TTL)
+    }
+
+    /// What [`leader_of`] learned.
+    fn learned(&mut self, conf: &EtcdConf, leader: Option<String>) {
+        let key = conf.connection_key();
         let before = self.0.get(&key).map(|(l, _)| l.clone());
         if before.as_ref() != Some(&leader) {
             info!(leader = leader.as_deref().unwrap_or("none known"), endpoints = ?conf.endpoints,
@@ -174,16 +170,28 @@ pub fn serve(stream: UnixStream, idle: Duration, leaders: &Mutex<Leaders>) -> io
     writer.write_all(format!("{READY}\n").as_bytes())?;
     let mut any: Option<EtcdStore> = None;
     let served = serve_calls(&mut reader, &mut writer, &conf, &mut any, leaders);
-    if any.is_none() {
-        any = EtcdStore::connect_shared(&conf).ok();
-    }
-    if let Some(s) = &mut any {
-        leaders
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .refresh(&conf, s);
+    let lock = || leaders.lock().unwrap_or_else(PoisonError::into_inner);
+    if lock().stale(&conf) {
+        // Asked with the lock let go: other clients' calls do not wait.
+        if any.is_none() {
+            any = EtcdStore::connect_shared(&conf).ok();
+        }
+        if let Some(s) = &mut any {
+            let leader = leader_of(s);
+            lock().learned(&conf, leader);
+        }
     }
     served
+}
+
+/// The endpoint of the member that leads, as `any` member says (within
+/// [`LEADER_TRY`]); `None` when it cannot say.
+fn leader_of(any: &mut EtcdStore) -> Option<String> {
+    any.set_deadline(Instant::now() + LEADER_TRY);
+    any.leader_endpoint().unwrap_or_else(|e| {
+        debug!(error = %e, "etcd leader not learned");
+        None
+    })
 }
 
 fn serve_calls(
