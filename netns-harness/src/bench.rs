@@ -28,7 +28,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 pub(crate) struct Variant {
     pub(crate) label: &'static str,
-    pub(crate) list: NetConfList,
+    list: NetConfList,
     /// The pod's `k8s.v1.cni.cncf.io/networks` annotation, if any.
     networks: Option<&'static str>,
     /// The binary the runtime execs, for the RSS measurement.
@@ -59,6 +59,24 @@ impl Variant {
     }
 
     /// A new pod netns and the pod as this variant's runtime describes it.
+    /// Its list with `logLevel: debug`, logging to a file of its own
+    /// (named after `what`), and that file.
+    pub(crate) fn logging_debug(
+        &self,
+        node: &Node,
+        what: &str,
+    ) -> (NetConfList, std::path::PathBuf) {
+        let log = node
+            .scratch
+            .join(format!("{}.log", crate::scratch::unique(what)));
+        let mut list = self.list.clone();
+        if let Some(p) = list.plugins.first_mut() {
+            p.insert("logLevel".into(), serde_json::json!("debug"));
+            p.insert("logFile".into(), serde_json::json!(log));
+        }
+        (list, log)
+    }
+
     pub(crate) fn pod(&self, node: &Node) -> Result<(crate::Netns, crate::Pod), String> {
         let (ns, pod) = node
             .try_pod("default")
@@ -140,14 +158,7 @@ fn spans(log: &str, cmd: &str) -> Spans {
 /// One ADD and one DEL of a `plexus` variant with `logLevel: debug`: the
 /// wall time against the call's own spans, printed as a breakdown.
 fn breakdown(node: &Node, v: &Variant) -> Result<(), String> {
-    let log = node
-        .scratch
-        .join(format!("{}.log", crate::scratch::unique("breakdown")));
-    let mut list = v.list.clone();
-    if let Some(p) = list.plugins.first_mut() {
-        p.insert("logLevel".into(), serde_json::json!("debug"));
-        p.insert("logFile".into(), serde_json::json!(log));
-    }
+    let (list, log) = v.logging_debug(node, "breakdown");
     let (_ns, pod) = v.pod(node)?;
     let t = Instant::now();
     node.runtime

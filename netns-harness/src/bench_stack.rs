@@ -143,14 +143,7 @@ pub fn run(cycles: usize) -> Result<(), String> {
 /// its own high-water mark, from its debug line (it is not exec'd by the
 /// runtime, so GNU time does not see it).
 fn publisher_rss_kb(node: &Node, v: &Variant) -> Result<u64, String> {
-    let log = node
-        .scratch
-        .join(format!("{}.log", crate::scratch::unique("publisher")));
-    let mut list = v.list.clone();
-    if let Some(p) = list.plugins.first_mut() {
-        p.insert("logLevel".into(), json!("debug"));
-        p.insert("logFile".into(), json!(log));
-    }
+    let (list, log) = v.logging_debug(node, "publisher");
     let (_ns, pod) = v.pod(node)?;
     node.runtime
         .add(&list, &pod)
