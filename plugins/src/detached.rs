@@ -26,12 +26,29 @@ pub fn command(arg: &str) -> Command {
     cmd
 }
 
+/// Lets this process run on any CPU its cgroup allows: a publisher may be
+/// started from an IPAM thread kept off its caller's CPU
+/// (`ipam_call::elsewhere`), whose affinity it inherits.
+fn any_cpu() {
+    use nix::libc;
+    // SAFETY: a cpu_set_t filled within its size; the kernel keeps the
+    // CPUs of it this process may use.
+    unsafe {
+        let mut every: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut every);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &every);
+    }
+}
+
 /// In the started process: lowers its priority, then reads its job from
 /// stdin. `Err` is the exit code when there is none: stdin unreadable, or
 /// not a job (the process was not started by `starter`).
 pub fn job<T: DeserializeOwned>(arg: &str, starter: &str) -> Result<T, ExitCode> {
     // SAFETY: setpriority(2) on this process; no memory is involved.
     let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
+    any_cpu();
     let mut raw = Vec::new();
     if std::io::stdin().lock().read_to_end(&mut raw).is_err() {
         return Err(ExitCode::FAILURE);
