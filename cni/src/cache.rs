@@ -7,7 +7,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use nix::fcntl::{renameat2, RenameFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -185,7 +184,7 @@ pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let written = fs::write(&tmp, bytes).and_then(|()| {
-        if renameat2(None, &tmp, None, path, RenameFlags::RENAME_EXCHANGE).is_ok() {
+        if exchange(&tmp, path).is_ok() {
             // The previous content, now at `tmp`.
             let _ = fs::remove_file(&tmp);
             return Ok(());
@@ -198,6 +197,31 @@ pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     written
+}
+
+/// Swaps two paths atomically: `renameat2` with `RENAME_EXCHANGE`, by its
+/// system call: nix wraps it for glibc targets alone.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::unix::ffi::OsStrExt;
+    let a = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+    let b = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are NUL-terminated and outlive the call.
+    let swapped = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if swapped == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn read(path: &Path) -> Option<CacheEntry> {

@@ -289,7 +289,9 @@ fn elsewhere<T>(thread: &std::thread::JoinHandle<T>) {
         };
         libc::CPU_CLR(here, &mut set);
         if libc::CPU_COUNT(&set) > 0 {
-            libc::pthread_setaffinity_np(thread.as_pthread_t(), size, &set);
+            // std's id of the thread is an integer; musl's pthread_t a pointer.
+            let id = thread.as_pthread_t() as libc::pthread_t;
+            libc::pthread_setaffinity_np(id, size, &set);
         }
     }
 }

@@ -3,13 +3,16 @@
 //! Entered from the C runtime, without std's start-up: that reads
 //! `/proc/self/maps` for the main thread's stack guard, sets up an alternate
 //! signal stack and checks descriptors 0-2, a tenth of a millisecond of
-//! every exec of a plugin that lives a few. The arguments and environment
-//! still reach std (glibc hands them over); SIGPIPE is ignored and closed
+//! every exec of a plugin that lives a few. The arguments are read from
+//! `main`'s own (glibc hands them to std too, musl does not), the
+//! environment reaches std from either; SIGPIPE is ignored and closed
 //! descriptors 0-2 opened on /dev/null here as std would, so a reader that
 //! went away is an error to report, not a death.
 
 #![cfg_attr(not(test), no_main)]
 
+#[cfg(target_env = "musl")]
+mod alloc;
 mod crash;
 mod daemons;
 mod detached;
@@ -51,12 +54,28 @@ pub fn executor(cni_path: &str) -> cni::exec::Executor {
         .with_builtin("plexus-ipam", Arc::new(ipam::PlexusIpam))
 }
 
+/// # Safety
+/// Called by the C runtime alone, with the process's `argc` and `argv`.
 #[cfg(not(test))]
 #[no_mangle]
-pub extern "C" fn main(
-    _argc: std::ffi::c_int,
-    _argv: *const *const std::ffi::c_char,
+pub unsafe extern "C" fn main(
+    argc: std::ffi::c_int,
+    argv: *const *const std::ffi::c_char,
 ) -> std::ffi::c_int {
+    // Taken from the C runtime: only glibc hands them to std as well.
+    let args = (0..usize::try_from(argc).unwrap_or(0))
+        .map_while(|i| {
+            // SAFETY: the C runtime's argv holds `argc` pointers, each to a
+            // NUL-terminated string that lives as long as the process.
+            let arg = unsafe { *argv.add(i) };
+            (!arg.is_null()).then(|| {
+                use std::os::unix::ffi::OsStrExt;
+                // SAFETY: as above.
+                let bytes = unsafe { std::ffi::CStr::from_ptr(arg) }.to_bytes();
+                std::ffi::OsStr::from_bytes(bytes).to_os_string()
+            })
+        })
+        .collect();
     // SAFETY: ignoring a signal installs no handler of ours; nothing else
     // runs yet.
     let _ = unsafe {
@@ -79,7 +98,7 @@ pub extern "C" fn main(
             }
         }
     }
-    let code = dispatch();
+    let code = dispatch(args);
     // std::process::exit flushes stdout, as returning from std's main would.
     std::process::exit(status(code))
 }
@@ -87,7 +106,7 @@ pub extern "C" fn main(
 /// The test harness brings its own entry; this keeps what `main` calls in use.
 #[cfg(test)]
 fn main() -> ExitCode {
-    dispatch()
+    dispatch(std::env::args_os().collect())
 }
 
 /// The exit status `code` stands for (std keeps it private).
@@ -98,28 +117,20 @@ fn status(code: ExitCode) -> i32 {
         .map_or(1, i32::from)
 }
 
-fn dispatch() -> ExitCode {
-    let argv0 = std::env::args_os().next().unwrap_or_default();
-    let name = std::path::Path::new(&argv0)
+/// Runs what the name this binary runs as (`args[0]`) and, for `plexus`,
+/// its first argument pick.
+fn dispatch(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let arg = |n: usize| args.get(n).and_then(|a| a.to_str());
+    let name = std::path::Path::new(args.first().map_or("".as_ref(), |a| a.as_os_str()))
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     match name.as_str() {
-        "plexus" if std::env::args().nth(1).as_deref() == Some(meta::publisher::ARG) => {
-            meta::publisher::main()
-        }
-        "plexus" if std::env::args().nth(1).as_deref() == Some(ipam::PUBLISH_ARG) => {
-            ipam::publish_main()
-        }
-        "plexus" if std::env::args().nth(1).as_deref() == Some("agent") => {
-            meta::agent::main(std::env::args().nth(2).as_deref())
-        }
-        "plexus" if std::env::args().nth(1).as_deref() == Some("store-relay") => {
-            daemons::store_relay::main(std::env::args().nth(2).as_deref())
-        }
-        "plexus" if std::env::args().nth(1).as_deref() == Some("device-plugin") => {
-            daemons::device_plugin::main(std::env::args().nth(2).as_deref())
-        }
+        "plexus" if arg(1) == Some(meta::publisher::ARG) => meta::publisher::main(),
+        "plexus" if arg(1) == Some(ipam::PUBLISH_ARG) => ipam::publish_main(),
+        "plexus" if arg(1) == Some("agent") => meta::agent::main(arg(2)),
+        "plexus" if arg(1) == Some("store-relay") => daemons::store_relay::main(arg(2)),
+        "plexus" if arg(1) == Some("device-plugin") => daemons::device_plugin::main(arg(2)),
         "plexus" => cni::plugin::run(&meta::Meta, "Plexus meta-plugin"),
         "plexus-veth" => cni::plugin::run(&veth::Veth, "Plexus routed veth plugin (Calico model)"),
         "plexus-ipvlan" => cni::plugin::run(&ipvlan::IPVLAN, "Plexus IPVLAN plugin"),
