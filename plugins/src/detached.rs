@@ -30,16 +30,13 @@ pub fn command(arg: &str) -> Command {
 /// started from an IPAM thread kept off its caller's CPU
 /// (`ipam_call::elsewhere`), whose affinity it inherits.
 fn any_cpu() {
-    use nix::libc;
-    // SAFETY: a cpu_set_t filled within its size; the kernel keeps the
-    // CPUs of it this process may use.
-    unsafe {
-        let mut every: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut every);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &every);
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut every = CpuSet::new();
+    for cpu in 0..CpuSet::count() {
+        let _ = every.set(cpu);
     }
+    // The kernel keeps the CPUs of it this process may use.
+    let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &every);
 }
 
 /// In the started process: lowers its priority, then reads its job from
@@ -57,4 +54,35 @@ pub fn job<T: DeserializeOwned>(arg: &str, starter: &str) -> Result<T, ExitCode>
         eprintln!("plexus {arg}: stdin is not a publishing job; only {starter} starts this");
         ExitCode::from(2)
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+
+    /// The CPUs the calling thread may run on.
+    pub(crate) fn allowed() -> Vec<usize> {
+        let set = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
+        (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect()
+    }
+
+    #[test]
+    fn a_thread_kept_to_one_cpu_may_use_them_all_again() {
+        let all = allowed();
+        let back = std::thread::spawn(|| {
+            let mut one = CpuSet::new();
+            one.set(allowed()[0]).expect("cpu");
+            sched_setaffinity(Pid::from_raw(0), &one).expect("narrow");
+            assert_eq!(allowed().len(), 1);
+            any_cpu();
+            allowed()
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(back, all);
+    }
 }

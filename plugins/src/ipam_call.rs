@@ -299,16 +299,7 @@ fn elsewhere<T>(thread: &std::thread::JoinHandle<T>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sched::{sched_getaffinity, CpuSet};
-    use nix::unistd::Pid;
-
-    /// The CPUs the calling thread may run on.
-    fn allowed() -> Vec<usize> {
-        let set = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
-        (0..CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .collect()
-    }
+    use crate::detached::tests::allowed;
 
     #[test]
     fn a_thread_moved_elsewhere_may_use_every_cpu_but_one() {
