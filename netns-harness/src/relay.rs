@@ -64,6 +64,22 @@ impl StoreRelay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `limit` for a line of the relay's log that `matches`;
+    /// whether one came. What the relay does once a client has hung up
+    /// (learning a leader) is logged after that client's answer.
+    pub fn logged_within(&self, limit: Duration, matches: impl Fn(&str) -> bool) -> bool {
+        let started = Instant::now();
+        loop {
+            if self.log_text().lines().any(&matches) {
+                return true;
+            }
+            if started.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The relay's peak resident memory so far (KiB), from the kernel.
     pub fn peak_rss_kb(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();

@@ -1040,12 +1040,13 @@ fn the_store_relay_sends_calls_to_the_etcd_leader_and_follows_a_new_one() {
     let relay = StoreRelay::start_in(&node.netns, &socket).expect("relay");
     let list = relayed_list(&node, &etcd, &socket, "led", "10.68.0.0/24", true);
     let endpoints = etcd.endpoints();
+    // The relay learns the leader once a client has hung up, after its
+    // answer: the line is waited for.
     let leader_named = |relay: &StoreRelay, i: usize| {
         let want = format!("leader=\"{}\"", endpoints[i]);
-        relay
-            .log_text()
-            .lines()
-            .any(|l| l.contains("etcd leader") && l.contains(&want))
+        relay.logged_within(Duration::from_secs(10), |l| {
+            l.contains("etcd leader") && l.contains(&want)
+        })
     };
     let (_a, pod_a) = node.pod("default");
     node.runtime.add(&list, &pod_a).expect("ADD a");
