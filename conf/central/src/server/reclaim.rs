@@ -110,7 +110,10 @@ impl Reclaim {
                 }
                 continue;
             };
-            if now < since.saturating_add(self.grace.as_secs()) {
+            // Whole seconds: the mark may be up to a second older than the
+            // node's going, so the whole grace period has passed only once
+            // `now` is past its end.
+            if now <= since.saturating_add(self.grace.as_secs()) {
                 continue;
             }
             // A last look: the node may have come back a moment ago.
