@@ -97,14 +97,15 @@ impl Leaders {
         Some(EtcdStore::connect_shared(&alone))
     }
 
-    /// Whether the leader is to be learned again: what was learned is
+    /// Whether the leader is to be learned again: none is known (an
+    /// election was under way when last asked), or what was learned is
     /// older than [`LEADER_TTL`] (only for more than one endpoint).
     fn stale(&self, conf: &EtcdConf) -> bool {
         conf.endpoints.len() >= 2
             && self
                 .0
                 .get(&conf.connection_key())
-                .is_none_or(|(_, at)| at.elapsed() >= LEADER_TTL)
+                .is_none_or(|(leader, at)| leader.is_none() || at.elapsed() >= LEADER_TTL)
     }
 
     /// What [`leader_of`] learned.
