@@ -857,6 +857,9 @@ fn admins_and_tenants_define_pods_attach_and_nodes_record() {
     // What is attached, seen through the API (once written: ADD answers
     // before its records are).
     assert!(node.published(), "Attachment publishers still running");
+    // Blue's eth0 came from the node's reserve: in use in etcd once its
+    // publisher has run.
+    netns_harness::fixtures::ipam_published(&node.plexus_cache().join("ipam"));
     let atts = stdout_ok(
         "plexusctl get attachments",
         plexusd.plexusctl(

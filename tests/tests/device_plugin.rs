@@ -150,7 +150,14 @@ fn the_device_plugin_registers_pools_follows_health_allocates_and_registers_agai
         "up\n",
     )
     .expect("up");
-    assert!(kubelet.wait(t, |s| count("plexus.io/sriov_a", "Healthy")(s) == 4));
+    // Each resource's devices come back on its own stream: all of them.
+    assert!(
+        kubelet.wait(t, |s| count("plexus.io/sriov_a", "Healthy")(s) == 4
+            && count("plexus.io/sriov_b", "Healthy")(s) == 3
+            && count("plexus.io/sriov_dpdk", "Healthy")(s) == 1),
+        "healthy with the PF up again\n{}",
+        log()
+    );
 
     // Allocate: the VFs' addresses in the environment a CNF reads.
     let (ids, resp) = kubelet

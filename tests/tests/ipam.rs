@@ -576,7 +576,8 @@ fn plexus_ipam_with_etcd_down_fails_add_in_time_and_journals_del() {
         .raw("plexus-ipam", Command::Add, Some(&pod), &stdin)
         .expect_err("ADD with etcd down");
     let took = started.elapsed();
-    assert!(took <= Duration::from_millis(5800), "ADD took {took:?}");
+    // The 5 s, and a debug build's start and exit on a busy machine.
+    assert!(took <= Duration::from_millis(6500), "ADD took {took:?}");
     assert_eq!(err.code, cni::code::TRY_AGAIN_LATER, "{err:?}");
     assert!(
         err.msg.contains(&dead) && err.msg.contains("unreachable"),
@@ -1000,8 +1001,9 @@ fn plexus_ipam_on_etcd_goes_through_the_store_relay_while_one_answers() {
     node.runtime
         .add(&stuck_list, &pod_c)
         .expect("ADD c past a stuck relay");
+    // Far from the call's 5 s, with room for a debug build on a busy machine.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
@@ -1111,16 +1113,41 @@ fn reserve_in_etcd(node: &Node, etcd: &EtcdCluster, pool: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The reserve node-1's cache holds for `pool`: what the next ADD hands out.
+/// The file is a checksum line, then the cache.
+fn reserve_in_cache(node: &Node, pool: &str) -> Vec<IpAddr> {
+    std::fs::read_dir(node.scratch.join("ipam-state"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cache-"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|raw| {
+            let body = raw.splitn(2, |b| *b == b'\n').nth(1)?.to_vec();
+            serde_json::from_slice::<ipam::alloc::NodeCache>(&body).ok()
+        })
+        .filter_map(|mut cache| cache.remove(pool))
+        .flat_map(|c| c.reserve)
+        .collect()
+}
+
 /// Node-1's reserve once the publisher has topped it up to `n` (it runs
-/// after ADD answers); panics after 10 s.
+/// after ADD answers), in etcd and then in the node's cache (the publisher
+/// writes it there last); panics after 10 s.
 fn reserve_filled(node: &Node, etcd: &EtcdCluster, pool: &str, n: usize) -> Vec<IpAddr> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reserve = reserve_in_etcd(node, etcd, pool);
-        if reserve.len() == n {
+        let mut reserve = reserve_in_etcd(node, etcd, pool);
+        reserve.sort();
+        let mut cached = reserve_in_cache(node, pool);
+        cached.sort();
+        if reserve.len() == n && cached == reserve {
             return reserve;
         }
-        assert!(std::time::Instant::now() < deadline, "{reserve:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "etcd {reserve:?}, cache {cached:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

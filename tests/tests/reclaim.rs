@@ -131,6 +131,11 @@ fn a_gone_nodes_addresses_are_reclaimed_after_its_grace_period_never_while_it_li
     for (_, pod) in &pods2 {
         n.runtime.add(&list2, pod).expect("ADD on node-2");
     }
+    // ADDs answered from a node's reserve reach etcd once their publisher
+    // has run.
+    for node in ["node-1", "node-2"] {
+        ipam_published(&n.scratch.join(format!("ipam-{node}")));
+    }
     let held1 = handles_of(&etcd, "node-1");
     let held2 = handles_of(&etcd, "node-2");
     assert_eq!((held1.len(), held2.len()), (3, 2));
