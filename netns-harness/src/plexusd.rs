@@ -12,12 +12,30 @@ use std::time::{Duration, Instant};
 use crate::etcd::Tls;
 use crate::scratch::Scratch;
 
-/// A binary built beside `plexus` (`plexusd`, `plexusctl`).
+/// A binary of the workspace (`plexusd`, `plexusctl`): beside the `plexus`
+/// under test, else beside this program or its parent directory (a test's
+/// `deps/`). The musl `plexus` is built alone under its own target
+/// directory, `plexusd` with the rest of the workspace.
 pub fn sibling_bin(name: &str) -> PathBuf {
-    let plexus = crate::scratch::plexus_bin();
-    plexus
-        .parent()
-        .map_or_else(|| PathBuf::from(name), |d| d.join(name))
+    let plexus_dir = crate::scratch::plexus_bin().parent().map(Path::to_path_buf);
+    let own_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let candidates: Vec<PathBuf> = [
+        plexus_dir.clone(),
+        own_dir.clone(),
+        own_dir.and_then(|d| d.parent().map(Path::to_path_buf)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|d| d.join(name))
+    .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .or_else(|| plexus_dir.map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// One user of the token file: token, name, groups.
