@@ -330,3 +330,58 @@ fn definitions_changed_since_the_local_copy_are_attached_from_etcd() {
     assert_eq!(n.attachments(), BTreeMap::new());
     n.node.assert_released(&ns2, "after DEL");
 }
+
+/// With the node's store relay named in `api`, ADD's read of the definitions
+/// beside the delegates goes over the relay's open connection; with the
+/// relay gone, straight to etcd, and ADD works the same.
+#[test]
+fn definitions_are_read_through_the_nodes_store_relay_while_one_answers() {
+    let n = ApiNode::new("api-relay");
+    let socket = n.node.scratch.join("store.sock");
+    let mut relay =
+        netns_harness::relay::StoreRelay::start_in(&n.node.netns, &socket).expect("store relay");
+    let mut list = n.node.plexus_api_list(
+        json!({"endpoints": n.etcd.endpoints(), "timeoutSeconds": 1, "relay": socket}),
+        NODE,
+    );
+    if let Some(p) = list.plugins.first_mut() {
+        p.insert("logLevel".into(), json!("debug"));
+    }
+    let last_read = |n: &ApiNode| -> String {
+        n.log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("definitions read beside the delegates"))
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // The first ADD waits for its read (no local copy yet); the next reads
+    // beside the delegates, through the relay.
+    let (ns_a, pod_a) = n.node.pod("default");
+    n.node.runtime.add(&list, &pod_a).expect("ADD a");
+    let (ns_b, pod_b) = n.node.pod("default");
+    n.node.runtime.add(&list, &pod_b).expect("ADD b");
+    let read = last_read(&n);
+    assert!(read.contains("store=\"etcd via the relay\""), "{read}");
+    assert!(
+        read.contains(&pod_b.container_id),
+        "the call's own line: {read}"
+    );
+
+    // The relay gone: straight to etcd.
+    relay.kill();
+    let (ns_c, pod_c) = n.node.pod("default");
+    n.node.runtime.add(&list, &pod_c).expect("ADD c, no relay");
+    let read = last_read(&n);
+    assert!(read.contains("store=\"etcd\""), "{read}");
+    assert_eq!(n.attachments().len(), 3);
+
+    for pod in [&pod_a, &pod_b, &pod_c] {
+        n.node.runtime.del(&list, pod).expect("DEL");
+    }
+    for ns in [&ns_a, &ns_b, &ns_c] {
+        n.node.assert_released(ns, "after DEL");
+    }
+    assert_eq!(n.attachments(), BTreeMap::new());
+}

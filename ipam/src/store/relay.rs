@@ -43,6 +43,8 @@ pub enum Call {
     Get(String),
     GetMany(Vec<String>),
     Range(String),
+    /// Every key under each prefix, read at one revision.
+    Ranges(Vec<String>),
     Txn(Txn),
 }
 
@@ -58,6 +60,7 @@ pub struct Request {
 #[serde(rename_all = "camelCase")]
 pub enum Reply {
     Kvs(Vec<Kv>),
+    Ranges(Vec<Vec<Kv>>),
     Txn(TxnOutcome),
     Unreachable { store: String, detail: String },
     Config(String),
@@ -254,6 +257,10 @@ fn try_answer(store: &mut EtcdStore, call: Call) -> Result<Reply, Error> {
             .map(|kv| Reply::Kvs(kv.into_iter().collect())),
         Call::GetMany(keys) => store.get_many(&keys).map(Reply::Kvs),
         Call::Range(prefix) => store.range(&prefix).map(Reply::Kvs),
+        Call::Ranges(prefixes) => {
+            let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+            store.ranges(&prefixes).map(Reply::Ranges)
+        }
         Call::Txn(txn) => store.txn(txn).map(Reply::Txn),
     }
 }
@@ -370,6 +377,16 @@ impl Relayed {
     fn kvs(&mut self, call: Call) -> Result<Vec<Kv>, Error> {
         match self.call(call)? {
             Reply::Kvs(kvs) => Ok(kvs),
+            _ => Err(self.out_of_turn()),
+        }
+    }
+
+    /// Every key under each of `prefixes`, read at one revision
+    /// ([`EtcdStore::ranges`]).
+    pub fn ranges(&mut self, prefixes: &[&str]) -> Result<Vec<Vec<Kv>>, Error> {
+        let call = Call::Ranges(prefixes.iter().map(|p| p.to_string()).collect());
+        match self.call(call)? {
+            Reply::Ranges(out) => Ok(out),
             _ => Err(self.out_of_turn()),
         }
     }

@@ -21,9 +21,10 @@ use conf::api::{CLUSTER_NETWORK, NAD, PREFIX, SECURITY_GROUP};
 use conf::Definitions;
 use ipam::config::EtcdConf;
 use ipam::store::etcd::{describe, EtcdStore};
+use ipam::store::relay::Relayed;
 use ipam::store::{Kv, Store, Txn};
 use serde_json::Value;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::copy::{self, LocalCopy};
 use super::plan::Source;
@@ -240,11 +241,36 @@ impl Api {
         let copied: Vec<Vec<Value>> = loaded.into_iter().map(|(_, o)| o).collect();
         let conf = self.conf.clone();
         let prefixes = Api::prefixes(Some(namespaces));
+        let span = tracing::Span::current();
         let read = std::thread::Builder::new()
             .name("api-read".into())
             .spawn(move || {
+                let _entered = span.enter();
                 let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
-                EtcdStore::connect(&conf)?.ranges(&prefixes)
+                let started = std::time::Instant::now();
+                let (read, via) = match &conf.relay {
+                    // The node's relay has a connection open already.
+                    Some(socket) => {
+                        let mut relayed = Relayed::open(socket, &conf, started + conf.timeout());
+                        let read = relayed.ranges(&prefixes);
+                        let via = if relayed.through_relay() {
+                            "etcd via the relay"
+                        } else {
+                            "etcd"
+                        };
+                        (read, via)
+                    }
+                    None => (
+                        EtcdStore::connect(&conf).and_then(|mut s| s.ranges(&prefixes)),
+                        "etcd",
+                    ),
+                };
+                debug!(
+                    store = via,
+                    duration_ms = crate::log::ms_since(started),
+                    "definitions read beside the delegates"
+                );
+                read
             })
             .ok()?;
         let mut out = copy::Read {

@@ -92,6 +92,9 @@ struct RawApi {
     password: Option<String>,
     timeout_seconds: Option<f64>,
     lease_seconds: Option<u64>,
+    /// The node's store relay (`plexus store-relay`), as in `plexus-ipam`'s
+    /// etcd store.
+    relay: Option<PathBuf>,
 }
 
 impl RawApi {
@@ -114,7 +117,7 @@ impl RawApi {
             username: self.username,
             password: self.password,
             timeout_seconds: self.timeout_seconds,
-            relay: None,
+            relay: self.relay,
             reserve: None,
         })
     }
@@ -255,6 +258,14 @@ mod tests {
         assert_eq!(etcd.prefix, "/plexus/api/");
         assert_eq!(etcd.timeout(), std::time::Duration::from_secs(1));
         assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(etcd.relay, None);
+        let relayed = parse(json!({"clusterNetwork": "k8s",
+            "api": {"endpoints": ["x"], "relay": "/run/plexus/store.sock"}}))
+        .unwrap();
+        assert_eq!(
+            relayed.api.and_then(|a| a.relay),
+            Some(std::path::PathBuf::from("/run/plexus/store.sock"))
+        );
         let typo = json!({"clusterNetwork": "k", "api": {"endpoints": ["x"], "caFil": "/c"}});
         assert_eq!(parse(typo).unwrap_err().code, 2);
         let both = json!({"clusterNetwork": "k", "confDir": "/x", "api": {"endpoints": ["x"]}});

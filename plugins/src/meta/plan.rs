@@ -458,6 +458,9 @@ fn node_ipam_settings(node: &NodeConf, list: &mut NetConfList) {
             if let Some(t) = api.timeout_seconds {
                 store["timeoutSeconds"] = serde_json::json!(t);
             }
+            if let Some(relay) = &api.relay {
+                store["relay"] = serde_json::json!(relay);
+            }
             ipam.insert("store".into(), store);
         }
         if let Some(name) = &node.node_name {
