@@ -9,8 +9,8 @@
 //! (`plexus-macvlan` on the uplink + `host-local`, dual stack), the same node
 //! name, cache dir and log. The API variant stores them as `plexusd` does
 //! (JSON objects at their `conf::api` keys) in that etcd, reads them there at
-//! each ADD and writes an Attachment record per interface; its DEL removes
-//! them.
+//! each ADD (through the node's store relay) and writes an Attachment record
+//! per interface; its DEL removes them.
 
 use serde_json::{json, Value};
 
@@ -123,9 +123,17 @@ pub fn run(cycles: usize) -> Result<(), String> {
                 "metadata": metadata("data", Some("default")),
                 "spec": {"config": data.to_string()}}),
     )?;
+    // The node's store relay, as a node runs it: ADD's read of the API goes
+    // over its open connection.
+    let socket = node.scratch.join("store.sock");
+    let _relay = crate::relay::StoreRelay::start_in(&node.netns, &socket)
+        .map_err(|e| format!("store relay: {e}"))?;
     let mut from_api = in_dir.clone();
     from_api.plugins[0].remove("confDir");
-    from_api.plugins[0].insert("api".into(), json!({"endpoints": endpoints}));
+    from_api.plugins[0].insert(
+        "api".into(),
+        json!({"endpoints": endpoints, "relay": socket}),
+    );
 
     // Once each before timing: both attach, the API variant records each
     // interface in etcd (not from a local copy), and both leave nothing. This
@@ -164,8 +172,8 @@ pub fn run(cycles: usize) -> Result<(), String> {
         "\nNode side of the central API: cluster network plexus-veth + plexus-ipam (on a \
          {MEMBERS}-member etcd in the node netns, shared with the API), 1 secondary \
          plexus-macvlan on {UPLINK} + host-local, both dual stack; the same definitions in \
-         confDir or in the API's etcd (there: per ADD 1 read, beside the delegates when the \
-         local copy has the definitions, and 1 Attachment write by the publisher after ADD \
+         confDir or in the API's etcd (there: per ADD 1 read through the node's store relay, beside the \
+         delegates when the local copy has the definitions, and 1 Attachment write by the publisher after ADD \
          answers; 1 delete per DEL)"
     );
     let title = "Pod ADD/DEL, cluster network + 1 secondary";
