@@ -103,6 +103,18 @@ pub fn family_addrs(ns: &str, dev: &str, v6: bool) -> Vec<String> {
         .collect()
 }
 
+/// What the node's `plexus-ipam` caches under `state_dir` hold, as read
+/// (`cache-<store>.json`: a checksum line, then the cache).
+pub fn ipam_cache_files(state_dir: &Path) -> Vec<Vec<u8>> {
+    std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cache-"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .collect()
+}
+
 /// Waits until `plexus-ipam`'s publisher has written to the store every
 /// assignment the node's reserve handed out under `state_dir` (no IPAM
 /// cache there holds an unpublished one), as a reader of the store that
@@ -110,12 +122,9 @@ pub fn family_addrs(ns: &str, dev: &str, v6: bool) -> Vec<String> {
 pub fn ipam_published(state_dir: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let waiting: Vec<String> = std::fs::read_dir(state_dir)
+        let waiting: Vec<String> = ipam_cache_files(state_dir)
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("cache-"))
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
             .filter(|text| text.contains("\"unpublished\""))
             .collect();
         if waiting.is_empty() {

@@ -416,7 +416,7 @@ fn etcd_leader_stopped_mid_run_loses_nothing() {
 
 use cni::plugin::Command;
 use cni::NetConfList;
-use netns_harness::fixtures::{addr_ip, ipam_published};
+use netns_harness::fixtures::{addr_ip, ipam_cache_files, ipam_published};
 use netns_harness::node::Node;
 use netns_harness::relay::StoreRelay;
 use netns_harness::{kernel, probe};
@@ -1116,12 +1116,8 @@ fn reserve_in_etcd(node: &Node, etcd: &EtcdCluster, pool: &str) -> Vec<IpAddr> {
 /// The reserve node-1's cache holds for `pool`: what the next ADD hands out.
 /// The file is a checksum line, then the cache.
 fn reserve_in_cache(node: &Node, pool: &str) -> Vec<IpAddr> {
-    std::fs::read_dir(node.scratch.join("ipam-state"))
+    ipam_cache_files(&node.scratch.join("ipam-state"))
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("cache-"))
-        .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|raw| {
             let body = raw.splitn(2, |b| *b == b'\n').nth(1)?.to_vec();
             serde_json::from_slice::<ipam::alloc::NodeCache>(&body).ok()
