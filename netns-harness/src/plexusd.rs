@@ -18,22 +18,18 @@ use crate::scratch::Scratch;
 /// directory, `plexusd` with the rest of the workspace.
 pub fn sibling_bin(name: &str) -> PathBuf {
     let plexus_dir = crate::scratch::plexus_bin().parent().map(Path::to_path_buf);
-    let own_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf));
-    let candidates: Vec<PathBuf> = [
-        plexus_dir.clone(),
-        own_dir.clone(),
-        own_dir.and_then(|d| d.parent().map(Path::to_path_buf)),
+    let own = std::env::current_exe().ok();
+    let own_dir = own.as_deref().and_then(Path::parent);
+    let found = [
+        plexus_dir.as_deref(),
+        own_dir,
+        own_dir.and_then(Path::parent),
     ]
     .into_iter()
     .flatten()
     .map(|d| d.join(name))
-    .collect();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
+    .find(|p| p.is_file());
+    found
         .or_else(|| plexus_dir.map(|d| d.join(name)))
         .unwrap_or_else(|| PathBuf::from(name))
 }
